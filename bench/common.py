@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: timing on the device, the copy ceiling, and JSON-lines results.
+
+Every benchmark in bench/ times with `time_fn`, measures the ceiling it compares against in the same
+run, and appends one JSON object per measured configuration to a file under bench/results/ through
+`write_results`, which stamps the device, jax version and date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def device_info() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": dev.platform,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def time_fn(fn: Callable[..., Any], *args, warmup: int = 3, iters: int = 20, arg_sets=None) -> float:
+    """Median wall time in seconds of `fn(*args)` with the device synchronised around each call.
+
+    `arg_sets`, a list of argument tuples, rotates inputs between calls so that repeated calls do not
+    measure a warm L2 cache; `args` is used when it is None.
+    """
+    sets = arg_sets or [args]
+    for i in range(warmup):
+        jax.block_until_ready(fn(*sets[i % len(sets)]))
+    times = []
+    for i in range(iters):
+        a = sets[i % len(sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = nbytes // 4
+    xs = [jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(2)]
+    copy = jax.jit(lambda x: x * 1.0001)
+    t = time_fn(copy, arg_sets=[(x,) for x in xs], warmup=3, iters=20)
+    return 2 * n * 4 / t
+
+
+def write_results(name: str, rows: list[dict[str, Any]], out_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Appends rows, each stamped with device_info(), to <out_dir or bench/results>/<name>.jsonl."""
+    out = pathlib.Path(out_dir) if out_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.jsonl"
+    info = device_info()
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**info, **row}, default=float) + "\n")
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
