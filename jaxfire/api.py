@@ -1,0 +1,242 @@
+"""The public Python API: `load`, `logits`, `generate` and `generate_stream`.
+
+Dimensions: B prompts, T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfire import checkpoint, model as M, sampling
+from jaxfire.config import Config
+from jaxfire.errors import JaxfireError
+from jaxfire.kv_cache import init_cache
+from jaxfire.params import Params
+from jaxfire.tokenizer import Tokenizer
+
+BUILTIN_DIR = pathlib.Path(__file__).resolve().parent / "builtin"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class GenerationError(JaxfireError):
+    pass
+
+
+@dataclasses.dataclass
+class Model:
+    config: Config
+    params: Params
+    tokenizer: Tokenizer | None
+    path: pathlib.Path | None = None
+    kernels: M.Kernels = M.Kernels()
+
+    @property
+    def dtype(self) -> Any:
+        return self.params.embed.dtype
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise JaxfireError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise JaxfireError(f"unsupported dtype {dtype!r}") from None
+    if resolved not in map(jnp.dtype, _DTYPES.values()):
+        raise JaxfireError(f"unsupported dtype {resolved}; choose one of {', '.join(_DTYPES)}")
+    return resolved
+
+
+def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_experts_per_tok: int | None = None,
+         mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> Model:
+    """Loads a converted checkpoint directory, or the built-in model when `path` is None.
+
+    `dtype` ("float32", "bfloat16", or a jnp dtype) defaults to the checkpoint's own;
+    `num_experts_per_tok` overrides how many experts each token runs.
+    """
+    if mesh is not None:
+        raise JaxfireError("loading onto a device mesh is not supported yet; omit mesh to load on one device")
+    path = BUILTIN_DIR if path is None else pathlib.Path(path)
+    meta = checkpoint.read_metadata(path)
+    config = Config.from_dict(meta["config"])
+    if num_experts_per_tok is not None:
+        config = config.replace(num_experts_per_tok=num_experts_per_tok)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = lambda it: tqdm(it, desc="loading", unit="layer")  # noqa: E731
+    params = checkpoint.restore(path, config, dtype=_resolve_dtype(dtype), progress=bar)
+    return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path)
+
+
+def _as_token_lists(model: Model, prompts: Sequence[str | Sequence[int]] | str) -> list[list[int]]:
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    if not len(prompts):
+        raise GenerationError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise GenerationError("this model has no tokenizer: pass prompts as lists of token ids")
+            ids = model.tokenizer.encode(p)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                                  f"[0, {model.config.vocab_size})")
+        out.append(ids)
+    return out
+
+
+def logits(model: Model, tokens: Sequence[Sequence[int]] | jax.Array) -> jax.Array:
+    """Full-sequence forward pass without a cache: float32 [B, T, V]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise GenerationError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    return M.forward(model.params, tokens, model.config, model.kernels)
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Rounds a length up to a power of two so repeated calls reuse compiled shapes."""
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    """One generated token of one prompt, as `generate_stream` yields it."""
+
+    index: int  # which prompt
+    token: int
+    text: str | None  # the text this token adds (None without a tokenizer)
+    finished: bool
+    finish_reason: str | None = None  # "eos" or "length" once finished
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt (EOS not included)
+    texts: list[str] | None  # decoded generations, None without a tokenizer
+    finish_reasons: list[str]
+    prompt_tokens: list[list[int]]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return sum(map(len, self.prompt_tokens)) / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = sum(map(len, self.tokens)) - len(self.tokens)  # the first token of each comes from prefill
+        return max(steps, 0) / max(self.decode_seconds, 1e-9)
+
+
+class _Detokenizer:
+    """Incremental text of a growing id list, emitting only text that no later token can change."""
+
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int, final: bool) -> str | None:
+        if self.tok is None:
+            return None
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return ""
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return delta
+
+
+def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    seed: int = 0, stats: Generation | None = None) -> Iterator[TokenEvent]:
+    """Batched generation yielding each token as it is produced; stops each prompt at EOS or the limit."""
+    cfg = model.config
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    ids = _as_token_lists(model, prompts)
+    longest = max(map(len, ids))
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise GenerationError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                              f"{cfg.max_position_embeddings} positions")
+    b = len(ids)
+    t = _bucket(longest)
+    tokens = np.full((b, t), cfg.pad_token_id, np.int32)
+    for i, p in enumerate(ids):
+        tokens[i, :len(p)] = p
+    counts = jnp.asarray([len(p) for p in ids], jnp.int32)
+    cache = init_cache(cfg, b, _bucket(longest + max_new_tokens), model.dtype)
+    key = jax.random.key(seed)
+    eos = np.asarray(cfg.eos_token_ids, np.int32)
+    detok = [_Detokenizer(model.tokenizer) for _ in range(b)]
+    done = np.zeros(b, bool)
+    if stats is not None:
+        stats.prompt_tokens = ids
+
+    start = time.perf_counter()
+    logits_, cache = M.prefill(model.params, cache, jnp.asarray(tokens), counts, cfg, model.kernels)
+    step_time = start
+    for step in range(max_new_tokens):
+        next_tokens = sampling.sample(logits_, jax.random.fold_in(key, step), temperature, top_p)
+        host = np.asarray(next_tokens)
+        now = time.perf_counter()
+        if stats is not None:
+            if step == 0:
+                stats.prefill_seconds = now - start
+            else:
+                stats.decode_seconds += now - step_time
+        step_time = now
+        for i in np.flatnonzero(~done):
+            tok = int(host[i])
+            is_eos = bool(np.isin(tok, eos))
+            last = is_eos or step == max_new_tokens - 1
+            reason = "eos" if is_eos else ("length" if last else None)
+            done[i] = last
+            if stats is not None and not is_eos:
+                stats.tokens[i].append(tok)
+            text = "" if is_eos else detok[i].push(tok, final=last)
+            yield TokenEvent(index=int(i), token=tok, text=text if model.tokenizer else None, finished=last,
+                             finish_reason=reason)
+            if stats is not None and last:
+                stats.finish_reasons[i] = reason
+        if done.all():
+            break
+        logits_, cache = M.decode_step(model.params, cache, next_tokens, cfg, jnp.asarray(~done), model.kernels)
+
+
+def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0) -> Generation:
+    """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings."""
+    n = 1 if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))) else len(prompts)
+    result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[])
+    for _ in generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, stats=result):
+        pass
+    if model.tokenizer is not None:
+        result.texts = [model.tokenizer.decode(t) for t in result.tokens]
+    return result

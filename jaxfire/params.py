@@ -1,0 +1,125 @@
+"""The model's weights, described once.
+
+`describe(config)` returns the parameter pytree with a `ParamSpec` (shape, logical axes, initializer,
+whether FP8 may quantize it) at every leaf. Initialisation, sharding, the converter's shape checks and
+checkpoint restore all derive from that one description.
+
+Dimensions: V vocab, D model width, H query heads, G key/value heads, K head dim, E experts,
+F expert width, L layers. Every matrix is stored [out, in] (the Hugging Face layout), which is also the
+K-major layout that Hopper runs FP8 matmuls fastest in; `quant.dense` computes x @ w.T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxfire.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    init: str = "normal"  # "normal" (std 0.02, as Hugging Face initialises Mixtral) or "ones"
+    quantizable: bool = False  # FP8 may store it (attention projections and experts)
+
+
+def _register(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(cls))
+
+
+@_register
+class Attention:
+    wq: Any  # [H*K, D]
+    wk: Any  # [G*K, D]
+    wv: Any  # [G*K, D]
+    wo: Any  # [D, H*K]
+
+
+@_register
+class MoE:
+    router: Any  # [E, D]
+    w_gate_up: Any  # [E, 2F, D]: gate (w1) rows first, then up (w3)
+    w_down: Any  # [E, D, F]
+
+
+@_register
+class Layer:
+    attn_norm: Any  # [D]
+    attn: Attention
+    moe_norm: Any  # [D]
+    moe: MoE
+
+
+@_register
+class Params:
+    embed: Any  # [V, D]
+    layers: list[Layer]
+    final_norm: Any  # [D]
+    lm_head: Any  # [V, D], None when tied to the embedding
+
+
+def describe_layer(c: Config) -> Layer:
+    d, hk, gk, e, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_experts, c.intermediate_size
+    return Layer(
+        attn_norm=ParamSpec((d,), ("embed",), init="ones"),
+        attn=Attention(
+            wq=ParamSpec((hk, d), ("heads", "embed"), quantizable=True),
+            wk=ParamSpec((gk, d), ("kv_heads", "embed"), quantizable=True),
+            wv=ParamSpec((gk, d), ("kv_heads", "embed"), quantizable=True),
+            wo=ParamSpec((d, hk), ("embed", "heads"), quantizable=True),
+        ),
+        moe_norm=ParamSpec((d,), ("embed",), init="ones"),
+        moe=MoE(
+            router=ParamSpec((e, d), (None, "embed")),
+            w_gate_up=ParamSpec((e, 2 * f, d), ("experts", "mlp", "embed"), quantizable=True),
+            w_down=ParamSpec((e, d, f), ("experts", "embed", "mlp"), quantizable=True),
+        ),
+    )
+
+
+def describe(c: Config) -> Params:
+    """The abstract parameter tree of a model: a `ParamSpec` at every leaf."""
+    v, d = c.vocab_size, c.hidden_size
+    return Params(
+        embed=ParamSpec((v, d), ("vocab", "embed")),
+        layers=[describe_layer(c) for _ in range(c.num_layers)],
+        final_norm=ParamSpec((d,), ("embed",), init="ones"),
+        lm_head=None if c.tie_word_embeddings else ParamSpec((v, d), ("vocab", "embed")),
+    )
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def map_specs(fn: Callable[[ParamSpec], Any], tree: Any) -> Any:
+    return jax.tree.map(fn, tree, is_leaf=is_spec)
+
+
+def param_count(c: Config) -> int:
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(describe(c), is_leaf=is_spec))
+
+
+def init_params(c: Config, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
+    """Random weights drawn as Hugging Face initialises Mixtral (normal(0, std), norms at one)."""
+    specs = describe(c)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(spec: ParamSpec, k: jax.Array) -> jax.Array:
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
+
+
+def abstract_params(c: Config, dtype: Any) -> Params:
+    """`jax.ShapeDtypeStruct` leaves: what restore and jit lowering need without allocating."""
+    return map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), describe(c))
