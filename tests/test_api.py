@@ -1,0 +1,117 @@
+"""The public API and the CLI: the built-in model, streaming, and errors a user can cause."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxfire
+from jaxfire import checkpoint
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return jaxfire.load()
+
+
+def test_builtin_model_loads_and_generates_text(builtin):
+    assert builtin.tokenizer is not None
+    result = jaxfire.generate(builtin, "def fibonacci(n):", max_new_tokens=6)
+    assert len(result.tokens) == 1 and 1 <= len(result.tokens[0]) <= 6
+    assert isinstance(result.texts[0], str)
+    assert result.finish_reasons[0] in ("eos", "length")
+
+
+def test_stream_yields_the_same_tokens_as_generate(builtin):
+    prompts = ["import os", "class A:"]
+    result = jaxfire.generate(builtin, prompts, max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3)
+    streamed = [[], []]
+    finished = [0, 0]
+    for ev in jaxfire.generate_stream(builtin, prompts, max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3):
+        assert not finished[ev.index], "no event after a prompt finished"
+        if ev.finish_reason != "eos":
+            streamed[ev.index].append(ev.token)
+        finished[ev.index] = ev.finished
+    assert streamed == result.tokens and all(finished)
+
+
+def test_dtype_override(builtin):
+    model = jaxfire.load(dtype="float32")
+    assert model.params.embed.dtype == np.float32 and builtin.params.embed.dtype == "bfloat16"
+    with pytest.raises(jaxfire.JaxfireError, match="unsupported dtype 'int8'"):
+        jaxfire.load(dtype="int8")
+
+
+@pytest.mark.parametrize("kwargs, prompts, message", [
+    ({"max_new_tokens": 0}, ["x"], "max_new_tokens"),
+    ({"max_new_tokens": 2, "temperature": -1.0}, ["x"], "temperature"),
+    ({"max_new_tokens": 2, "top_p": 0.0}, ["x"], "top_p"),
+    ({"max_new_tokens": 2}, [[1, 2], []], "prompt 1 is empty"),
+    ({"max_new_tokens": 2}, [[1, 99999]], "token id 99999 outside the vocabulary"),
+    ({"max_new_tokens": 2}, [], "no prompts"),
+    ({"max_new_tokens": 1000}, ["x" * 10], "exceeds the model's 512 positions"),
+])
+def test_generate_rejects_bad_input(builtin, kwargs, prompts, message):
+    with pytest.raises(jaxfire.JaxfireError, match=message):
+        jaxfire.generate(builtin, prompts, **kwargs)
+
+
+def test_text_prompt_needs_a_tokenizer(builtin):
+    model = jaxfire.Model(config=builtin.config, params=builtin.params, tokenizer=None)
+    with pytest.raises(jaxfire.JaxfireError, match="no tokenizer"):
+        jaxfire.generate(model, "hello", max_new_tokens=2)
+    assert len(jaxfire.generate(model, [[1, 5, 6]], max_new_tokens=2).tokens[0]) >= 1
+
+
+def test_load_errors_name_the_path(tmp_path, hf_model_dir):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        jaxfire.load(tmp_path / "missing")
+    with pytest.raises(checkpoint.CheckpointError, match="convert it with"):
+        jaxfire.load(hf_model_dir("gqa"))
+
+
+def test_generate_module_import_keeps_the_api_function():
+    import jaxfire.generate as cli
+
+    assert callable(cli.main)
+    assert callable(jaxfire.generate)
+    result = jaxfire.generate(jaxfire.load(), [[1, 40, 41]], max_new_tokens=2)
+    assert isinstance(result, jaxfire.Generation)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxfire.generate", *args], capture_output=True, text=True)
+
+
+def test_cli_runs_the_builtin_model():
+    out = run_cli("--prompt", "def fibonacci(n):", "--max-new-tokens", "5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("def fibonacci(n):")
+    assert "tokens/s" in out.stderr
+
+
+def test_cli_prompts_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("import sys\n\nfor i in\n")
+    out = run_cli("--prompts-file", str(f), "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9")
+    assert out.returncode == 0, out.stderr
+    assert "[0] import sys" in out.stdout and "[1] for i in" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "one of the arguments --prompt --prompts-file is required"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "x", "--top-p", "2"], "--top-p must be in"),
+    (["--prompts-file", "/nonexistent/p.txt"], "does not exist"),
+    (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
+])
+def test_cli_usage_errors(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path):
+    out = run_cli("--checkpoint", str(tmp_path), "--prompt", "x")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"error: {tmp_path} is not a jaxfire checkpoint: jaxfire.json is missing"

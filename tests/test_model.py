@@ -1,0 +1,98 @@
+"""The cached paths (prefill, decode_step) against the full-sequence forward pass, and sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxfire import model as M
+from jaxfire import sampling
+from jaxfire.config import Config
+from jaxfire.kv_cache import init_cache
+from jaxfire.params import init_params
+
+CONFIGS = {
+    "gqa": Config.preset("tiny"),
+    "mqa_window": Config.preset("tiny").replace(num_kv_heads=1, sliding_window=5, num_experts_per_tok=3),
+}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def setup(request):
+    cfg = CONFIGS[request.param]
+    params = init_params(cfg, jax.random.key(hash(request.param) % 2**31), jnp.float32, std=0.1)
+    return cfg, params
+
+
+def test_prefill_then_decode_equals_forward(setup):
+    cfg, params = setup
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (3, 14)).astype(np.int32)
+    full = np.asarray(M.forward(params, jnp.asarray(tokens), cfg))
+    lengths = np.array([4, 9, 1])
+    padded = np.where(np.arange(10)[None] < lengths[:, None], tokens[:, :10], 0)
+    cache = init_cache(cfg, 3, 32, jnp.float32)
+    logits, cache = M.prefill(params, cache, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), cfg)
+    np.testing.assert_allclose(logits, full[np.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
+    for step in range(4):
+        pos = lengths + step
+        logits, cache = M.decode_step(params, cache, jnp.asarray(tokens[np.arange(3), pos]), cfg)
+        np.testing.assert_allclose(logits, full[np.arange(3), pos], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache.lengths, lengths + 4)
+
+
+def test_chunked_prefill_equals_one_prefill(setup):
+    cfg, params = setup
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    full = np.asarray(M.forward(params, jnp.asarray(tokens), cfg))
+    cache = init_cache(cfg, 2, 16, jnp.float32)
+    for chunk in range(3):
+        logits, cache = M.prefill(params, cache, jnp.asarray(tokens[:, 4 * chunk:4 * chunk + 4]),
+                                  jnp.array([4, 4], jnp.int32), cfg)
+        np.testing.assert_allclose(logits, full[:, 4 * chunk + 3], rtol=1e-5, atol=1e-5)
+
+
+def test_inactive_sequences_are_untouched(setup):
+    cfg, params = setup
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 8)).astype(np.int32)
+    cache = init_cache(cfg, 2, 8, jnp.float32)
+    _, cache = M.prefill(params, cache, jnp.asarray(tokens), jnp.array([8, 3], jnp.int32), cfg)
+    before = [np.asarray(k) for k in cache.k]
+    # Sequence 0 is full (8 of 8 positions): with active False its cache must not change, and a prefill
+    # that gives it no tokens must not write past its end either.
+    _, cache = M.decode_step(params, cache, jnp.asarray([5, 6]), cfg, active=jnp.array([False, True]))
+    _, cache = M.prefill(params, cache, jnp.asarray(tokens[:, :2]), jnp.array([0, 2], jnp.int32), cfg)
+    np.testing.assert_array_equal(cache.lengths, [8, 6])
+    for b, a in zip(before, cache.k):
+        np.testing.assert_array_equal(np.asarray(a)[0], b[0])
+        assert not np.array_equal(np.asarray(a)[1, 3:6], b[1, 3:6])
+
+
+def test_bf16_model_tracks_float32(setup):
+    cfg, params = setup
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
+    f32 = M.forward(params, tokens, cfg)
+    bf16 = M.forward(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokens, cfg)
+    assert bf16.dtype == jnp.float32
+    assert float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32)) < 3e-2
+
+
+def test_greedy_sampling_is_argmax_and_top_p_restricts_support():
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
+    greedy = sampling.sample(logits, jax.random.key(1), 0.0, 1.0)
+    np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+    # With top_p tiny only the most likely token survives, whatever the temperature.
+    nucleus = sampling.sample(logits, jax.random.key(2), 5.0, 1e-6)
+    np.testing.assert_array_equal(nucleus, jnp.argmax(logits, -1))
+    # Per-row parameters: row 0 greedy, the others sampled with a real spread.
+    temps = jnp.array([0.0, 1.0, 1.0, 1.0])
+    draws = np.stack([sampling.sample(logits, jax.random.key(i), temps, 1.0) for i in range(40)])
+    assert (draws[:, 0] == int(jnp.argmax(logits[0]))).all()
+    assert len(set(draws[:, 1].tolist())) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = jnp.array([[0.5, 0.3, 0.15, 0.05]])
+    logits = jnp.log(probs)
+    draws = {int(sampling.sample(logits, jax.random.key(i), 1.0, 0.7)[0]) for i in range(200)}
+    assert draws == {0, 1}
