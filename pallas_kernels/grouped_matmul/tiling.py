@@ -1,0 +1,56 @@
+"""Row tiling of a ragged lhs: which rows and which expert each row tile of a kernel works on.
+
+Shapes: T rows, E experts, P row tasks (an upper bound known at trace time).
+
+An expert's rows are cut into tiles of `block_m` rows; the first tile starts at the expert's first
+row rounded down to a multiple of `align` (TMA-friendly), so no tile serves two experts and no
+row is computed twice. Rows past sum(group_sizes) form one more group, numbered E, whose tiles
+the kernels fill with zeros without reading any weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowTasks:
+    group: jax.Array  # [P] int32, expert of the task; E for the zero-filled tail
+    start: jax.Array  # [P] int32, first row of the tile, a multiple of align
+    offset: jax.Array  # [P] int32, first row of the task inside the tile (< align)
+    size: jax.Array  # [P] int32, rows of the task, 0 for padding tasks
+
+    @property
+    def num_tasks(self) -> int:
+        return self.group.shape[0]
+
+
+def max_row_tasks(num_rows: int, num_groups: int, block_m: int, align: int = 1) -> int:
+    # Over E+1 groups of x_g = s_g + (start_g mod align) rows: sum_g cdiv(x_g, bm)
+    # < sum_g x_g / bm + E + 1 <= (T + (E+1)(align-1)) / bm + E + 1.
+    return -(-(num_rows + (num_groups + 1) * (align - 1)) // block_m) + num_groups
+
+
+def row_tasks(group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 1) -> RowTasks:
+    num_groups = group_sizes.shape[0]
+    p = max_row_tasks(num_rows, num_groups, block_m, align)
+    # Sizes that overrun T are clipped, so no kernel reads or writes past the last row.
+    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)  # [E]
+    ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])  # [E+1]
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])  # [E+1]
+    tile_starts = starts // align * align  # [E+1]
+    blocks = jnp.where(ends > starts, (ends - tile_starts + block_m - 1) // block_m, 0)  # [E+1]
+    # Padding tasks repeat the last group past its end and so get size 0.
+    group = jnp.repeat(jnp.arange(num_groups + 1, dtype=jnp.int32), blocks, total_repeat_length=p)  # [P]
+    first = jnp.cumsum(blocks) - blocks  # [E+1]
+    start = tile_starts[group] + (jnp.arange(p, dtype=jnp.int32) - first[group]) * block_m  # [P]
+    lo = jnp.maximum(start, starts[group])  # [P]
+    hi = jnp.minimum(start + block_m, ends[group])  # [P]
+    size = jnp.maximum(hi - lo, 0)  # [P]
+    offset = jnp.where(size > 0, lo - start, 0)  # [P]
+    start = jnp.minimum(start, num_rows)
+    return RowTasks(group=group, start=start, offset=offset, size=size)

@@ -1,0 +1,292 @@
+"""Grouped matmul: every implementation against a float64 NumPy oracle, on the same cases.
+
+One test base; each implementation subclasses it. On a CPU backend the Pallas kernels run in
+interpret mode (small shapes keep the grids to a few dozen programs); on a GPU the same classes
+run them natively. A cross-lowering test compiles both kernels for an H100 from the CPU, so the
+Pallas -> Triton / Mosaic GPU lowering of the production shapes is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import grouped_matmul, grouped_matmul_swiglu
+from pallas_kernels.grouped_matmul import Config, mosaic, triton
+from pallas_kernels.grouped_matmul.tiling import row_tasks
+
+BF16, FP8, F32 = jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    t: int
+    group_sizes: tuple[int, ...]
+    k: int = 128
+    n: int = 128
+    lhs_dtype: object = BF16
+    rhs_dtype: object = BF16
+    lhs_scale: bool = False
+    rhs_scale: bool = False
+    out_dtype: object = BF16
+
+
+CASES = [
+    Case("random_sizes_with_empty", t=150, group_sizes=(40, 0, 77, 0, 33)),
+    Case("one_group_all_rows", t=96, group_sizes=(0, 96, 0)),
+    Case("rows_past_sum", t=133, group_sizes=(20, 5, 0, 60)),
+    Case("single_row", t=1, group_sizes=(0, 1, 0, 0)),
+    Case("odd_rows_f32_out", t=37, group_sizes=(9, 17, 11), out_dtype=F32),
+    Case("bf16_with_scales", t=70, group_sizes=(30, 0, 40), lhs_scale=True, rhs_scale=True),
+    Case("weight_only_fp8", t=90, group_sizes=(25, 50, 0, 15), rhs_dtype=FP8, rhs_scale=True),
+    Case("fp8_x_fp8", t=150, group_sizes=(64, 0, 59, 20), k=256, lhs_dtype=FP8, rhs_dtype=FP8,
+         lhs_scale=True, rhs_scale=True),
+    Case("fp8_x_fp8_decode", t=5, group_sizes=(2, 0, 3, 0), k=256, lhs_dtype=FP8, rhs_dtype=FP8,
+         lhs_scale=True, rhs_scale=True),
+]
+SWIGLU_CASES = [
+    Case("swiglu_bf16", t=150, group_sizes=(40, 0, 77, 20)),
+    Case("swiglu_fp8", t=100, group_sizes=(0, 64, 30), k=256, lhs_dtype=FP8, rhs_dtype=FP8,
+         lhs_scale=True, rhs_scale=True),
+    Case("swiglu_weight_only_fp8", t=3, group_sizes=(1, 0, 2), rhs_dtype=FP8, rhs_scale=True),
+]
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) % 10_000
+
+
+def make_inputs(case: Case, transpose_rhs: bool, seed: int):
+    """Fresh random inputs (never zeros); fp8 values drawn wide enough to use many exponents."""
+    e = len(case.group_sizes)
+    ks = jax.random.split(jax.random.key(seed), 4)
+    lhs = (2.0 * jax.random.normal(ks[0], (case.t, case.k), F32)).astype(case.lhs_dtype)
+    shape = (e, case.n, case.k) if transpose_rhs else (e, case.k, case.n)
+    rhs = (2.0 * jax.random.normal(ks[1], shape, F32)).astype(case.rhs_dtype)
+    lhs_scale = jax.random.uniform(ks[2], (case.t,), F32, 0.01, 0.1) if case.lhs_scale else None
+    rhs_scale = jax.random.uniform(ks[3], (e, case.n), F32, 0.01, 0.1) if case.rhs_scale else None
+    return lhs, rhs, jnp.asarray(case.group_sizes, jnp.int32), lhs_scale, rhs_scale
+
+
+def oracle(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, swiglu):
+    """float64 NumPy: per expert, scaled rows times scaled weights; zeros past sum(group_sizes)."""
+    x = np.asarray(lhs.astype(F32), np.float64)
+    w = np.asarray(rhs.astype(F32), np.float64)
+    if transpose_rhs:
+        w = w.transpose(0, 2, 1)  # [E, K, N]
+    if lhs_scale is not None:
+        x = x * np.asarray(lhs_scale, np.float64)[:, None]
+    if rhs_scale is not None:
+        w = w * np.asarray(rhs_scale, np.float64)[:, None, :]
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, size in enumerate(np.asarray(group_sizes)):
+        out[start : start + size] = x[start : start + size] @ w[g]
+        start += size
+    if swiglu:
+        f = out.shape[1] // 2
+        gate, up = out[:, :f], out[:, f:]
+        out = gate / (1.0 + np.exp(-gate)) * up
+    return out
+
+
+def assert_matches(out, want, out_dtype, total_rows):
+    out = np.asarray(out.astype(F32), np.float64)
+    assert out.shape == want.shape
+    assert np.isfinite(out).all(), "non-finite outputs (an unwritten tile?)"
+    np.testing.assert_array_equal(out[total_rows:], 0.0, err_msg="rows past sum(group_sizes) must be zero")
+    # bf16 output rounding (2^-8 relative) dominates; f32 output is limited by the f32 accumulation.
+    tol = 1e-2 if jnp.dtype(out_dtype).itemsize == 2 else 1e-4
+    scale = max(np.abs(want).max(), 1e-30)
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol * scale)
+    assert np.linalg.norm(out - want) <= 0.5 * tol * np.linalg.norm(want)
+
+
+class GroupedMatmulTestBase:
+    """The cases every implementation must pass; subclasses set `implementation`."""
+
+    implementation: str | None = None
+
+    def config(self, case: Case, swiglu: bool) -> Config | None:
+        return None
+
+    def expected_error(self, case: Case, transpose_rhs: bool) -> str | None:
+        """A ValueError fragment for problems this implementation refuses, else None."""
+        return None
+
+    def run_case(self, case: Case, transpose_rhs: bool, swiglu: bool, seed: int):
+        lhs, rhs, gs, ls, rs = make_inputs(case, transpose_rhs, seed)
+        fn = grouped_matmul_swiglu if swiglu else grouped_matmul
+        call = lambda: fn(  # noqa: E731
+            lhs, rhs, gs, lhs_scale=ls, rhs_scale=rs, transpose_rhs=transpose_rhs,
+            preferred_element_type=case.out_dtype, implementation=self.implementation,
+            config=self.config(case, swiglu),
+        )
+        if (err := self.expected_error(case, transpose_rhs)) is not None:
+            with pytest.raises(ValueError, match=err):
+                call()
+            return
+        out = call()
+        assert out.dtype == jnp.dtype(case.out_dtype)
+        want = oracle(lhs, rhs, gs, ls, rs, transpose_rhs, swiglu)
+        assert_matches(out, want, case.out_dtype, min(sum(case.group_sizes), case.t))
+
+    @pytest.mark.parametrize("transpose_rhs", [True, False], ids=["k_major", "n_major"])
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+    def test_grouped_matmul(self, case, transpose_rhs):
+        self.run_case(case, transpose_rhs, swiglu=False, seed=_seed(case.name, transpose_rhs))
+
+    @pytest.mark.parametrize("transpose_rhs", [True, False], ids=["k_major", "n_major"])
+    @pytest.mark.parametrize("case", SWIGLU_CASES, ids=lambda c: c.name)
+    def test_swiglu(self, case, transpose_rhs):
+        self.run_case(case, transpose_rhs, swiglu=True, seed=_seed(case.name, transpose_rhs, "swiglu"))
+
+    def test_jit_and_fresh_group_sizes(self):
+        """One compiled function serves any group sizes: they are data, not shapes."""
+        case = CASES[0]
+        lhs, rhs, _, _, _ = make_inputs(case, True, seed=7)
+        fn = jax.jit(lambda x, w, g: grouped_matmul(
+            x, w, g, transpose_rhs=True, implementation=self.implementation, config=self.config(case, False)))
+        for sizes in [(150, 0, 0, 0, 0), (0, 0, 0, 0, 149), (30, 30, 30, 30, 30), (1, 2, 3, 4, 5)]:
+            gs = jnp.asarray(sizes, jnp.int32)
+            want = oracle(lhs, rhs, gs, None, None, True, False)
+            assert_matches(fn(lhs, rhs, gs), want, BF16, min(sum(sizes), case.t))
+
+
+class TestReference(GroupedMatmulTestBase):
+    implementation = "reference"
+
+
+class TestDefault(GroupedMatmulTestBase):
+    implementation = None
+
+
+class TestPallasTriton(GroupedMatmulTestBase):
+    implementation = "pallas_triton"
+
+    def config(self, case, swiglu):
+        # Small blocks: several row tasks and column tiles per case even at these sizes.
+        return Config(block_m=16, block_n=32, block_k=64, num_stages=2)
+
+    def test_ragged_n_and_k(self):
+        """Column and depth masks: N and K that no block divides."""
+        case = Case("ragged_nk", t=45, group_sizes=(20, 0, 25), k=80, n=96, rhs_dtype=FP8, rhs_scale=True)
+        self.run_case(case, transpose_rhs=True, swiglu=False, seed=3)
+        self.run_case(case, transpose_rhs=False, swiglu=True, seed=4)
+
+
+class TestPallasMosaic(GroupedMatmulTestBase):
+    implementation = "pallas_mosaic"
+
+    def config(self, case, swiglu):
+        itemsize = jnp.dtype(case.lhs_dtype).itemsize
+        return Config(block_m=128, block_n=64, block_k=128 // itemsize, num_stages=2)
+
+    def expected_error(self, case, transpose_rhs):
+        if jnp.dtype(case.lhs_dtype) != jnp.dtype(case.rhs_dtype):
+            return "one dtype"
+        if jnp.dtype(case.lhs_dtype).itemsize == 1 and not transpose_rhs:
+            return "K-major"
+        return None
+
+
+class TestPallas(GroupedMatmulTestBase):
+    """The generic "pallas" switch picks a kernel that can run each case."""
+
+    implementation = "pallas"
+
+    @pytest.mark.parametrize("case", CASES[:1] + CASES[6:8], ids=lambda c: c.name)
+    def test_grouped_matmul(self, case):
+        self.run_case(case, True, swiglu=False, seed=11)
+
+    @pytest.mark.parametrize("case", SWIGLU_CASES[:1], ids=lambda c: c.name)
+    def test_swiglu(self, case):
+        self.run_case(case, True, swiglu=True, seed=12)
+
+
+def test_row_tasks_cover_every_row_once():
+    sizes = jnp.asarray([0, 17, 0, 40, 3, 0], jnp.int32)
+    for block_m, align in [(16, 1), (32, 8), (8, 8)]:
+        tasks = jax.tree.map(np.asarray, row_tasks(sizes, 70, block_m, align=align))
+        owner = np.full(70, -1)
+        for g, s, o, n in zip(tasks.group, tasks.start, tasks.offset, tasks.size):
+            if n:
+                assert s % align == 0 and o + n <= block_m
+                rows = np.arange(s + o, s + o + n)
+                assert (owner[rows] == -1).all(), "a row computed twice"
+                owner[rows] = g
+        want = np.repeat(np.arange(7), [0, 17, 0, 40, 3, 0, 10])
+        np.testing.assert_array_equal(owner, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rhs=jnp.ones((4, 64, 32), FP8)), "needs rhs_scale"),
+        (dict(lhs=jnp.ones((8, 32), FP8), rhs=jnp.ones((4, 64, 32), FP8), rhs_scale=jnp.ones((4, 64))),
+         "needs lhs_scale"),
+        (dict(lhs=jnp.ones((8, 32), FP8), lhs_scale=jnp.ones((8,))), "fp8 lhs needs fp8 rhs"),
+        (dict(lhs=jnp.ones((8, 48), BF16)), "K=48"),
+        (dict(group_sizes=jnp.ones((3,), jnp.int32)), "length E=4"),
+        (dict(group_sizes=jnp.ones((4,), jnp.float32)), "integer vector"),
+        (dict(rhs_scale=jnp.ones((4, 32))), r"rhs_scale must be \[E, N\]"),
+        (dict(lhs_scale=jnp.ones((9,))), r"lhs_scale must be \[T\]"),
+        (dict(lhs=jnp.ones((8, 32), F32)), "bfloat16 or float8_e4m3fn"),
+        (dict(preferred_element_type=jnp.int8), "preferred_element_type"),
+        (dict(implementation="cuda"), "implementation must be one of"),
+        (dict(config=dict(block_m=16)), "config must be"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_errors_name_the_problem(kwargs, message):
+    args = dict(lhs=jnp.ones((8, 32), BF16), rhs=jnp.ones((4, 64, 32), BF16),
+                group_sizes=jnp.asarray([2, 2, 2, 2], jnp.int32))
+    args.update(kwargs)
+    lhs, rhs, gs = args.pop("lhs"), args.pop("rhs"), args.pop("group_sizes")
+    with pytest.raises(ValueError, match=message):
+        grouped_matmul(lhs, rhs, gs, transpose_rhs=True, **args)
+
+
+def test_swiglu_rejects_odd_width():
+    with pytest.raises(ValueError, match="odd N=63"):
+        grouped_matmul_swiglu(jnp.ones((4, 32), BF16), jnp.ones((2, 63, 32), BF16), jnp.asarray([2, 2]),
+                              transpose_rhs=True)
+
+
+def test_config_rejects_non_positive_blocks():
+    with pytest.raises(ValueError, match="block_n must be a positive int"):
+        Config(block_m=64, block_n=0, block_k=64)
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["matmul", "swiglu"])
+@pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
+def test_production_shapes_lower_for_h100(dtype, swiglu):
+    """Mixtral-size problems lower through Pallas to Triton and Mosaic GPU for an H100, on the CPU.
+
+    Catches layout-inference, shared-memory-budget and Triton-lowering errors before a GPU run.
+    """
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    t, k, n, e = 4096, 4096, 2 * 14336 if swiglu else 14336, 8
+    s = jax.ShapeDtypeStruct
+    args = (s((t, k), dtype), s((e, n, k), dtype), s((e,), jnp.int32),
+            s((t,), F32) if dtype == FP8 else None, s((e, n), F32) if dtype == FP8 else None)
+    from pallas_kernels.grouped_matmul import config as cfg
+
+    n_out = n // 2 if swiglu else n
+    kernels = [
+        (mosaic.grouped_matmul, cfg.mosaic_config(t, k, n_out, itemsize=jnp.dtype(dtype).itemsize, swiglu=swiglu)),
+        (triton.grouped_matmul, cfg.triton_config(32, k, n_out, swiglu=swiglu)),
+    ]
+    for kernel, config in kernels:
+        fn = jax.jit(lambda *a: kernel(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config))
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+            text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "custom_call" in text
