@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
@@ -50,7 +51,8 @@ LAYER_KEYS: list[tuple[str, tuple[str, ...], Any]] = [
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
+          "fp8": ml_dtypes.bfloat16}  # fp8: quantizable weights in e4m3 with scales, the rest in bf16
 
 
 class ConversionError(JaxfireError):
@@ -156,7 +158,9 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
                overwrite: bool = False, progress: bool = True) -> pathlib.Path:
     """Converts a Hugging Face Mixtral directory into a jaxfire checkpoint at `out_dir`.
 
-    `dtype` ("float32", "bfloat16", "float16") defaults to the source's own precision.
+    `dtype` ("float32", "bfloat16", "float16", "fp8") defaults to the source's own precision. "fp8"
+    stores attention projections and experts as float8_e4m3fn with per-output-channel scales (the same
+    quantization `jaxfire.load(..., dtype="fp8")` applies) and everything else in bf16.
     """
     hf_dir = pathlib.Path(hf_dir)
     config = Config.from_hf(hf_dir)
@@ -188,7 +192,11 @@ def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
             )
             steps.update()
             for i in range(config.num_layers):
-                writer.write_layer(i, convert_layer(index, by_layer[i], i, config, target))
+                layer = convert_layer(index, by_layer[i], i, config, target)
+                if dtype == "fp8":
+                    with jax.default_device(jax.devices("cpu")[0]):
+                        layer = P.quantize(layer, P.describe_layer(config))
+                writer.write_layer(i, layer)
                 steps.update()
         writer.copy_tokenizer(hf_dir)
         return writer.close({"source": str(hf_dir)})

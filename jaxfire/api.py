@@ -6,6 +6,7 @@ Dimensions: B prompts, T tokens, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, Iterator, Sequence
@@ -15,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfire import checkpoint, model as M, sampling
+from jaxfire import params as P
 from jaxfire.config import Config
 from jaxfire.errors import JaxfireError
 from jaxfire.kv_cache import init_cache
 from jaxfire.params import Params
+from jaxfire.quant import QArray
 from jaxfire.tokenizer import Tokenizer
 
 BUILTIN_DIR = pathlib.Path(__file__).resolve().parent / "builtin"
@@ -35,11 +38,21 @@ class Model:
     params: Params
     tokenizer: Tokenizer | None
     path: pathlib.Path | None = None
-    kernels: M.Kernels = M.Kernels()
+    runtime: M.Runtime = M.Runtime()
+    kv_cache_dtype: Any = None  # None: the model's compute dtype; "fp8" for an FP8 cache
 
     @property
     def dtype(self) -> Any:
+        """The compute (activation) dtype; FP8 models compute in bf16."""
         return self.params.embed.dtype
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(isinstance(w, QArray) for w in jax.tree.leaves(self.params, is_leaf=P.is_weight))
+
+    def with_runtime(self, **changes: Any) -> "Model":
+        """The same weights run another way (kernels, FP8 policy); nothing is copied."""
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
 
 
 def _resolve_dtype(dtype: Any) -> Any:
@@ -58,12 +71,22 @@ def _resolve_dtype(dtype: Any) -> Any:
     return resolved
 
 
+def _dequantize(tree: Any, spec_tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda w: w.dequantize(dtype) if isinstance(w, QArray) else w, tree, is_leaf=P.is_weight)
+
+
 def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_experts_per_tok: int | None = None,
-         mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> Model:
+         kv_cache_dtype: Any = None, mesh: jax.sharding.Mesh | None = None, runtime: M.Runtime | None = None,
+         progress: bool = False) -> Model:
     """Loads a converted checkpoint directory, or the built-in model when `path` is None.
 
-    `dtype` ("float32", "bfloat16", or a jnp dtype) defaults to the checkpoint's own;
-    `num_experts_per_tok` overrides how many experts each token runs.
+    dtype: "float32", "bfloat16", "fp8" or a jnp dtype; defaults to the checkpoint's own. "fp8"
+      quantizes a bf16/f32 checkpoint layer by layer as it loads (attention projections and experts
+      to e4m3 with per-channel scales; embeddings, norms, router and LM head in bf16); a float dtype
+      on an FP8 checkpoint dequantizes it.
+    num_experts_per_tok: overrides how many experts each token runs (the FP8 recipe runs 3).
+    kv_cache_dtype: the KV cache's dtype for generation, independent of the weights' ("fp8" for an
+      FP8 cache with per-token scales); defaults to the compute dtype.
     """
     if mesh is not None:
         raise JaxfireError("loading onto a device mesh is not supported yet; omit mesh to load on one device")
@@ -72,13 +95,25 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
     config = Config.from_dict(meta["config"])
     if num_experts_per_tok is not None:
         config = config.replace(num_experts_per_tok=num_experts_per_tok)
+    stored_fp8 = bool(meta.get("fp8"))
+    cast, transform = None, None
+    if dtype == "fp8":
+        cast = None if stored_fp8 else jnp.bfloat16
+        transform = None if stored_fp8 else P.quantize
+    else:
+        cast = _resolve_dtype(dtype)
+        if stored_fp8 and cast is not None:
+            transform = functools.partial(_dequantize, dtype=cast)
+    if kv_cache_dtype not in (None, "fp8"):
+        kv_cache_dtype = _resolve_dtype(kv_cache_dtype)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = lambda it: tqdm(it, desc="loading", unit="layer")  # noqa: E731
-    params = checkpoint.restore(path, config, dtype=_resolve_dtype(dtype), progress=bar)
-    return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path)
+    params = checkpoint.restore(path, config, fp8=stored_fp8, dtype=cast, transform=transform, progress=bar)
+    return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path,
+                 runtime=runtime or M.Runtime(), kv_cache_dtype=kv_cache_dtype)
 
 
 def _as_token_lists(model: Model, prompts: Sequence[str | Sequence[int]] | str) -> list[list[int]]:
@@ -111,7 +146,7 @@ def logits(model: Model, tokens: Sequence[Sequence[int]] | jax.Array) -> jax.Arr
         tokens = tokens[None]
     if tokens.ndim != 2:
         raise GenerationError(f"tokens must be [batch, length], got shape {tokens.shape}")
-    return M.forward(model.params, tokens, model.config, model.kernels)
+    return M.forward(model.params, tokens, model.config, model.runtime)
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -190,7 +225,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
     for i, p in enumerate(ids):
         tokens[i, :len(p)] = p
     counts = jnp.asarray([len(p) for p in ids], jnp.int32)
-    cache = init_cache(cfg, b, _bucket(longest + max_new_tokens), model.dtype)
+    cache = init_cache(cfg, b, _bucket(longest + max_new_tokens), model.kv_cache_dtype or model.dtype)
     key = jax.random.key(seed)
     eos = np.asarray(cfg.eos_token_ids, np.int32)
     detok = [_Detokenizer(model.tokenizer) for _ in range(b)]
@@ -199,7 +234,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
         stats.prompt_tokens = ids
 
     start = time.perf_counter()
-    logits_, cache = M.prefill(model.params, cache, jnp.asarray(tokens), counts, cfg, model.kernels)
+    logits_, cache = M.prefill(model.params, cache, jnp.asarray(tokens), counts, cfg, model.runtime)
     step_time = start
     for step in range(max_new_tokens):
         next_tokens = sampling.sample(logits_, jax.random.fold_in(key, step), temperature, top_p)
@@ -226,7 +261,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
                 stats.finish_reasons[i] = reason
         if done.all():
             break
-        logits_, cache = M.decode_step(model.params, cache, next_tokens, cfg, jnp.asarray(~done), model.kernels)
+        logits_, cache = M.decode_step(model.params, cache, next_tokens, cfg, jnp.asarray(~done), model.runtime)
 
 
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

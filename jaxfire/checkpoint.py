@@ -138,7 +138,7 @@ class CheckpointWriter:
         if missing:
             raise CheckpointError(f"checkpoint incomplete, items never written: {', '.join(missing)}")
         meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                "dtypes": sorted(self.dtypes), **(extra or {})}
+                "dtypes": sorted(self.dtypes), "fp8": "float8_e4m3fn" in self.dtypes, **(extra or {})}
         (self.tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if self.out.exists():
             shutil.rmtree(self.out)
@@ -183,18 +183,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def restore(path: str | os.PathLike, config: Config, *, dtype: Any = None,
+def restore(path: str | os.PathLike, config: Config, *, fp8: bool = False, dtype: Any = None,
             sharding_fn: Callable[[P.ParamSpec], Any] | None = None,
+            transform: Callable[[Any, Any], Any] | None = None,
             progress: Callable[[Iterator], Iterator] | None = None) -> P.Params:
-    """Reads params item by item, cast to `dtype` (default: as stored) and placed by `sharding_fn`.
+    """Reads params item by item and places each array by `sharding_fn`.
 
-    `sharding_fn(spec)` gives each parameter's sharding; orbax then reads every array straight into
-    its sharded layout, never assembling a full copy on one device.
+    `fp8` says the checkpoint stores FP8 weights (`QArray`s). `dtype` casts plain weights (FP8 ones
+    keep theirs). `transform(item, spec_item)` runs on each item as soon as it is read, before the
+    next, so a load-time conversion (such as quantization) never holds two full copies.
+    `sharding_fn(spec)` gives each array's sharding; orbax then reads every array straight into its
+    sharded layout, never assembling a full copy on one device.
     """
     path = pathlib.Path(path)
     ocp = _orbax()
     ckptr = ocp.StandardCheckpointer()
-    specs = P.describe(config)
+    specs = P.describe(config, fp8=fp8)
+    plain_specs = P.describe(config)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def target(spec: P.ParamSpec, stored) -> jax.ShapeDtypeStruct:
@@ -203,18 +208,22 @@ def restore(path: str | os.PathLike, config: Config, *, dtype: Any = None,
         sharding = sharding_fn(spec) if sharding_fn else default
         return jax.ShapeDtypeStruct(spec.shape, stored.dtype, sharding=sharding)
 
-    def read(item: str, spec_tree: Any) -> Any:
+    def read(item: str, spec_tree: Any, plain_spec_tree: Any) -> Any:
         item_path = path / "params" / item
         if not item_path.exists():
             raise CheckpointError(f"{path}: checkpoint item params/{item} is missing")
         stored = ckptr.metadata(item_path).item_metadata
-        abstract = jax.tree.map(target, spec_tree, from_nested(spec_tree, stored), is_leaf=P.is_spec)
+        try:
+            abstract = jax.tree.map(target, spec_tree, from_nested(spec_tree, stored), is_leaf=P.is_spec)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: params/{item} lacks the array {e.args[0]!r}") from None
         tree = from_nested(spec_tree, ckptr.restore(item_path, to_nested(abstract)))
         if dtype is not None:
-            tree = jax.tree.map(lambda x: x.astype(dtype), tree)
-        return tree
+            tree = P.cast(tree, dtype)
+        return transform(tree, plain_spec_tree) if transform else tree
 
-    glob = read("globals", _globals(specs))
+    glob = read("globals", _globals(specs), _globals(plain_specs))
     items = range(config.num_layers)
-    layers = [read(layer_item(i), specs.layers[i]) for i in (progress(items) if progress else items)]
+    layers = [read(layer_item(i), specs.layers[i], plain_specs.layers[i])
+              for i in (progress(items) if progress else items)]
     return P.Params(embed=glob["embed"], layers=layers, final_norm=glob["final_norm"], lm_head=glob.get("lm_head"))

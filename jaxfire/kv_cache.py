@@ -1,5 +1,8 @@
 """The key/value cache: one buffer per layer, so every step updates each in place (the cache is donated).
 
+A cache is bf16 (or the model's dtype), or FP8: float8_e4m3fn values with one float32 scale per token
+and KV head, set when the token is written (the layout `pallas_kernels.decode_attention` reads).
+
 Dimensions: L layers, B sequences (slots), S cache positions, G key/value heads, K head dim.
 """
 
@@ -11,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxfire import quant
 from jaxfire.config import Config
 
 
@@ -20,6 +24,8 @@ class KVCache:
     k: list[jax.Array]  # L x [B, S, G, K]
     v: list[jax.Array]  # L x [B, S, G, K]
     lengths: jax.Array  # [B] int32: positions filled per sequence; the next token goes at lengths[b]
+    k_scale: list[jax.Array] | None = None  # L x [B, S, G] float32, FP8 caches only
+    v_scale: list[jax.Array] | None = None  # L x [B, S, G] float32, FP8 caches only
 
     @property
     def batch_size(self) -> int:
@@ -29,13 +35,62 @@ class KVCache:
     def max_length(self) -> int:
         return self.k[0].shape[1]
 
+    @property
+    def is_fp8(self) -> bool:
+        return self.k_scale is not None
+
+    def layer(self, i: int) -> "LayerCache":
+        if self.is_fp8:
+            return LayerCache(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
+        return LayerCache(self.k[i], self.v[i])
+
+    @classmethod
+    def from_layers(cls, layers: list["LayerCache"], lengths: jax.Array) -> "KVCache":
+        fp8 = layers[0].k_scale is not None
+        return cls(k=[c.k for c in layers], v=[c.v for c in layers], lengths=lengths,
+                   k_scale=[c.k_scale for c in layers] if fp8 else None,
+                   v_scale=[c.v_scale for c in layers] if fp8 else None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    k: jax.Array  # [B, S, G, K]
+    v: jax.Array  # [B, S, G, K]
+    k_scale: jax.Array | None = None  # [B, S, G]
+    v_scale: jax.Array | None = None  # [B, S, G]
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, counts: jax.Array) -> "LayerCache":
+        """Writes new keys/values at `positions`, quantizing them per token and head for an FP8 cache."""
+        # k, v: [B, T, G, K]
+        if self.k_scale is None:
+            return LayerCache(write(self.k, k, positions, counts), write(self.v, v, positions, counts))
+        kq, ks = quant.quantize(k, axis=-1)
+        vq, vs = quant.quantize(v, axis=-1)
+        return LayerCache(write(self.k, kq, positions, counts), write(self.v, vq, positions, counts),
+                          write(self.k_scale, ks, positions, counts), write(self.v_scale, vs, positions, counts))
+
+    def read(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """The whole cache dequantized to `dtype` (the reference path; kernels read FP8 directly)."""
+        if self.k_scale is None:
+            return self.k.astype(dtype), self.v.astype(dtype)
+        k = self.k.astype(jnp.float32) * self.k_scale[..., None]
+        v = self.v.astype(jnp.float32) * self.v_scale[..., None]
+        return k.astype(dtype), v.astype(dtype)
+
 
 def init_cache(config: Config, batch_size: int, max_length: int, dtype: Any = jnp.bfloat16) -> KVCache:
+    """An empty cache; `dtype` float8_e4m3fn (or "fp8") makes an FP8 cache with per-token scales."""
+    fp8 = dtype == "fp8" or jnp.dtype(dtype) == quant.FP8
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    layers = range(config.num_layers)
+    value_dtype = quant.FP8 if fp8 else dtype
     return KVCache(
-        k=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-        v=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+        k=[jnp.zeros(shape, value_dtype) for _ in layers],
+        v=[jnp.zeros(shape, value_dtype) for _ in layers],
         lengths=jnp.zeros((batch_size,), jnp.int32),
+        k_scale=[jnp.ones(shape[:-1], jnp.float32) for _ in layers] if fp8 else None,
+        v_scale=[jnp.ones(shape[:-1], jnp.float32) for _ in layers] if fp8 else None,
     )
 
 
@@ -45,7 +100,7 @@ def write(buf: jax.Array, new: jax.Array, positions: jax.Array, counts: jax.Arra
     Dropping instead of clamping means a padded token can never overwrite a valid entry, even when a
     sequence's padded positions run past the end of the cache.
     """
-    # buf: [B, S, G, K], new: [B, T, G, K], positions: [B, T], counts: [B]
+    # buf: [B, S, ...], new: [B, T, ...], positions: [B, T], counts: [B]
     t = new.shape[1]
     valid = jnp.arange(t)[None, :] < counts[:, None]  # [B, T]
     index = jnp.where(valid, positions, buf.shape[1])  # out of range -> dropped

@@ -23,14 +23,19 @@ from jaxfire.params import Layer, Params
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels:
-    """Which implementation runs each hot op; passed as a static argument.
+class Runtime:
+    """How the model runs (not what it computes); a static argument of the jitted functions.
 
-    `decode_attention`: "xla" (the einsum attention the rest of the model uses) or an
+    decode_attention: "xla" (the einsum attention the rest of the model uses) or an
     `implementation=` name of `pallas_kernels.decode_attention`.
+    grouped_matmul: "xla" (`jax.lax.ragged_dot_general`) or an `implementation=` name of
+    `pallas_kernels.grouped_matmul`.
+    fp8: when FP8 weights also quantize their activations.
     """
 
     decode_attention: str = "xla"
+    grouped_matmul: str = "xla"
+    fp8: quant.Fp8Policy = quant.Fp8Policy()
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -68,47 +73,42 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, window: i
     return o.reshape(b, t, h, d).astype(q.dtype)
 
 
-def _decode_attention(q, k, v, lengths, window, implementation):
-    from pallas_kernels import decode_attention  # imported lazily: the default path needs no kernels
-
-    return decode_attention(q, k, v, lengths, window=window, implementation=implementation)
-
-
-def attention_block(layer: Layer, x, positions, cache_kv, counts, config: Config, kernels: Kernels):
+def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, counts, config: Config,
+                    runtime: Runtime):
     """Self-attention of x at `positions`; with a cache, writes the new keys/values and attends over it."""
-    # x: [B, T, D], positions: [B, T], cache_kv: ([B, S, G, K], [B, S, G, K]) or None
+    # x: [B, T, D], positions: [B, T]
     b, t, _ = x.shape
-    c = config
-    p = layer.attn
-    q = quant.dense(x, p.wq).reshape(b, t, c.num_heads, c.head_dim)
-    k = quant.dense(x, p.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = quant.dense(x, p.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
+    c, p, fp8 = config, layer.attn, runtime.fp8
+    q = quant.dense(x, p.wq, fp8).reshape(b, t, c.num_heads, c.head_dim)
+    k = quant.dense(x, p.wk, fp8).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = quant.dense(x, p.wv, fp8).reshape(b, t, c.num_kv_heads, c.head_dim)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    if cache_kv is None:
+    if cache is None:
         o = attend(q, k, v, positions, c.sliding_window)
     else:
-        k_cache, v_cache = cache_kv
-        k_cache = kvc.write(k_cache, k, positions, counts)
-        v_cache = kvc.write(v_cache, v, positions, counts)
-        cache_kv = (k_cache, v_cache)
-        if t == 1 and kernels.decode_attention != "xla":
-            lengths = positions[:, 0] + counts
-            o = _decode_attention(q[:, 0], k_cache, v_cache, lengths, c.sliding_window,
-                                  kernels.decode_attention)[:, None]
+        cache = cache.write(k, v, positions, counts)
+        if t == 1 and runtime.decode_attention != "xla":
+            from pallas_kernels import decode_attention  # lazily: the default path needs no kernels
+
+            o = decode_attention(q[:, 0], cache.k, cache.v, positions[:, 0] + counts, k_scale=cache.k_scale,
+                                 v_scale=cache.v_scale, window=c.sliding_window,
+                                 implementation=runtime.decode_attention)[:, None]
         else:
-            o = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions, c.sliding_window)
-    return quant.dense(o.reshape(b, t, -1), p.wo), cache_kv
+            k_all, v_all = cache.read(q.dtype)
+            o = attend(q, k_all, v_all, positions, c.sliding_window)
+    return quant.dense(o.reshape(b, t, -1), p.wo, fp8), cache
 
 
-def decoder_layer(layer: Layer, x, positions, cache_kv, counts, config: Config, kernels: Kernels):
+def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, runtime: Runtime):
     with jax.named_scope("attention"):
-        h, cache_kv = attention_block(layer, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
-                                      cache_kv, counts, config, kernels)
+        h, cache = attention_block(layer, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
+                                   cache, counts, config, runtime)
     x = x + h
     with jax.named_scope("moe"):
         y = rms_norm(x, layer.moe_norm, config.rms_norm_eps)
-        y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok).reshape(x.shape)
-    return x + y, cache_kv
+        y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
+                          runtime.grouped_matmul)
+    return x + y.reshape(x.shape), cache
 
 
 def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
@@ -117,31 +117,30 @@ def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
     return quant.dense(h, head).astype(jnp.float32)
 
 
-def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts, config, kernels):
+def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts, config, runtime):
+    """Embedding and decoder layers; returns the hidden states and the updated layer caches."""
     x = params.embed[tokens]  # [B, T, D]
-    new_k, new_v = [], []
+    layer_caches = []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
-            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, cache_kv = decoder_layer(layer, x, positions, cache_kv, counts, config, kernels)
-        if cache_kv is not None:
-            new_k.append(cache_kv[0])
-            new_v.append(cache_kv[1])
-    return x, new_k, new_v
+            x, layer_cache = decoder_layer(layer, x, positions, None if cache is None else cache.layer(i), counts,
+                                           config, runtime)
+        layer_caches.append(layer_cache)
+    return x, layer_caches
 
 
-@functools.partial(jax.jit, static_argnames=("config", "kernels"))
-def forward(params: Params, tokens: jax.Array, config: Config, kernels: Kernels = Kernels()) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("config", "runtime"))
+def forward(params: Params, tokens: jax.Array, config: Config, runtime: Runtime = Runtime()) -> jax.Array:
     """Full-sequence logits without a cache."""
     # tokens: [B, T] -> [B, T, V] float32
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    h, _, _ = _trunk(params, tokens, positions, None, None, config, kernels)
+    h, _ = _trunk(params, tokens, positions, None, None, config, runtime)
     return _lm_head(params, h, config)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "kernels"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("cache",))
 def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.Array, config: Config,
-            kernels: Kernels = Kernels()) -> tuple[jax.Array, kvc.KVCache]:
+            runtime: Runtime = Runtime()) -> tuple[jax.Array, kvc.KVCache]:
     """Appends counts[b] tokens of tokens[b] to sequence b of the cache; returns each one's last logits.
 
     Sequences with counts[b] == 0 are left untouched (their logits are meaningless), so the same call
@@ -150,19 +149,19 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.A
     # tokens: [B, T], counts: [B] -> logits [B, V] float32
     t = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    h, ks, vs = _trunk(params, tokens, positions, cache, counts, config, kernels)
+    h, layers = _trunk(params, tokens, positions, cache, counts, config, runtime)
     last = jnp.take_along_axis(h, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = _lm_head(params, last, config)
-    return logits, kvc.KVCache(k=ks, v=vs, lengths=cache.lengths + counts)
+    return logits, kvc.KVCache.from_layers(layers, cache.lengths + counts)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "kernels"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("cache",))
 def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, config: Config,
-                active: jax.Array | None = None, kernels: Kernels = Kernels()) -> tuple[jax.Array, kvc.KVCache]:
+                active: jax.Array | None = None, runtime: Runtime = Runtime()) -> tuple[jax.Array, kvc.KVCache]:
     """One new token per sequence; inactive sequences (active[b] False) are left untouched."""
     # tokens: [B] -> logits [B, V] float32
     counts = jnp.ones_like(cache.lengths) if active is None else active.astype(jnp.int32)
     positions = cache.lengths[:, None]  # [B, 1]
-    h, ks, vs = _trunk(params, tokens[:, None], positions, cache, counts, config, kernels)
+    h, layers = _trunk(params, tokens[:, None], positions, cache, counts, config, runtime)
     logits = _lm_head(params, h[:, 0], config)
-    return logits, kvc.KVCache(k=ks, v=vs, lengths=cache.lengths + counts)
+    return logits, kvc.KVCache.from_layers(layers, cache.lengths + counts)

@@ -12,6 +12,7 @@ K-major layout that Hopper runs FP8 matmuls fastest in; `quant.dense` computes x
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxfire.config import Config
+from jaxfire.quant import QArray, quantize_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +85,23 @@ def describe_layer(c: Config) -> Layer:
     )
 
 
-def describe(c: Config) -> Params:
-    """The abstract parameter tree of a model: a `ParamSpec` at every leaf."""
+def quantized_spec(spec: ParamSpec) -> QArray:
+    """An FP8 weight's description: values shaped as the weight, one scale per output channel."""
+    return QArray(value=spec, scale=ParamSpec(spec.shape[:-1], spec.logical_axes[:-1], init="ones"))
+
+
+def describe(c: Config, fp8: bool = False) -> Params:
+    """The abstract parameter tree of a model: a `ParamSpec` at every leaf.
+
+    With `fp8`, each quantizable weight is a `QArray` of two specs (values and scales).
+    """
     v, d = c.vocab_size, c.hidden_size
+    layer = describe_layer(c)
+    if fp8:
+        layer = map_specs(lambda s: quantized_spec(s) if s.quantizable else s, layer)
     return Params(
         embed=ParamSpec((v, d), ("vocab", "embed")),
-        layers=[describe_layer(c) for _ in range(c.num_layers)],
+        layers=[layer for _ in range(c.num_layers)],
         final_norm=ParamSpec((d,), ("embed",), init="ones"),
         lm_head=None if c.tie_word_embeddings else ParamSpec((v, d), ("vocab", "embed")),
     )
@@ -102,24 +115,52 @@ def map_specs(fn: Callable[[ParamSpec], Any], tree: Any) -> Any:
     return jax.tree.map(fn, tree, is_leaf=is_spec)
 
 
+_quantize_weight = jax.jit(quantize_weight)  # one fused pass per weight: no float32 copy of it in memory
+
+
 def param_count(c: Config) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(describe(c), is_leaf=is_spec))
 
 
-def init_params(c: Config, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
-    """Random weights drawn as Hugging Face initialises Mixtral (normal(0, std), norms at one)."""
+def init_params(c: Config, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02, fp8: bool = False) -> Params:
+    """Random weights drawn as Hugging Face initialises Mixtral (normal(0, std), norms at one).
+
+    With `fp8`, quantizable weights are quantized as they are drawn, so a full-size FP8 model never
+    exists in `dtype` all at once.
+    """
     specs = describe(c)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
 
-    def one(spec: ParamSpec, k: jax.Array) -> jax.Array:
+    def one(spec: ParamSpec, k: jax.Array) -> Any:
         if spec.init == "ones":
             return jnp.ones(spec.shape, dtype)
-        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+        w = _normal(k, spec.shape, std, dtype)
+        return _quantize_weight(w) if fp8 and spec.quantizable else w
 
     return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
 
 
-def abstract_params(c: Config, dtype: Any) -> Params:
-    """`jax.ShapeDtypeStruct` leaves: what restore and jit lowering need without allocating."""
-    return map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), describe(c))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def is_weight(x: Any) -> bool:
+    """Leaves of a params tree as the model sees them: arrays and whole `QArray`s."""
+    return isinstance(x, QArray)
+
+
+def cast(tree: Any, dtype: Any) -> Any:
+    """Casts plain weights to `dtype`; FP8 weights keep their values and float32 scales."""
+    return jax.tree.map(lambda w: w if isinstance(w, QArray) else w.astype(dtype), tree, is_leaf=is_weight)
+
+
+def quantize(tree: Any, spec_tree: Any, dtype: Any = jnp.bfloat16) -> Any:
+    """FP8 (e4m3, per-output-channel scales) for every quantizable weight; the rest cast to `dtype`."""
+    def one(spec: ParamSpec, w: Any) -> Any:
+        if isinstance(w, QArray):
+            return w
+        return _quantize_weight(w) if spec.quantizable else w.astype(dtype)
+
+    return jax.tree.map(one, spec_tree, tree, is_leaf=is_spec)
