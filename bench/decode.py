@@ -1,0 +1,166 @@
+"""Whole-model step times at full Mixtral geometry with random weights: decode at several batch sizes
+and prefill of a 1024-token prompt, bf16 against FP8, against the memory roofline.
+
+    PYTHONPATH=. python bench/decode.py [--preset mixtral-8x7b] [--layers 8] [--out-dir DIR]
+
+Layers beyond `--layers` are not built: per-step times scale with the layer count (each layer reads
+its own weights and cache), so figures are reported both as measured and scaled to the whole model
+("model_ms"). Weights and the KV cache are random (never zeros); the cache holds `--context` tokens
+per sequence when each decode step runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import copy_bandwidth, print_table, write_results  # noqa: E402
+from jaxfire import model as M  # noqa: E402
+from jaxfire import quant  # noqa: E402
+from jaxfire.config import Config  # noqa: E402
+from jaxfire.kv_cache import KVCache, init_cache  # noqa: E402
+from jaxfire.params import init_params  # noqa: E402
+
+DATASHEET_BW = 3.35e12  # H100 SXM HBM3, bytes/s
+PEAK_FLOPS = {"bf16": 661e12, "fp8": 1257e12}  # dense matmul ceilings measured on the H100 (shared/GPU.md)
+
+
+def step_bytes(c: Config, layers: int, batch: int, context: int, weight_bytes: float, kv_bytes: float) -> float:
+    """Fewest bytes one decode step must read: weights of the experts routing can touch, attention
+    weights, the router, the KV cache and the LM head."""
+    d, f, e, k = c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok
+    active_experts = e * (1 - (1 - k / e) ** batch)  # expected distinct experts under uniform routing
+    attn = (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim * d * weight_bytes
+    experts = active_experts * 3 * d * f * weight_bytes
+    kv = batch * context * 2 * c.num_kv_heads * c.head_dim * kv_bytes
+    per_layer = attn + experts + e * d * 2 + kv
+    return layers * per_layer + c.vocab_size * d * 2
+
+
+def prefill_flops(c: Config, layers: int, tokens: int) -> float:
+    d, f, k = c.hidden_size, c.intermediate_size, c.num_experts_per_tok
+    proj = 2 * tokens * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim * d
+    experts = 2 * tokens * k * 3 * d * f
+    attn = 2 * 2 * tokens * tokens / 2 * c.num_heads * c.head_dim  # causal half of QK^T and PV
+    return layers * (proj + experts + attn) + 2 * tokens * c.vocab_size * d
+
+
+def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, key) -> KVCache:
+    cache = init_cache(c, batch, max_len, kv_dtype)
+    fill = jax.jit(lambda k, x: (jax.random.normal(k, x.shape, jnp.float32) * 0.5).astype(x.dtype))
+    keys = jax.random.split(key, 2 * len(cache.k))
+    return dataclasses.replace(
+        cache,
+        k=[fill(keys[2 * i], x) for i, x in enumerate(cache.k)],
+        v=[fill(keys[2 * i + 1], x) for i, x in enumerate(cache.v)],
+        lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def time_decode(params, c, runtime, batch, context, kv_dtype, steps):
+    cache = random_cache(c, batch, context + steps + 8, context, kv_dtype, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
+    t0 = time.perf_counter()
+    logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
+    jax.block_until_ready(logits)
+    compile_s = time.perf_counter() - t0
+    for _ in range(3):
+        logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
+    jax.block_until_ready(logits)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
+    jax.block_until_ready(logits)
+    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+    return (time.perf_counter() - t0) / steps, compile_s
+
+
+def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
+    cache = init_cache(c, 1, tokens_n, kv_dtype)
+    tokens = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
+    counts = jnp.array([tokens_n], jnp.int32)
+    times = []
+    for i in range(iters + 2):
+        cache = dataclasses.replace(cache, lengths=jnp.zeros((1,), jnp.int32))
+        t0 = time.perf_counter()
+        logits, cache = M.prefill(params, cache, tokens, counts, c, runtime=runtime)
+        jax.block_until_ready(logits)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+    return float(np.median(times))
+
+
+VARIANTS = {
+    # name: (weights, kv cache dtype, runtime)
+    "bf16": ("bf16", jnp.bfloat16, M.Runtime()),
+    "fp8-w": ("fp8", jnp.bfloat16, M.Runtime(fp8=quant.Fp8Policy("never"))),
+    "fp8-wa": ("fp8", jnp.bfloat16, M.Runtime(fp8=quant.Fp8Policy("always"))),
+    "fp8-w-kv8": ("fp8", "fp8", M.Runtime(fp8=quant.Fp8Policy("never"))),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="mixtral-8x7b")
+    ap.add_argument("--layers", type=int, default=8, help="layers built (times are also scaled to the full model)")
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence during decode")
+    ap.add_argument("--prefill-tokens", type=int, default=1024)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--runtime", default="", help="extra Runtime fields, e.g. decode_attention=pallas")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+
+    full = Config.preset(args.preset)
+    c = full.replace(num_layers=args.layers)
+    scale = full.num_layers / args.layers
+    overrides = dict(kv.split("=") for kv in args.runtime.split(",") if kv)
+    copy_bw = copy_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}, copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)")
+    rows = []
+    weights_cache: dict[str, object] = {}
+    for name in args.variants.split(","):
+        weights, kv_dtype, runtime = VARIANTS[name]
+        runtime = dataclasses.replace(runtime, **overrides)
+        if weights not in weights_cache:
+            weights_cache.clear()
+            gc.collect()
+            weights_cache[weights] = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8")
+        params = weights_cache[weights]
+        wb = 1.0 if weights == "fp8" else 2.0
+        kvb = 1.0 + 4.0 / c.head_dim if kv_dtype == "fp8" else 2.0
+        base = dict(preset=args.preset, layers_built=args.layers, layers_model=full.num_layers, variant=name,
+                    weights=weights, kv_cache="fp8" if kv_dtype == "fp8" else "bf16",
+                    runtime=repr(runtime), experts_per_token=c.num_experts_per_tok, copy_bw_tbs=copy_bw / 1e12)
+        for batch in map(int, args.batches.split(",")):
+            sec, compile_s = time_decode(params, c, runtime, batch, args.context, kv_dtype, args.steps)
+            nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
+            rows.append(dict(base, job="decode", batch=batch, context=args.context, ms=sec * 1e3,
+                             model_ms=sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
+                             roofline_ms=nbytes * scale / DATASHEET_BW * 1e3,
+                             of_copy_bw=nbytes / sec / copy_bw, compile_s=compile_s))
+            print(rows[-1]["variant"], "decode B", batch, f"{sec * 1e3:.2f} ms", flush=True)
+        sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
+        flops = prefill_flops(c, args.layers, args.prefill_tokens)
+        rows.append(dict(base, job="prefill", batch=1, tokens=args.prefill_tokens, ms=sec * 1e3,
+                         model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
+                         peak_tflops=PEAK_FLOPS["fp8" if name == "fp8-wa" else "bf16"] / 1e12))
+        print(name, "prefill", f"{sec * 1e3:.2f} ms", flush=True)
+    path = write_results("decode", rows, args.out_dir)
+    print_table(rows, ["variant", "job", "batch", "ms", "model_ms", "roofline_ms", "tbs", "of_copy_bw", "tflops"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
