@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfire import checkpoint, model as M, sampling
+from jaxfire import checkpoint, model as M
 from jaxfire import params as P
+from jaxfire import sharding as S
 from jaxfire.config import Config
+from jaxfire.engine import SEED_LIMIT, Engine, TokenEvent
 from jaxfire.errors import JaxfireError
-from jaxfire.kv_cache import init_cache
 from jaxfire.params import Params
 from jaxfire.quant import QArray
 from jaxfire.tokenizer import Tokenizer
@@ -87,14 +88,22 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
     num_experts_per_tok: overrides how many experts each token runs (the FP8 recipe runs 3).
     kv_cache_dtype: the KV cache's dtype for generation, independent of the weights' ("fp8" for an
       FP8 cache with per-token scales); defaults to the compute dtype.
+    mesh: a device mesh (`jaxfire.make_mesh`): every array is read from the checkpoint straight into
+      its sharded layout (experts over "expert", attention heads over "tensor"), and the model runs
+      expert-parallel over it.
     """
-    if mesh is not None:
-        raise JaxfireError("loading onto a device mesh is not supported yet; omit mesh to load on one device")
     path = BUILTIN_DIR if path is None else pathlib.Path(path)
     meta = checkpoint.read_metadata(path)
     config = Config.from_dict(meta["config"])
     if num_experts_per_tok is not None:
         config = config.replace(num_experts_per_tok=num_experts_per_tok)
+    sharding_fn = None
+    if mesh is not None:
+        S.check_experts(mesh, config.num_experts)
+        sharding_fn = lambda spec: S.named_sharding(mesh, spec.logical_axes, spec.shape, spec.blocks)  # noqa: E731
+    runtime = runtime or M.Runtime()
+    if mesh is not None:
+        runtime = dataclasses.replace(runtime, mesh=mesh)
     stored_fp8 = bool(meta.get("fp8"))
     cast, transform = None, None
     if dtype == "fp8":
@@ -111,9 +120,10 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
         from tqdm.auto import tqdm
 
         bar = lambda it: tqdm(it, desc="loading", unit="layer")  # noqa: E731
-    params = checkpoint.restore(path, config, fp8=stored_fp8, dtype=cast, transform=transform, progress=bar)
-    return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path,
-                 runtime=runtime or M.Runtime(), kv_cache_dtype=kv_cache_dtype)
+    params = checkpoint.restore(path, config, fp8=stored_fp8, dtype=cast, sharding_fn=sharding_fn,
+                                transform=transform, progress=bar)
+    return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path, runtime=runtime,
+                 kv_cache_dtype=kv_cache_dtype)
 
 
 def _as_token_lists(model: Model, prompts: Sequence[str | Sequence[int]] | str) -> list[list[int]]:
@@ -155,17 +165,6 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 
 @dataclasses.dataclass
-class TokenEvent:
-    """One generated token of one prompt, as `generate_stream` yields it."""
-
-    index: int  # which prompt
-    token: int
-    text: str | None  # the text this token adds (None without a tokenizer)
-    finished: bool
-    finish_reason: str | None = None  # "eos" or "length" once finished
-
-
-@dataclasses.dataclass
 class Generation:
     tokens: list[list[int]]  # generated ids per prompt (EOS not included)
     texts: list[str] | None  # decoded generations, None without a tokenizer
@@ -184,29 +183,13 @@ class Generation:
         return max(steps, 0) / max(self.decode_seconds, 1e-9)
 
 
-class _Detokenizer:
-    """Incremental text of a growing id list, emitting only text that no later token can change."""
-
-    def __init__(self, tokenizer: Tokenizer | None):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, token: int, final: bool) -> str | None:
-        if self.tok is None:
-            return None
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-            return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
-
-
 def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     seed: int = 0, stats: Generation | None = None) -> Iterator[TokenEvent]:
-    """Batched generation yielding each token as it is produced; stops each prompt at EOS or the limit."""
+    """Batched generation yielding each token as it is produced; stops each prompt at EOS or the limit.
+
+    Runs on a `jaxfire.Engine` with one slot per prompt. Prompt i samples with seed + i (mod 2**32),
+    so each prompt's tokens are those it gets generated alone with that seed.
+    """
     cfg = model.config
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -219,49 +202,35 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise GenerationError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
                               f"{cfg.max_position_embeddings} positions")
-    b = len(ids)
-    t = _bucket(longest)
-    tokens = np.full((b, t), cfg.pad_token_id, np.int32)
-    for i, p in enumerate(ids):
-        tokens[i, :len(p)] = p
-    counts = jnp.asarray([len(p) for p in ids], jnp.int32)
-    cache = init_cache(cfg, b, _bucket(longest + max_new_tokens), model.kv_cache_dtype or model.dtype)
-    key = jax.random.key(seed)
-    eos = np.asarray(cfg.eos_token_ids, np.int32)
-    detok = [_Detokenizer(model.tokenizer) for _ in range(b)]
-    done = np.zeros(b, bool)
-    if stats is not None:
-        stats.prompt_tokens = ids
-
-    start = time.perf_counter()
-    logits_, cache = M.prefill(model.params, cache, jnp.asarray(tokens), counts, cfg, model.runtime)
-    step_time = start
-    for step in range(max_new_tokens):
-        next_tokens = sampling.sample(logits_, jax.random.fold_in(key, step), temperature, top_p)
-        host = np.asarray(next_tokens)
-        now = time.perf_counter()
+    engine = Engine(model, slots=len(ids), max_len=_bucket(longest + max_new_tokens))
+    try:
+        for i, p in enumerate(ids):
+            engine.submit(p, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=(seed + i) % SEED_LIMIT)
         if stats is not None:
-            if step == 0:
-                stats.prefill_seconds = now - start
-            else:
-                stats.decode_seconds += now - step_time
-        step_time = now
-        for i in np.flatnonzero(~done):
-            tok = int(host[i])
-            is_eos = bool(np.isin(tok, eos))
-            last = is_eos or step == max_new_tokens - 1
-            reason = "eos" if is_eos else ("length" if last else None)
-            done[i] = last
-            if stats is not None and not is_eos:
-                stats.tokens[i].append(tok)
-            text = "" if is_eos else detok[i].push(tok, final=last)
-            yield TokenEvent(index=int(i), token=tok, text=text if model.tokenizer else None, finished=last,
-                             finish_reason=reason)
-            if stats is not None and last:
-                stats.finish_reasons[i] = reason
-        if done.all():
-            break
-        logits_, cache = M.decode_step(model.params, cache, next_tokens, cfg, jnp.asarray(~done), model.runtime)
+            stats.prompt_tokens = ids
+        started = set()
+        start = time.perf_counter()
+        decode_start = None
+        while engine.busy:
+            events = engine.step()
+            now = time.perf_counter()
+            for event in events:
+                started.add(event.index)
+                if stats is not None:
+                    if event.finish_reason != "eos":
+                        stats.tokens[event.index].append(event.token)
+                    if event.finished:
+                        stats.finish_reasons[event.index] = event.finish_reason
+            if stats is not None and events:
+                if decode_start is None and len(started) == len(ids):
+                    decode_start = now
+                    stats.prefill_seconds = now - start
+                elif decode_start is not None:
+                    stats.decode_seconds = now - decode_start
+            yield from events
+    finally:
+        engine.close()
 
 
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

@@ -13,8 +13,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxfire import quant
+from jaxfire import sharding as S
 from jaxfire.config import Config
 
 
@@ -79,18 +81,32 @@ class LayerCache:
         return k.astype(dtype), v.astype(dtype)
 
 
-def init_cache(config: Config, batch_size: int, max_length: int, dtype: Any = jnp.bfloat16) -> KVCache:
-    """An empty cache; `dtype` float8_e4m3fn (or "fp8") makes an FP8 cache with per-token scales."""
-    fp8 = dtype == "fp8" or jnp.dtype(dtype) == quant.FP8
+# Logical axes of the cache arrays, placed on a mesh by `jaxfire.sharding.RULES`.
+VALUE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+SCALE_AXES = VALUE_AXES[:-1]
+
+
+def init_cache(config: Config, batch_size: int, max_length: int, dtype: Any = jnp.bfloat16,
+               mesh: Mesh | None = None) -> KVCache:
+    """An empty cache; `dtype` float8_e4m3fn (or "fp8") makes an FP8 cache with per-token scales.
+
+    With a mesh, each buffer is created directly in its sharded layout.
+    """
+    fp8 = isinstance(dtype, str) and dtype == "fp8" or jnp.dtype(dtype) == quant.FP8
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-    layers = range(config.num_layers)
     value_dtype = quant.FP8 if fp8 else dtype
+
+    def make(shape, dtype, fill, axes):
+        sharding = None if mesh is None else S.named_sharding(mesh, axes, shape)
+        return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)()
+
+    layers = range(config.num_layers)
     return KVCache(
-        k=[jnp.zeros(shape, value_dtype) for _ in layers],
-        v=[jnp.zeros(shape, value_dtype) for _ in layers],
-        lengths=jnp.zeros((batch_size,), jnp.int32),
-        k_scale=[jnp.ones(shape[:-1], jnp.float32) for _ in layers] if fp8 else None,
-        v_scale=[jnp.ones(shape[:-1], jnp.float32) for _ in layers] if fp8 else None,
+        k=[make(shape, value_dtype, 0, VALUE_AXES) for _ in layers],
+        v=[make(shape, value_dtype, 0, VALUE_AXES) for _ in layers],
+        lengths=make((batch_size,), jnp.int32, 0, ("batch",)),
+        k_scale=[make(shape[:-1], jnp.float32, 1, SCALE_AXES) for _ in layers] if fp8 else None,
+        v_scale=[make(shape[:-1], jnp.float32, 1, SCALE_AXES) for _ in layers] if fp8 else None,
     )
 
 

@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxfire import kv_cache as kvc
 from jaxfire import moe, quant
@@ -31,11 +32,14 @@ class Runtime:
     grouped_matmul: "xla" (`jax.lax.ragged_dot_general`) or an `implementation=` name of
     `pallas_kernels.grouped_matmul`.
     fp8: when FP8 weights also quantize their activations.
+    mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
+    block runs expert-parallel over it. None for one device.
     """
 
     decode_attention: str = "xla"
     grouped_matmul: str = "xla"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
+    mesh: Mesh | None = None
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -107,7 +111,7 @@ def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, run
     with jax.named_scope("moe"):
         y = rms_norm(x, layer.moe_norm, config.rms_norm_eps)
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
-                          runtime.grouped_matmul)
+                          runtime.grouped_matmul, runtime.mesh)
     return x + y.reshape(x.shape), cache
 
 

@@ -1,14 +1,23 @@
 """The sparse mixture-of-experts block: route, dispatch (sort by expert), grouped experts, combine.
 
-Dimensions: T tokens, D model width, E experts, A = T * top_k token-expert assignments, F expert width.
+On a device mesh the block is one `shard_map` (`expert_parallel`): tokens are split over every mesh
+axis, each device routes its own tokens, sends each token to the devices holding its experts with one
+all_to_all over the "expert" axis, runs its local experts as one grouped matmul, and a second
+all_to_all brings the results back to be combined. Buffers are sized for the worst case (every
+assignment to one device), so no token is ever dropped whatever the routing skew.
+
+Dimensions: T tokens, D model width, E experts (El per device), A = T * top_k token-expert
+assignments, F expert width, N devices on the expert axis.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxfire import quant
+from jaxfire import sharding as S
 from jaxfire.params import MoE
 
 
@@ -38,8 +47,14 @@ def dispatch(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array
 
 
 def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.Fp8Policy(),
-              implementation: str = "xla") -> jax.Array:
+              implementation: str = "xla", mesh: Mesh | None = None) -> jax.Array:
     # x: [T, D] -> [T, D]
+    if mesh is not None and mesh.size > 1:
+        return expert_parallel(p, x, top_k, policy, implementation, mesh)
+    return _local_moe(p, x, top_k, policy, implementation)
+
+
+def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str) -> jax.Array:
     num_experts = p.router.shape[0]
     with jax.named_scope("route"):
         weights, experts = route(p.router, x, top_k)  # [T, k]
@@ -50,5 +65,58 @@ def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.
         ys = experts_ffn(p, xs, group_sizes, policy, implementation)  # [A, D]
     with jax.named_scope("combine"):
         y = jnp.zeros_like(ys).at[order].set(ys).reshape(x.shape[0], top_k, -1)  # [T, k, D]
+        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
+    return out.astype(x.dtype)
+
+
+def _moe_specs(p: MoE) -> MoE:
+    """shard_map specs of the MoE weights: experts split on their leading axis, the router replicated."""
+    split = lambda w: jax.tree.map(lambda _: PartitionSpec("expert"), w)  # noqa: E731 (an array or a QArray)
+    return MoE(router=PartitionSpec(), w_gate_up=split(p.w_gate_up), w_down=split(p.w_down))
+
+
+def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
+                    mesh: Mesh) -> jax.Array:
+    """The MoE block over a mesh: tokens split over all axes, experts over "expert", two all_to_alls."""
+    # x: [T, D] -> [T, D]
+    shards = S.token_shards(mesh)
+    t = x.shape[0]
+    padded = -(-t // shards) * shards
+    if padded != t:  # padding rows are computed and discarded
+        x = jnp.pad(x, ((0, padded - t), (0, 0)))
+    tokens = PartitionSpec(S.RULES["tokens"])
+    fn = jax.shard_map(
+        lambda p_, x_: _expert_parallel_local(p_, x_, top_k, policy, implementation, mesh.shape["expert"]),
+        mesh=mesh, in_specs=(_moe_specs(p), tokens), out_specs=tokens)
+    return fn(p, x)[:t]
+
+
+def _expert_parallel_local(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
+                           n: int) -> jax.Array:
+    """One device's part: its tokens [Tl, D] in, their MoE outputs out; p holds its El experts."""
+    local_experts = p.w_down.shape[0]
+    with jax.named_scope("route"):
+        weights, experts = route(p.router, x, top_k)  # [Tl, k]
+    with jax.named_scope("dispatch"):
+        flat = experts.reshape(-1)  # [A]
+        a = flat.shape[0]
+        order = jnp.argsort(flat, stable=True)  # by expert, hence by destination device
+        dest = flat[order] // local_experts  # [A]
+        counts = jnp.bincount(dest, length=n)
+        slot = jnp.arange(a) - (jnp.cumsum(counts) - counts)[dest]  # position within its destination block
+        send = jnp.zeros((n, a, x.shape[1]), x.dtype).at[dest, slot].set(x[order // top_k])  # [N, A, D]
+        # Local expert id of each row sent; `local_experts` marks an empty row.
+        send_ids = jnp.full((n, a), local_experts, jnp.int32).at[dest, slot].set(flat[order] % local_experts)
+        recv = jax.lax.all_to_all(send, "expert", 0, 0)  # [N, A, D]: row blocks from each source device
+        recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)  # [N*A]
+    with jax.named_scope("experts"):
+        rows = recv.reshape(n * a, -1)
+        local_order = jnp.argsort(recv_ids, stable=True)  # empty rows sort last, past every group
+        group_sizes = jnp.bincount(recv_ids, length=local_experts).astype(jnp.int32)
+        ys = experts_ffn(p, rows[local_order], group_sizes, policy, implementation)
+        back = jnp.zeros_like(ys).at[local_order].set(ys).reshape(n, a, -1)
+    with jax.named_scope("combine"):
+        results = jax.lax.all_to_all(back, "expert", 0, 0)[dest, slot]  # [A, D] in `order`
+        y = jnp.zeros_like(results).at[order].set(results).reshape(x.shape[0], top_k, -1)
         out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
     return out.astype(x.dtype)

@@ -29,6 +29,9 @@ class ParamSpec:
     logical_axes: tuple[str | None, ...]
     init: str = "normal"  # "normal" (std 0.02, as Hugging Face initialises Mixtral) or "ones"
     quantizable: bool = False  # FP8 may store it (attention projections and experts)
+    # Per axis, the size of the unit a split must not cut: head_dim for the flattened head axes, so a
+    # mesh splits whole heads or replicates (one KV head under tensor parallelism).
+    blocks: tuple[int, ...] | None = None
 
 
 def _register(cls):
@@ -68,13 +71,14 @@ class Params:
 
 def describe_layer(c: Config) -> Layer:
     d, hk, gk, e, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_experts, c.intermediate_size
+    heads_in, heads_out = (c.head_dim, 1), (1, c.head_dim)
     return Layer(
         attn_norm=ParamSpec((d,), ("embed",), init="ones"),
         attn=Attention(
-            wq=ParamSpec((hk, d), ("heads", "embed"), quantizable=True),
-            wk=ParamSpec((gk, d), ("kv_heads", "embed"), quantizable=True),
-            wv=ParamSpec((gk, d), ("kv_heads", "embed"), quantizable=True),
-            wo=ParamSpec((d, hk), ("embed", "heads"), quantizable=True),
+            wq=ParamSpec((hk, d), ("heads", "embed"), quantizable=True, blocks=heads_in),
+            wk=ParamSpec((gk, d), ("kv_heads", "embed"), quantizable=True, blocks=heads_in),
+            wv=ParamSpec((gk, d), ("kv_heads", "embed"), quantizable=True, blocks=heads_in),
+            wo=ParamSpec((d, hk), ("embed", "heads"), quantizable=True, blocks=heads_out),
         ),
         moe_norm=ParamSpec((d,), ("embed",), init="ones"),
         moe=MoE(
@@ -87,7 +91,8 @@ def describe_layer(c: Config) -> Layer:
 
 def quantized_spec(spec: ParamSpec) -> QArray:
     """An FP8 weight's description: values shaped as the weight, one scale per output channel."""
-    return QArray(value=spec, scale=ParamSpec(spec.shape[:-1], spec.logical_axes[:-1], init="ones"))
+    blocks = spec.blocks[:-1] if spec.blocks else None
+    return QArray(value=spec, scale=ParamSpec(spec.shape[:-1], spec.logical_axes[:-1], init="ones", blocks=blocks))
 
 
 def describe(c: Config, fp8: bool = False) -> Params:

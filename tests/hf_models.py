@@ -6,6 +6,7 @@ Each entry: the MixtralConfig arguments, how it is saved, and its source dtype.
   legacy `rope_theta` key, and a tokenizer.
 - "mha_top3_bin": query heads == KV heads, top-3, PyTorch .bin with the fused expert layout.
 - "sharded_bf16": bf16 safetensors split over several shards with an index.
+- "ep8": 8 experts and 8 query / 4 KV heads, for meshes of up to 8 devices.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ MODELS = {
         hf=dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
         format="safetensors", dtype="bfloat16", max_shard_size="40KB"),
+    "ep8": dict(
+        hf=dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2),
+        format="safetensors"),
 }
 
 

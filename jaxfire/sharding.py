@@ -1,0 +1,108 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+The mesh has three axes:
+- "data": independent replicas of the whole model, each serving its own sequences;
+- "expert": experts split across devices (expert parallelism); sequences are split over it too, so
+  attention runs data-parallel across the expert group and the MoE block exchanges tokens with
+  all_to_all (see `jaxfire.moe`);
+- "tensor": attention heads split across devices (tensor parallelism); inside the MoE block the
+  tokens are split over it as well, so no device repeats another's expert work.
+
+Every parameter and cache array names its dimensions with logical axes (`jaxfire.params.ParamSpec`,
+`jaxfire.kv_cache`); `RULES` places them. A dimension that its mesh axes do not divide is
+replicated instead (for example the single KV head of an MQA model under tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxfire.errors import JaxfireError
+
+AXES = ("data", "expert", "tensor")
+
+# logical axis -> mesh axes it is split over (None: replicated)
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "expert"),
+    "tokens": ("data", "expert", "tensor"),  # the MoE block's flat token axis
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "experts": ("expert",),
+    "vocab": None,
+    "embed": None,
+    "mlp": None,
+    "cache_seq": None,
+    "head_dim": None,
+}
+
+
+class MeshError(JaxfireError):
+    pass
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, expert: int | None = None, tensor: int | None = None,
+              data: int | None = None) -> Mesh:
+    """A ("data", "expert", "tensor") mesh over `devices` (default: all).
+
+    Axes left out take what the others leave; with none given, every device goes to the expert axis
+    (expert parallelism, the layout that spreads Mixtral's weights evenly).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": data, "expert": expert, "tensor": tensor}
+    for name, size in sizes.items():
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise MeshError(f"mesh axis {name} must be a positive integer, got {size!r}")
+    known = math.prod(s for s in sizes.values() if s is not None)
+    missing = [k for k, s in sizes.items() if s is None]
+    if n % known:
+        raise MeshError(f"mesh axes {sizes} do not divide the {n} devices")
+    if missing:
+        fill = "expert" if "expert" in missing else missing[0]
+        for k in missing:
+            sizes[k] = n // known if k == fill else 1
+    if math.prod(sizes.values()) != n:
+        raise MeshError(f"mesh axes data={sizes['data']} x expert={sizes['expert']} x tensor={sizes['tensor']} "
+                        f"use {math.prod(sizes.values())} devices, but {n} were given")
+    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["expert"], sizes["tensor"])
+    return Mesh(grid, AXES)
+
+
+def partition_spec(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                   blocks: Sequence[int] | None = None) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes; axes that do not divide are replicated.
+
+    `blocks[i]` is the unit a split of axis i must not cut (head_dim for a flattened head axis).
+    """
+    out: list[Any] = []
+    for i, (name, dim) in enumerate(zip(logical_axes, shape)):
+        dim //= blocks[i] if blocks else 1
+        axes = RULES.get(name) if name else None
+        if axes:
+            # Drop trailing mesh axes until the rest divide the dimension (largest split that fits).
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            while axes and dim % math.prod(mesh.shape[a] for a in axes):
+                axes = axes[:-1]
+        out.append(axes[0] if axes and len(axes) == 1 else (axes or None))
+    return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                   blocks: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(mesh, logical_axes, shape, blocks))
+
+
+def check_experts(mesh: Mesh, num_experts: int) -> None:
+    size = mesh.shape["expert"]
+    if num_experts % size:
+        raise MeshError(f"the model's {num_experts} experts cannot be split evenly over an expert axis of {size} "
+                        f"devices; choose an expert axis size that divides {num_experts}")
+
+
+def token_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in RULES["tokens"])

@@ -1,0 +1,127 @@
+"""Sharded models on 8 fake CPU devices equal the single-device model: logits and greedy tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxfire
+from jaxfire import moe
+from jaxfire import sharding as S
+
+MESHES = {
+    "1": dict(devices=1, expert=1),
+    "expert2": dict(devices=2, expert=2),
+    "expert4": dict(devices=4, expert=4),
+    "expert8": dict(devices=8, expert=8),
+    "expert2_tensor4": dict(devices=8, expert=2, tensor=4),
+    "data2_expert4": dict(devices=8, data=2, expert=4),
+}
+
+
+def mesh_of(spec):
+    spec = dict(spec)
+    return jaxfire.make_mesh(jax.devices()[:spec.pop("devices")], **spec)
+
+
+@pytest.fixture(scope="module")
+def reference(converted):
+    _, ckpt = converted("ep8")
+    return ckpt, jaxfire.load(ckpt, dtype="float32")
+
+
+def skew_router(model):
+    """Every token to experts 0 and 1 in every layer (identical router rows tie, and top-k breaks ties
+    towards the lowest index): the worst case for the dispatch buffers, all rows to one or two devices."""
+    for layer in model.params.layers:
+        r = layer.moe.router
+        layer.moe.router = jnp.broadcast_to(r[:1], r.shape)
+    return model
+
+
+@pytest.mark.parametrize("mesh_name, skewed", [(m, False) for m in MESHES] + [
+    ("expert2", True), ("expert8", True), ("expert2_tensor4", True)])
+def test_sharded_logits_and_tokens_equal_single_device(reference, mesh_name, skewed):
+    ckpt, single = reference
+    mesh = mesh_of(MESHES[mesh_name])
+    model = jaxfire.load(ckpt, dtype="float32", mesh=mesh)
+    if skewed:
+        single = skew_router(jaxfire.load(ckpt, dtype="float32"))
+        model = skew_router(model)
+        x = jax.random.normal(jax.random.key(0), (50, 64))
+        chosen = moe.route(single.params.layers[0].moe.router, x, 2)[1]
+        assert (np.asarray(chosen) == [0, 1]).all()
+    w = model.params.layers[0].moe.w_gate_up
+    assert w.sharding.spec == S.partition_spec(mesh, ("experts", "mlp", "embed"), w.shape)
+    tokens = np.random.default_rng(0).integers(0, 97, (4, 13))
+    np.testing.assert_allclose(jaxfire.logits(model, tokens), jaxfire.logits(single, tokens), rtol=1e-5, atol=1e-5)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    assert jaxfire.generate(model, prompts, max_new_tokens=12).tokens == \
+        jaxfire.generate(single, prompts, max_new_tokens=12).tokens
+
+
+def test_weights_and_cache_are_split_as_the_rules_say(reference):
+    ckpt, _ = reference
+    mesh = mesh_of(MESHES["expert2_tensor4"])
+    model = jaxfire.load(ckpt, dtype="fp8", mesh=mesh)
+    layer = model.params.layers[0]
+
+    def split_as(array, *spec):
+        expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        return array.sharding.is_equivalent_to(expected, array.ndim)
+
+    assert split_as(layer.moe.w_gate_up.value, "expert", None, None)
+    assert split_as(layer.moe.w_gate_up.scale, "expert", None)
+    assert split_as(layer.attn.wq.value, "tensor", None)
+    assert split_as(layer.attn.wo.value, None, "tensor")
+    assert split_as(layer.moe.router, None, None)
+    # Each device holds 1/2 of the expert weights.
+    shard = layer.moe.w_gate_up.value.addressable_shards[0].data
+    assert shard.shape[0] == 4
+    from jaxfire.kv_cache import init_cache
+
+    cache = init_cache(model.config, 4, 16, "fp8", mesh)
+    assert cache.k[0].sharding.spec == jax.sharding.PartitionSpec("expert", None, "tensor", None)
+
+
+def test_fp8_sharded_matches_fp8_single(reference):
+    ckpt, _ = reference
+    tokens = np.random.default_rng(1).integers(0, 97, (2, 9))
+    single = jaxfire.load(ckpt, dtype="fp8")
+    sharded = jaxfire.load(ckpt, dtype="fp8", mesh=mesh_of(MESHES["expert8"]))
+    np.testing.assert_allclose(jaxfire.logits(sharded, tokens), jaxfire.logits(single, tokens), rtol=2e-2,
+                               atol=2e-2)
+
+
+def test_mqa_heads_replicate_under_tensor_parallelism(converted):
+    _, ckpt = converted("mqa_window_tied")
+    single = jaxfire.load(ckpt, dtype="float32")
+    model = jaxfire.load(ckpt, dtype="float32", mesh=mesh_of(dict(devices=4, expert=2, tensor=2)))
+    assert model.params.layers[0].attn.wk.sharding.spec == jax.sharding.PartitionSpec(None, None)
+    assert model.params.layers[0].attn.wq.sharding.spec == jax.sharding.PartitionSpec("tensor", None)
+    tokens = np.random.default_rng(2).integers(0, 320, (2, 11))
+    np.testing.assert_allclose(jaxfire.logits(model, tokens), jaxfire.logits(single, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_that_do_not_divide_the_mesh_are_refused(reference):
+    ckpt, _ = reference
+    with pytest.raises(S.MeshError, match="8 experts cannot be split evenly over an expert axis of 3"):
+        jaxfire.load(ckpt, mesh=jaxfire.make_mesh(jax.devices()[:3]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(expert=3), "do not divide the 8 devices"),
+    (dict(expert=2, tensor=2), "use 4 devices, but 8 were given"),
+    (dict(tensor=0), "positive integer"),
+])
+def test_bad_meshes_are_refused(kwargs, message):
+    if kwargs == dict(expert=2, tensor=2):
+        kwargs = dict(kwargs, data=1)
+    with pytest.raises(S.MeshError, match=message):
+        jaxfire.make_mesh(**kwargs)
+
+
+def test_default_mesh_puts_every_device_on_the_expert_axis():
+    mesh = jaxfire.make_mesh()
+    assert dict(mesh.shape) == {"data": 1, "expert": 8, "tensor": 1}
+    assert dict(jaxfire.make_mesh(tensor=2).shape) == {"data": 1, "expert": 4, "tensor": 2}
