@@ -69,7 +69,8 @@ def _kernel(
     def _():
         expert = jnp.minimum(group, num_groups - 1)
         # The zero-filled tail group runs no steps and so reads no weights.
-        num_steps = jnp.where(group < num_groups, pl.cdiv(k, block_k), 0)
+        # (Integer arithmetic, not a select: Triton's scf.for needs an i32 bound.)
+        num_steps = jnp.minimum(num_groups - group, 1) * pl.cdiv(k, block_k)
 
         def step(i, accs):
             k0 = pl.multiple_of(i * block_k, block_k)

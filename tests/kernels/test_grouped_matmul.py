@@ -266,12 +266,24 @@ def test_config_rejects_non_positive_blocks():
 
 @pytest.mark.parametrize("swiglu", [False, True], ids=["matmul", "swiglu"])
 @pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
-def test_production_shapes_lower_for_h100(dtype, swiglu):
+def test_production_shapes_lower_for_h100(dtype, swiglu, monkeypatch):
     """Mixtral-size problems lower through Pallas to Triton and Mosaic GPU for an H100, on the CPU.
 
-    Catches layout-inference, shared-memory-budget and Triton-lowering errors before a GPU run.
+    Catches layout-inference, shared-memory-budget and Triton-lowering errors before a GPU run; the
+    Triton module is also run through the MLIR verifier, which XLA would otherwise apply only on a GPU.
     """
     from jax._src.mesh import AbstractDevice, AbstractMesh
+    from jax._src.pallas.triton import pallas_call_registration
+
+    lower_triton = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+    verified = []
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower_triton(*args, **kwargs)
+        verified.append(result.module.operation.verify())
+        return result
+
+    monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
 
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     t, k, n, e = 4096, 4096, 2 * 14336 if swiglu else 14336, 8
@@ -290,3 +302,4 @@ def test_production_shapes_lower_for_h100(dtype, swiglu):
         with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
             text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "custom_call" in text
+    assert verified == [True]

@@ -1,0 +1,315 @@
+# T rows (tokens x top-k, sorted by expert), K contraction, N output columns, E experts, F expert width.
+"""Grouped expert matmul: TFLOP/s and weight TB/s of jaxfire's kernels beside XLA, JAX's Mosaic GPU
+ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the copy bandwidth (memory ceiling).
+
+    PYTHONPATH=. python3 bench/grouped_matmul.py --out-dir bench/results            # the grid
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
+
+Mixtral expert shapes with 8 experts, weights stored K-major ([E, N, K], as jaxfire keeps them).
+Bytes counted: the weights of the experts that own at least one row, each read once (the ideal;
+lhs and output are small beside them at decode sizes). FLOPs: 2 * T * K * N. Times are means of
+calls queued back to back (bench.common.time_fn with sync_each=False). Every jaxfire variant is
+checked against the float32 reference on the GPU before it is timed. Random weights at full
+geometry: the cost does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import traceback
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from pallas_kernels.grouped_matmul import Config, api, reference
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_swiglu
+
+E = 8
+SHAPES = {"w1_w3": (4096, 14336), "w2": (14336, 4096)}  # name: (K, N)
+ROWS = (8, 32, 128, 1024, 4096, 16384)
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0
+MAX_REL_ERR = 2e-2
+
+
+def routing(kind: str, t: int) -> np.ndarray:
+    """Rows per expert: 'balanced' spreads T evenly; 'skewed' sends half the rows to expert 0."""
+    if kind == "balanced":
+        sizes = np.full(E, t // E)
+        sizes[: t % E] += 1
+    else:
+        sizes = np.zeros(E, np.int64)
+        sizes[0] = t - t // 2
+        rest = t // 2
+        sizes[1:] = rest // (E - 1)
+        sizes[1 : 1 + rest % (E - 1)] += 1
+    assert sizes.sum() == t
+    return sizes.astype(np.int32)
+
+
+def quantize(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """e4m3 values and the float32 scale that restores them, per slice along `axis`."""
+    scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis) / FP8_MAX
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return (x / jnp.expand_dims(scale, axis).astype(x.dtype)).astype(FP8), scale
+
+
+def rel_err(out: jax.Array, want: jax.Array) -> float:
+    out, want = np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+    if not np.isfinite(out).all():
+        return float("inf")
+    return float(np.linalg.norm(out - want) / max(np.linalg.norm(want), 1e-30))
+
+
+class Bench:
+    def __init__(self, iters: int, name: str, out_dir: str | None):
+        self.iters = iters
+        self.name, self.out_dir = name, out_dir
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Keeps a measured row and appends it to the results file at once (a cut-short run keeps it)."""
+        self.rows.append(row)
+        common.write_results(self.name, [row], self.out_dir)
+        keys = ("shape", "t", "routing", "impl", "dtype", "config", "ms", "tflops", "weight_tbps", "rel_err")
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        print("  ".join(f"{k}={fmt(row[k])}" for k in keys if k in row), flush=True)
+
+    def time(self, fn: Callable, *args) -> float | None:
+        try:
+            return common.time_fn(fn, *args, warmup=2, iters=self.iters, sync_each=False)
+        except Exception as e:  # a peer or variant that cannot run here is recorded, not fatal
+            self.failures.append(f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=2)
+            return None
+
+    def check(self, name: str, fn: Callable, args: tuple, want: jax.Array) -> float | None:
+        try:
+            err = rel_err(fn(*args), want)
+        except Exception as e:
+            self.failures.append(f"{name}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=2)
+            return None
+        if not err <= MAX_REL_ERR:
+            self.failures.append(f"{name}: relative error {err:.3g} > {MAX_REL_ERR}")
+        return err
+
+
+def problem_inputs(k: int, n: int, t: int, key) -> dict[str, jax.Array]:
+    ks = jax.random.split(key, 2)
+    x = jax.random.normal(ks[0], (t, k), jnp.bfloat16)  # [T, K]
+    w = (jax.random.normal(ks[1], (E, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16)  # [E, N, K]
+    x8, xs = quantize(x, axis=1)  # [T, K], [T]
+    w8, ws = quantize(w, axis=2)  # [E, N, K], [E, N]
+    return dict(x=x, w=w, x8=x8, xs=xs, w8=w8, ws=ws)
+
+
+def ours(implementation: str | None, swiglu: bool = False, config: Config | None = None):
+    fn = grouped_matmul_swiglu if swiglu else grouped_matmul
+    return jax.jit(functools.partial(fn, transpose_rhs=True, implementation=implementation, config=config))
+
+
+def peers(k: int, n: int, t: int) -> dict[str, Callable]:
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+    )
+    xla = jax.jit(lambda x, w, g: jax.lax.ragged_dot_general(x, w, g, dims, preferred_element_type=jnp.bfloat16))
+    mgpu = {
+        "bf16": dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1),
+        "fp8": dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=4, grid_block_n=1),
+    }
+    out = {"xla_ragged_dot": xla}
+    if t >= 1024:
+        for tag, kw in mgpu.items():
+            out[f"jax_ragged_dot_mgpu_{tag}"] = jax.jit(
+                lambda x, w, g, kw=kw: ragged_dot_mgpu.ragged_dot(x, w, group_sizes=g, transpose_rhs=True, **kw)
+            )
+    return out
+
+
+def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
+    key = jax.random.key(0)
+    for shape_name, (k, n) in shapes.items():
+        for t in rows_list:
+            key, sub = jax.random.split(key)
+            inp = problem_inputs(k, n, t, sub)
+            x, w, x8, xs, w8, ws = (inp[s] for s in ("x", "w", "x8", "xs", "w8", "ws"))
+            variants = {  # name: (args, reference args)
+                "bf16": ((x, w), dict()),
+                "w8a16": ((x, w8), dict(rhs_scale=ws)),
+                "fp8": ((x8, w8), dict(lhs_scale=xs, rhs_scale=ws)),
+            }
+            impls = [None] + (["pallas_mosaic", "pallas_triton"] if t <= 1024 else [])
+            peer_fns = peers(k, n, t)
+            ref = jax.jit(functools.partial(reference.grouped_matmul_f32, transpose_rhs=True))
+            dense_bf16 = jax.jit(lambda a, bt: jnp.dot(a, bt.T, preferred_element_type=jnp.bfloat16))
+            dense_fp8 = jax.jit(lambda a, bt: jax.lax.dot_general(
+                a, bt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16))
+            for kind in ("balanced", "skewed"):
+                sizes = routing(kind, t)
+                g = jnp.asarray(sizes)
+                active = int((sizes > 0).sum())
+                flops = 2.0 * t * k * n
+                base = dict(study="grid", shape=shape_name, k=k, n=n, e=E, t=t, routing=kind,
+                            group_sizes=sizes.tolist(), copy_tbps=copy_bw / 1e12)
+
+                def record(impl: str, dtype: str, sec: float | None, itemsize: int, **extra):
+                    if sec is None:
+                        return
+                    wbytes = active * n * k * itemsize
+                    b.add(dict(base, impl=impl, dtype=dtype, ms=sec * 1e3, tflops=flops / sec / 1e12,
+                                       weight_tbps=wbytes / sec / 1e12,
+                                       pct_copy=100 * wbytes / sec / copy_bw, **extra))
+
+                for dtype, (args, scales) in variants.items():
+                    want = ref(*args, g, **scales)
+                    itemsize = args[1].dtype.itemsize
+                    for impl in impls:
+                        if impl == "pallas_mosaic" and dtype == "w8a16":
+                            continue
+                        fn = ours(impl)
+                        label = "jaxfire" if impl is None else f"jaxfire_{impl}"
+                        err = b.check(f"{label} {dtype} {shape_name} T={t} {kind}",
+                                      lambda *a, fn=fn: fn(*a[:2], a[2], **scales), (*args, g), want)
+                        if err is None:
+                            continue
+                        sec = b.time(lambda *a, fn=fn: fn(*a[:2], a[2], **scales), *args, g)
+                        if impl is None:
+                            extra = dict(backend=api._pallas_backend(
+                                args[0], args[1], True, False, jnp.bfloat16, None, None)[0])
+                        else:
+                            extra = {}
+                        record(label, dtype, sec, itemsize, rel_err=err, **extra)
+                # Peers: XLA's ragged dot in bf16 and e4m3, JAX's Mosaic GPU ragged dot.
+                record("xla_ragged_dot", "bf16", b.time(peer_fns["xla_ragged_dot"], x, w, g), 2)
+                record("xla_ragged_dot", "fp8_noscale", b.time(peer_fns["xla_ragged_dot"], x8, w8, g), 1)
+                for tag, (a, bt) in (("bf16", (x, w)), ("fp8", (x8, w8))):
+                    name = f"jax_ragged_dot_mgpu_{tag}"
+                    if name in peer_fns:
+                        record("jax_ragged_dot_mgpu", tag + ("_e4m3_out" if tag == "fp8" else ""),
+                               b.time(peer_fns[name], a, bt, g), bt.dtype.itemsize)
+                if t >= 1024 and kind == "balanced":
+                    # Dense matmul of equal FLOPs: one [T, K] x [K, N] product (weights of expert 0).
+                    record("dense_xla", "bf16", b.time(dense_bf16, x, w[0]), 2)
+                    record("dense_xla", "fp8_nt", b.time(dense_fp8, x8, w8[0]), 1)
+            del inp, x, w, x8, xs, w8, ws
+    # The fused expert FFN first half against the unfused pair (matmul on 2F, then XLA's silu * up).
+    k, f = SHAPES["w1_w3"]
+    for t in swiglu_rows:
+        key, sub = jax.random.split(key)
+        inp = problem_inputs(k, 2 * f, t, sub)
+        g = jnp.asarray(routing("balanced", t))
+        flops = 2.0 * t * k * 2 * f
+        for dtype, (args, scales) in {
+            "bf16": ((inp["x"], inp["w"]), {}),
+            "fp8": ((inp["x8"], inp["w8"]), dict(lhs_scale=inp["xs"], rhs_scale=inp["ws"])),
+        }.items():
+            fused = ours(None, swiglu=True)
+            plain = ours(None)
+            unfused = jax.jit(lambda x, w, g, plain=plain, scales=scales: (
+                lambda h: jax.nn.silu(h[:, :f]) * h[:, f:])(plain(x, w, g, **scales)))
+            want = jax.jit(functools.partial(reference.grouped_matmul_swiglu, transpose_rhs=True,
+                                             preferred_element_type=jnp.float32))(*args, g, **scales)
+            err = b.check(f"swiglu {dtype} T={t}", lambda *a: fused(*a[:2], a[2], **scales), (*args, g), want)
+            wbytes = E * 2 * f * k * args[1].dtype.itemsize
+            for label, fn in (("jaxfire_swiglu", lambda *a: fused(*a[:2], a[2], **scales)),
+                              ("jaxfire_unfused_swiglu", unfused)):
+                sec = b.time(fn, *args, g)
+                if sec is not None:
+                    b.add(dict(study="swiglu", shape="w1_w3_fused", k=k, n=2 * f, e=E, t=t,
+                                       routing="balanced", impl=label, dtype=dtype, ms=sec * 1e3,
+                                       tflops=flops / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
+                                       pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
+                                       copy_tbps=copy_bw / 1e12))
+        del inp
+
+
+def run_sweep(b: Bench, copy_bw: float) -> None:
+    """Block sweeps: wgmma prefill at T=4096 and the decode kernel at T=32."""
+    key = jax.random.key(1)
+    for shape_name, (k, n) in SHAPES.items():
+        for t, impl, dtypes, configs in (
+            (4096, "pallas_mosaic", ("bf16", "fp8"), [
+                Config(block_m=128, block_n=128, block_k=bk, num_stages=s, grid_tile_width=w)
+                for s in (4, 3) for w in (1, 4, 8, 16) for bk in (64, 128)]),
+            (4096, "pallas_triton", ("w8a16",), [
+                Config(block_m=bm, block_n=bn, block_k=bk, num_stages=s, num_warps=nw)
+                for bm, bn, bk, s, nw in ((64, 64, 256, 4, 4), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8),
+                                          (128, 128, 128, 3, 8))]),
+            (32, "pallas_triton", ("bf16", "w8a16", "fp8"), [
+                Config(block_m=32, block_n=bn, block_k=bk, num_stages=s, num_warps=nw)
+                for bn, bk, s, nw in ((32, 512, 4, 4), (64, 256, 4, 4), (64, 512, 3, 4), (128, 256, 3, 4),
+                                      (64, 256, 4, 8), (128, 128, 4, 8), (32, 256, 6, 4), (64, 128, 6, 4))]),
+        ):
+            key, sub = jax.random.split(key)
+            inp = problem_inputs(k, n, t, sub)
+            g = jnp.asarray(routing("balanced", t))
+            for dtype, (args, scales) in {
+                "bf16": ((inp["x"], inp["w"]), {}),
+                "w8a16": ((inp["x"], inp["w8"]), dict(rhs_scale=inp["ws"])),
+                "fp8": ((inp["x8"], inp["w8"]), dict(lhs_scale=inp["xs"], rhs_scale=inp["ws"])),
+            }.items():
+                if dtype not in dtypes:
+                    continue
+                want = jax.jit(functools.partial(reference.grouped_matmul_f32, transpose_rhs=True))(*args, g, **scales)
+                for config in configs:
+                    if impl == "pallas_mosaic" and config.block_k * args[0].dtype.itemsize != 128:
+                        continue
+                    fn = ours(impl, config=config)
+                    call = lambda *a, fn=fn: fn(*a[:2], a[2], **scales)  # noqa: E731
+                    err = b.check(f"sweep {impl} {dtype} {shape_name} {config}", call, (*args, g), want)
+                    if err is None:
+                        continue
+                    sec = b.time(call, *args, g)
+                    if sec is None:
+                        continue
+                    wbytes = E * n * k * args[1].dtype.itemsize
+                    b.add(dict(study="sweep", shape=shape_name, k=k, n=n, e=E, t=t, routing="balanced",
+                                       impl=f"jaxfire_{impl}", dtype=dtype, config=str(config), ms=sec * 1e3,
+                                       tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
+                                       pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
+                                       copy_tbps=copy_bw / 1e12))
+            del inp
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", choices=("grid", "sweep"), default="grid")
+    p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
+    p.add_argument("--swiglu-rows", default="32,4096")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args()
+
+    name = "grouped_matmul" if args.study == "grid" else "grouped_matmul_sweep"
+    b = Bench(args.iters, name, args.out_dir)
+    copy_bw = common.copy_bandwidth()
+    print(f"{common.device_info()}\ncopy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", flush=True)
+    if args.study == "sweep":
+        run_sweep(b, copy_bw)
+    else:
+        rows = [int(v) for v in args.rows.split(",") if v]
+        shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}
+        swiglu_rows = [int(v) for v in args.swiglu_rows.split(",") if v]
+        run_grid(b, rows, shapes, copy_bw, swiglu_rows)
+    path = common.RESULTS_DIR if args.out_dir is None else args.out_dir
+    cols = ["study", "shape", "t", "routing", "impl", "dtype", "config", "backend", "ms", "tflops", "weight_tbps",
+            "pct_copy", "rel_err"]
+    common.print_table(b.rows, [c for c in cols if any(c in r for r in b.rows)])
+    print(f"wrote {len(b.rows)} rows to {path}/{name}.jsonl")
+    if b.failures:
+        print(f"{len(b.failures)} FAILURES:")
+        for f in b.failures:
+            print("  " + f)
+
+
+if __name__ == "__main__":
+    main()
