@@ -231,8 +231,8 @@ class SlotState:
     top_p: jax.Array  # [N] float32
 
 
-def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any) -> SlotState:
-    return SlotState(cache=init_cache(config, slots, max_len, cache_dtype),
+def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh: Any) -> SlotState:
+    return SlotState(cache=init_cache(config, slots, max_len, cache_dtype, mesh),
                      tokens=jnp.zeros((slots,), jnp.int32), steps=jnp.zeros((slots,), jnp.int32),
                      seeds=jnp.zeros((slots,), jnp.uint32), temperature=jnp.zeros((slots,), jnp.float32),
                      top_p=jnp.ones((slots,), jnp.float32))
@@ -254,7 +254,8 @@ def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array
     """Prefills one prompt alone, samples its first token and moves its cache row into `slot`."""
     # tokens: [1, T], count/slot/seed/temperature/top_p: scalars -> first token [1]
     big = state.cache
-    small = init_cache(config, 1, tokens.shape[1], quant.FP8 if big.is_fp8 else big.k[0].dtype)  # [1, T, G, K]
+    small = init_cache(config, 1, tokens.shape[1], quant.FP8 if big.is_fp8 else big.k[0].dtype,
+                       runtime.mesh)  # [1, T, G, K]
     logits, small = M.prefill(params, small, tokens, count[None], config, runtime)  # [1, V]
     zero = jnp.zeros((1,), jnp.int32)
     first = _sample(logits, seed[None], zero, temperature[None], top_p[None])  # [1]
@@ -295,7 +296,8 @@ def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
 class Engine:
     """Continuous batching over `slots` decode slots sharing one `[slots, max_len]` KV cache.
 
-    model: a `jaxfire.Model`; its `runtime` (kernels, FP8 policy) and `kv_cache_dtype` are honoured.
+    model: a `jaxfire.Model`; its `runtime` (kernels, FP8 policy, device mesh: the cache is sharded
+      like the weights) and `kv_cache_dtype` are honoured.
     slots: requests decoded together; more wait in submission order for a free slot.
     max_len: positions per slot; a request needs prompt + max_tokens of them (default: the model's
       positions, at most 4096).
@@ -324,7 +326,8 @@ class Engine:
         self.detokenize = detokenize
         self.counters = collections.Counter()  # decode_steps, slot_steps (occupied slot-steps), prefills
         self._eos = frozenset(cfg.eos_token_ids)
-        self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype)
+        self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
+                                  model.runtime.mesh)
         self._cond = threading.Condition()  # guards the inbox, cancellations and the flags below
         self._inbox: list[Request] = []
         self._cancels: list[Request] = []
