@@ -1,12 +1,16 @@
 """Whole-model step times at full Mixtral geometry with random weights: decode at several batch sizes
 and prefill of a 1024-token prompt, bf16 against FP8, against the memory roofline.
 
-    PYTHONPATH=. python bench/decode.py [--preset mixtral-8x7b] [--layers 8] [--out-dir DIR]
+    PYTHONPATH=. python bench/decode.py [--preset mixtral-8x7b] [--layers 8] [--mesh expert=2] [--out-dir DIR]
 
 Layers beyond `--layers` are not built: per-step times scale with the layer count (each layer reads
 its own weights and cache), so figures are reported both as measured and scaled to the whole model
 ("model_ms"). Weights and the KV cache are random (never zeros); the cache holds `--context` tokens
 per sequence when each decode step runs.
+
+With `--mesh` the model is built sharded over the devices (`jaxfire.make_mesh` axis sizes) and runs
+expert-parallel; the two all_to_alls of each MoE block are also timed alone, with the buffers a step
+sends, to give communication's share of the step ("a2a_ms").
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import copy_bandwidth, print_table, write_results  # noqa: E402
+import jaxfire  # noqa: E402
 from jaxfire import model as M  # noqa: E402
 from jaxfire import quant  # noqa: E402
+from jaxfire import sharding as S  # noqa: E402
 from jaxfire.config import Config  # noqa: E402
 from jaxfire.kv_cache import KVCache, init_cache  # noqa: E402
 from jaxfire.params import init_params  # noqa: E402
@@ -55,8 +61,8 @@ def prefill_flops(c: Config, layers: int, tokens: int) -> float:
     return layers * (proj + experts + attn) + 2 * tokens * c.vocab_size * d
 
 
-def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, key) -> KVCache:
-    cache = init_cache(c, batch, max_len, kv_dtype)
+def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, key, mesh=None) -> KVCache:
+    cache = init_cache(c, batch, max_len, kv_dtype, mesh)
     fill = jax.jit(lambda k, x: (jax.random.normal(k, x.shape, jnp.float32) * 0.5).astype(x.dtype))
     keys = jax.random.split(key, 2 * len(cache.k))
     return dataclasses.replace(
@@ -67,7 +73,7 @@ def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, ke
 
 
 def time_decode(params, c, runtime, batch, context, kv_dtype, steps):
-    cache = random_cache(c, batch, context + steps + 8, context, kv_dtype, jax.random.key(1))
+    cache = random_cache(c, batch, context + steps + 8, context, kv_dtype, jax.random.key(1), runtime.mesh)
     tokens = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
     t0 = time.perf_counter()
     logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
@@ -85,7 +91,7 @@ def time_decode(params, c, runtime, batch, context, kv_dtype, steps):
 
 
 def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
-    cache = init_cache(c, 1, tokens_n, kv_dtype)
+    cache = init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)
     tokens = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
     counts = jnp.array([tokens_n], jnp.int32)
     times = []
@@ -98,6 +104,32 @@ def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
             times.append(time.perf_counter() - t0)
     assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
     return float(np.median(times))
+
+
+def time_all_to_all(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat16) -> float:
+    """Seconds one forward pass spends in the MoE blocks' all_to_alls (dispatch and return, every
+    layer), timed alone with the buffer shapes `jaxfire.moe.expert_parallel` sends."""
+    shards = S.token_shards(mesh)
+    n = mesh.shape["expert"]
+    local = -(-tokens // shards)
+    a = local * c.num_experts_per_tok
+    spec = jax.sharding.PartitionSpec(S.RULES["tokens"])
+
+    def body(buf):
+        def layer(_, b):
+            b = jax.lax.all_to_all(b, "expert", 0, 0)
+            return jax.lax.all_to_all(b * 1.001, "expert", 0, 0)
+        return jax.lax.fori_loop(0, layers, layer, buf)
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
+    buf = jax.device_put(jax.random.normal(jax.random.key(5), (shards * n, a, c.hidden_size), jnp.float32).astype(dtype),
+                         jax.sharding.NamedSharding(mesh, spec))
+    jax.block_until_ready(fn(buf))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        buf = fn(buf)
+    jax.block_until_ready(buf)
+    return (time.perf_counter() - t0) / 10
 
 
 VARIANTS = {
@@ -119,6 +151,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--runtime", default="", help="extra Runtime fields, e.g. decode_attention=pallas")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2 or expert=2,tensor=2")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
 
@@ -126,6 +159,14 @@ def main() -> None:
     c = full.replace(num_layers=args.layers)
     scale = full.num_layers / args.layers
     overrides = dict(kv.split("=") for kv in args.runtime.split(",") if kv)
+    mesh_axes = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}
+    mesh = jaxfire.make_mesh(**mesh_axes) if mesh_axes else None
+    sharding_fn = None
+    if mesh is not None:
+        S.check_experts(mesh, c.num_experts)
+        sharding_fn = lambda spec: S.named_sharding(mesh, spec.logical_axes, spec.shape, spec.blocks)  # noqa: E731
+        overrides["mesh"] = mesh
+    devices = mesh.size if mesh is not None else 1
     copy_bw = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}, copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)")
     rows = []
@@ -136,29 +177,37 @@ def main() -> None:
         if weights not in weights_cache:
             weights_cache.clear()
             gc.collect()
-            weights_cache[weights] = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8")
+            weights_cache[weights] = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
+                                                 sharding_fn=sharding_fn)
         params = weights_cache[weights]
         wb = 1.0 if weights == "fp8" else 2.0
         kvb = 1.0 + 4.0 / c.head_dim if kv_dtype == "fp8" else 2.0
         base = dict(preset=args.preset, layers_built=args.layers, layers_model=full.num_layers, variant=name,
                     weights=weights, kv_cache="fp8" if kv_dtype == "fp8" else "bf16",
-                    runtime=repr(runtime), experts_per_token=c.num_experts_per_tok, copy_bw_tbs=copy_bw / 1e12)
+                    runtime=repr(dataclasses.replace(runtime, mesh=None)), experts_per_token=c.num_experts_per_tok,
+                    mesh=dict(mesh.shape) if mesh is not None else None, devices=devices,
+                    copy_bw_tbs=copy_bw / 1e12)
         for batch in map(int, args.batches.split(",")):
             sec, compile_s = time_decode(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
+            a2a = time_all_to_all(mesh, c, batch, args.layers) if mesh is not None else 0.0
             rows.append(dict(base, job="decode", batch=batch, context=args.context, ms=sec * 1e3,
                              model_ms=sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
-                             roofline_ms=nbytes * scale / DATASHEET_BW * 1e3,
-                             of_copy_bw=nbytes / sec / copy_bw, compile_s=compile_s))
+                             roofline_ms=nbytes * scale / DATASHEET_BW / devices * 1e3,
+                             of_copy_bw=nbytes / sec / copy_bw / devices, compile_s=compile_s,
+                             a2a_ms=a2a * 1e3, a2a_share=a2a / sec))
             print(rows[-1]["variant"], "decode B", batch, f"{sec * 1e3:.2f} ms", flush=True)
         sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
         flops = prefill_flops(c, args.layers, args.prefill_tokens)
+        a2a = time_all_to_all(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0
         rows.append(dict(base, job="prefill", batch=1, tokens=args.prefill_tokens, ms=sec * 1e3,
                          model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
-                         peak_tflops=PEAK_FLOPS["fp8" if name == "fp8-wa" else "bf16"] / 1e12))
+                         peak_tflops=devices * PEAK_FLOPS["fp8" if name == "fp8-wa" else "bf16"] / 1e12,
+                         a2a_ms=a2a * 1e3, a2a_share=a2a / sec))
         print(name, "prefill", f"{sec * 1e3:.2f} ms", flush=True)
     path = write_results("decode", rows, args.out_dir)
-    print_table(rows, ["variant", "job", "batch", "ms", "model_ms", "roofline_ms", "tbs", "of_copy_bw", "tflops"])
+    print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "roofline_ms", "tbs", "of_copy_bw",
+                       "tflops", "a2a_share"])
     print(f"wrote {path}")
 
 

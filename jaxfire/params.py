@@ -127,28 +127,39 @@ def param_count(c: Config) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(describe(c), is_leaf=is_spec))
 
 
-def init_params(c: Config, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02, fp8: bool = False) -> Params:
+def init_params(c: Config, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02, fp8: bool = False,
+                sharding_fn: Callable[[ParamSpec], Any] | None = None) -> Params:
     """Random weights drawn as Hugging Face initialises Mixtral (normal(0, std), norms at one).
 
     With `fp8`, quantizable weights are quantized as they are drawn, so a full-size FP8 model never
-    exists in `dtype` all at once.
+    exists in `dtype` all at once. `sharding_fn(spec)` places each weight as it is drawn (each device
+    draws only its own part), so a model larger than one device can be built on a mesh.
     """
     specs = describe(c)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
 
     def one(spec: ParamSpec, k: jax.Array) -> Any:
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        w = _normal(k, spec.shape, std, dtype)
+        sharding = sharding_fn(spec) if sharding_fn else None
+        scale = 0.0 if spec.init == "ones" else std
+        w = _draw(k, spec.shape, scale, jnp.dtype(dtype), sharding)
         return _quantize_weight(w) if fp8 and spec.quantizable else w
 
     return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+@functools.lru_cache(maxsize=None)
+def _drawer(shape: tuple[int, ...], std: float, dtype: Any, sharding: Any) -> Callable:
+    def draw(key):
+        if std == 0.0:
+            return jnp.ones(shape, dtype)
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return jax.jit(draw, out_shardings=sharding)
+
+
+def _draw(key, shape, std, dtype, sharding) -> jax.Array:
+    return _drawer(shape, std, dtype, sharding)(key)
 
 
 def is_weight(x: Any) -> bool:
