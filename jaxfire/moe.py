@@ -64,9 +64,15 @@ def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implem
     with jax.named_scope("experts"):
         ys = experts_ffn(p, xs, group_sizes, policy, implementation)  # [A, D]
     with jax.named_scope("combine"):
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(x.shape[0], top_k, -1)  # [T, k, D]
-        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
-    return out.astype(x.dtype)
+        return combine(ys, order, weights, x.dtype)
+
+
+def combine(ys: jax.Array, order: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+    """Sums each token's expert outputs, given in `order` (sorted by expert), with its routing weights."""
+    # ys: [A, D], order: [A], weights: [T, k] -> [T, D]
+    t, k = weights.shape
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)  # [T, k, D]
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dtype)
 
 
 def _moe_specs(p: MoE) -> MoE:
@@ -117,6 +123,4 @@ def _expert_parallel_local(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Po
         back = jnp.zeros_like(ys).at[local_order].set(ys).reshape(n, a, -1)
     with jax.named_scope("combine"):
         results = jax.lax.all_to_all(back, "expert", 0, 0)[dest, slot]  # [A, D] in `order`
-        y = jnp.zeros_like(results).at[order].set(results).reshape(x.shape[0], top_k, -1)
-        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
-    return out.astype(x.dtype)
+        return combine(results, order, weights, x.dtype)
