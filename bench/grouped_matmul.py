@@ -231,7 +231,7 @@ def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
         del inp
 
 
-def run_sweep(b: Bench, copy_bw: float) -> None:
+def run_sweep(b: Bench, copy_bw: float, impls: tuple[str, ...]) -> None:
     """Block sweeps: wgmma prefill at T=4096 and the decode kernel at T=32."""
     key = jax.random.key(1)
     for shape_name, (k, n) in SHAPES.items():
@@ -244,10 +244,14 @@ def run_sweep(b: Bench, copy_bw: float) -> None:
                 for bm, bn, bk, s, nw in ((64, 64, 256, 4, 4), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8),
                                           (128, 128, 128, 3, 8))]),
             (32, "pallas_triton", ("bf16", "w8a16", "fp8"), [
-                Config(block_m=32, block_n=bn, block_k=bk, num_stages=s, num_warps=nw)
-                for bn, bk, s, nw in ((32, 512, 4, 4), (64, 256, 4, 4), (64, 512, 3, 4), (128, 256, 3, 4),
-                                      (64, 256, 4, 8), (128, 128, 4, 8), (32, 256, 6, 4), (64, 128, 6, 4))]),
+                Config(block_m=bm, block_n=bn, block_k=bk, num_stages=s, num_warps=nw, swap_ab=sw)
+                for bm, bn, bk, s, nw, sw in (
+                    (32, 128, 128, 4, 8, False), (16, 128, 128, 4, 8, False), (16, 128, 128, 4, 4, True),
+                    (16, 128, 256, 3, 4, True), (16, 64, 256, 4, 4, True), (16, 256, 128, 3, 8, True),
+                    (16, 128, 128, 4, 8, True), (32, 128, 128, 4, 4, True))]),
         ):
+            if impl not in impls:
+                continue
             key, sub = jax.random.split(key)
             inp = problem_inputs(k, n, t, sub)
             g = jnp.asarray(routing("balanced", t))
@@ -285,6 +289,7 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
+    p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
@@ -294,7 +299,7 @@ def main() -> None:
     copy_bw = common.copy_bandwidth()
     print(f"{common.device_info()}\ncopy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", flush=True)
     if args.study == "sweep":
-        run_sweep(b, copy_bw)
+        run_sweep(b, copy_bw, tuple(args.sweep_impls.split(",")))
     else:
         rows = [int(v) for v in args.rows.split(",") if v]
         shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}

@@ -20,6 +20,8 @@ class Config:
     num_stages: shared-memory pipeline depth.
     num_warps: Triton only.
     grid_tile_width: Mosaic only: tiles of one N-band visited together, for L2 reuse of lhs.
+    swap_ab:   Triton only: multiply weights [BN, BK] by lhs^T so the MMA's M side is BN, not the
+               few live rows of a decode step.
     """
 
     block_m: int
@@ -28,6 +30,7 @@ class Config:
     num_stages: int = 4
     num_warps: int = 4
     grid_tile_width: int = 8
+    swap_ab: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_stages", "num_warps", "grid_tile_width"):
@@ -51,15 +54,14 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
 
 
 def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool) -> Config:
-    """Streams each expert's weights once: one program per (row block, column band)."""
-    # Few rows: one row block holds every row, so each weight tile is read exactly once.
-    block_m = min(_pow2_at_least(num_rows, 16), 64)
-    # Narrow column bands keep >= 4 programs per SM busy on 132 SMs at N=4096 with 8 experts.
-    block_n = 32 if swiglu else 64
-    block_k = max(min(_largest_pow2_divisor(k, 512), 512), 16) if k >= 16 else 16
-    if block_m > 32:
-        block_k = min(block_k, 256)
-    return Config(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=4, num_warps=4)
+    """Decode: stream each active expert's weights once; prefill (fallback): wide MMA tiles."""
+    if num_rows > 256:
+        return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
+    # One row block of 16 covers a decode step's rows of most experts, so each weight tile is read
+    # once; the weights take the MMA's M side (swap_ab) so the few live rows waste little.
+    block_n = 64 if swiglu else 128
+    block_k = min(128, _largest_pow2_divisor(k, 128)) if k >= 16 else 16
+    return Config(block_m=16, block_n=block_n, block_k=max(block_k, 16), num_stages=4, num_warps=4, swap_ab=True)
 
 
 def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool) -> Config:

@@ -334,9 +334,11 @@ def grouped_matmul(
     if reason is not None:
         raise ValueError(f"The Mosaic GPU grouped matmul cannot run this problem: {reason}.")
     tasks = row_tasks(group_sizes, t, config.block_m, align=_ROW_ALIGN)
-    if interpret:
-        # The GPU interpreter does not model TMA's zero fill of out-of-bounds rows.
-        lhs = jnp.pad(lhs, ((0, config.block_m), (0, 0)))
+    # The lhs TMA descriptor is tiled by 8 rows, so T must be a multiple of 8 (a copy otherwise);
+    # the GPU interpreter does not model TMA's zero fill of out-of-bounds rows.
+    pad_rows = -t % _ROW_ALIGN + (config.block_m if interpret else 0)
+    if pad_rows:
+        lhs = jnp.pad(lhs, ((0, pad_rows), (0, 0)))  # [T + pad, K]
     operands = [tasks.group, tasks.start, tasks.offset, tasks.size, lhs, rhs]
     if lhs_scale is not None:
         operands.append(jnp.pad(lhs_scale.astype(jnp.float32), (0, config.block_m)))  # [T + BM]

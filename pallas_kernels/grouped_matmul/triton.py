@@ -46,6 +46,7 @@ def _kernel(
     has_lhs_scale: bool,
     has_rhs_scale: bool,
     swiglu: bool,
+    swap_ab: bool,
 ):
     refs = list(refs)
     lhs_scale_ref = refs.pop(0) if has_lhs_scale else None
@@ -98,17 +99,19 @@ def _kernel(
                     w = _load(
                         rhs_ref.at[expert, pl.ds(k0, block_k), pl.ds(c0, block_n)], w_mask, compute_dtype
                     )  # [BK, BN]
-                    dims = (((1,), (0,)), ((), ()))
-                new.append(
-                    acc
-                    + jax.lax.dot_general(
-                        x, w, dims, preferred_element_type=jnp.float32
-                    )  # [BM, BN]
-                )
+                    dims = (((1,), (0,)), ((), ())) if not swap_ab else (((0,), (1,)), ((), ()))
+                if swap_ab:
+                    # Weights as the M operand: a wide MMA even when only a few rows are live.
+                    new.append(acc + jax.lax.dot_general(w, x, dims, preferred_element_type=jnp.float32))  # [BN, BM]
+                else:
+                    new.append(acc + jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32))  # [BM, BN]
             return tuple(new)
 
-        zeros = tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in band_offsets)
-        accs = jax.lax.fori_loop(0, num_steps, step, zeros)  # each [BM, BN] f32
+        acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+        zeros = tuple(jnp.zeros(acc_shape, jnp.float32) for _ in band_offsets)
+        accs = jax.lax.fori_loop(0, num_steps, step, zeros)
+        if swap_ab:
+            accs = tuple(acc.T for acc in accs)  # each [BM, BN] f32
 
         if has_rhs_scale:
             accs = tuple(
@@ -175,6 +178,7 @@ def grouped_matmul(
         has_lhs_scale=lhs_scale is not None,
         has_rhs_scale=rhs_scale is not None,
         swiglu=swiglu,
+        swap_ab=config.swap_ab,
     )
     return pl.pallas_call(
         kernel,

@@ -171,14 +171,17 @@ class TestPallasTriton(GroupedMatmulTestBase):
     implementation = "pallas_triton"
 
     def config(self, case, swiglu):
-        # Small blocks: several row tasks and column tiles per case even at these sizes.
-        return Config(block_m=16, block_n=32, block_k=64, num_stages=2)
+        # Small blocks: several row tasks and column tiles per case even at these sizes; the
+        # decode-sized cases take the swapped (weights-as-M) product.
+        return Config(block_m=16, block_n=32, block_k=64, num_stages=2, swap_ab=case.t < 64)
 
     def test_ragged_n_and_k(self):
         """Column and depth masks: N and K that no block divides."""
         case = Case("ragged_nk", t=45, group_sizes=(20, 0, 25), k=80, n=96, rhs_dtype=FP8, rhs_scale=True)
         self.run_case(case, transpose_rhs=True, swiglu=False, seed=3)
         self.run_case(case, transpose_rhs=False, swiglu=True, seed=4)
+        self.run_case(dataclasses.replace(case, t=30, group_sizes=(10, 0, 20)), transpose_rhs=False, swiglu=False,
+                      seed=5)
 
 
 class TestPallasMosaic(GroupedMatmulTestBase):
@@ -264,9 +267,10 @@ def test_config_rejects_non_positive_blocks():
         Config(block_m=64, block_n=0, block_k=64)
 
 
+@pytest.mark.parametrize("t", [4096, 37], ids=["T4096", "T37"])
 @pytest.mark.parametrize("swiglu", [False, True], ids=["matmul", "swiglu"])
 @pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
-def test_production_shapes_lower_for_h100(dtype, swiglu, monkeypatch):
+def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
     """Mixtral-size problems lower through Pallas to Triton and Mosaic GPU for an H100, on the CPU.
 
     Catches layout-inference, shared-memory-budget and Triton-lowering errors before a GPU run; the
@@ -286,7 +290,7 @@ def test_production_shapes_lower_for_h100(dtype, swiglu, monkeypatch):
     monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
 
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    t, k, n, e = 4096, 4096, 2 * 14336 if swiglu else 14336, 8
+    k, n, e = 4096, 2 * 14336 if swiglu else 14336, 8
     s = jax.ShapeDtypeStruct
     args = (s((t, k), dtype), s((e, n, k), dtype), s((e,), jnp.int32),
             s((t,), F32) if dtype == FP8 else None, s((e, n), F32) if dtype == FP8 else None)
