@@ -232,10 +232,16 @@ class SlotState:
 
 
 def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh: Any) -> SlotState:
-    return SlotState(cache=init_cache(config, slots, max_len, cache_dtype, mesh),
-                     tokens=jnp.zeros((slots,), jnp.int32), steps=jnp.zeros((slots,), jnp.int32),
-                     seeds=jnp.zeros((slots,), jnp.uint32), temperature=jnp.zeros((slots,), jnp.float32),
-                     top_p=jnp.ones((slots,), jnp.float32))
+    """A fresh state, committed to where the steps will leave it: jit keys its cache on committedness,
+    so an uncommitted first state would compile every step function twice."""
+    cache = init_cache(config, slots, max_len, cache_dtype, mesh)
+    where = jax.devices()[0] if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if mesh is None:
+        cache = jax.device_put(cache, where)
+    rest = jax.device_put(dict(tokens=np.zeros((slots,), np.int32), steps=np.zeros((slots,), np.int32),
+                               seeds=np.zeros((slots,), np.uint32), temperature=np.zeros((slots,), np.float32),
+                               top_p=np.ones((slots,), np.float32)), where)
+    return SlotState(cache=cache, **rest)
 
 
 def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
@@ -486,16 +492,23 @@ class Engine:
             if self._busy() or self._inbox:
                 raise EngineError("warm up the engine before submitting requests")
             self._check_usable()
+            if prompt_lengths is not None and not all(0 < n < self.max_len for n in prompt_lengths):
+                raise EngineError(f"prompt lengths to warm up must be in [1, {self.max_len}), got {prompt_lengths}")
             buckets = self.buckets if prompt_lengths is None else sorted({self._bucket(n) for n in prompt_lengths})
             p = self.model
-            for t in buckets:
-                tokens = np.full((1, t), self.config.pad_token_id, np.int32)
-                first, self._state = _admit(p.params, self._state, tokens, np.int32(1), np.int32(0), np.uint32(0),
-                                            np.float32(0), np.float32(1), config=self.config, runtime=p.runtime)
-                jax.block_until_ready(first)
-            out, self._state = _decode(p.params, self._state, np.zeros((self.slots,), bool), config=self.config,
-                                       runtime=p.runtime)
-            jax.block_until_ready(out)
+            # Every order of the two steps, twice: on a mesh a step may return the state in other
+            # shardings than it came in (jit keys on them); repeats compile for the layouts serving sees.
+            for _ in range(2):
+                for t in [b for b in buckets for _ in range(2)]:
+                    tokens = np.full((1, t), self.config.pad_token_id, np.int32)
+                    first, self._state = _admit(p.params, self._state, tokens, np.int32(1), np.int32(0),
+                                                np.uint32(0), np.float32(0), np.float32(1), config=self.config,
+                                                runtime=p.runtime)
+                    jax.block_until_ready(first)
+                for _ in range(2):
+                    out, self._state = _decode(p.params, self._state, np.zeros((self.slots,), bool),
+                                               config=self.config, runtime=p.runtime)
+                jax.block_until_ready(out)
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)

@@ -19,7 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experts-per-token", type=int, help="override the model's experts per token")
-    p.add_argument("--dtype", help="float32 | bfloat16 (default: the checkpoint's own)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | fp8 (default: the checkpoint's own)")
+    p.add_argument("--kv-cache-dtype", help="bfloat16 | float32 | fp8 (default: the compute dtype)")
+    p.add_argument("--slots", type=int,
+                   help="prompts decoded at once (default: all); the rest wait for a free slot")
     return p
 
 
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-p must be in (0, 1]")
     if args.experts_per_token is not None and args.experts_per_token < 1:
         parser.error("--experts-per-token must be at least 1")
+    if args.slots is not None and args.slots < 1:
+        parser.error("--slots must be at least 1")
     if args.prompts_file:
         path = pathlib.Path(args.prompts_file)
         if not path.is_file():
@@ -47,31 +52,48 @@ def main(argv: list[str] | None = None) -> int:
     import jaxfire  # deferred so that usage errors come back fast
 
     try:
-        model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token)
+        model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token,
+                             kv_cache_dtype=args.kv_cache_dtype)
         if model.tokenizer is None:
             raise jaxfire.JaxfireError(f"{model.path} has no tokenizer, so text prompts cannot be encoded")
-        streaming = len(prompts) == 1
-        stats = jaxfire.Generation(tokens=[[] for _ in prompts], texts=None, finish_reasons=[""] * len(prompts),
-                                   prompt_tokens=[])
-        if streaming:
+        ids = [model.tokenizer.encode(p) for p in prompts]
+        need = max(map(len, ids)) + args.max_new_tokens
+        engine = jaxfire.Engine(model, slots=min(args.slots or len(prompts), len(prompts)),
+                                max_len=max(16, 1 << (need - 1).bit_length()))
+        requests = []
+        for i, p in enumerate(ids):
+            try:
+                # Prompt i gets seed + i, as in jaxfire.generate: the same tokens either way.
+                requests.append(engine.submit(p, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                              top_p=args.top_p, seed=(args.seed + i) % 2**32))
+            except jaxfire.JaxfireError as e:
+                raise jaxfire.JaxfireError(f"prompt {i}: {e}") from None
+        if len(prompts) == 1:
             print(prompts[0], end="", flush=True)
-        for event in jaxfire.generate_stream(model, prompts, max_new_tokens=args.max_new_tokens,
-                                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                             stats=stats):
-            if streaming:
+            for event in requests[0]:
                 print(event.text, end="", flush=True)
-        if streaming:
             print()
         else:
-            for i, (prompt, toks) in enumerate(zip(prompts, stats.tokens)):
-                print(f"--- [{i}] {prompt}{model.tokenizer.decode(toks)}")
+            for i, (prompt, req) in enumerate(zip(prompts, requests)):
+                print(f"--- [{i}] {prompt}{model.tokenizer.decode(req.result())}")
+        engine.close()
     except jaxfire.JaxfireError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"\nprefill: {sum(map(len, stats.prompt_tokens))} tokens in {stats.prefill_seconds * 1e3:.1f} ms "
-          f"({stats.prefill_tokens_per_second:.1f} tokens/s, first call includes compilation); "
-          f"decode: {stats.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    print(_summary([r.metrics for r in requests], [len(r.tokens) for r in requests]), file=sys.stderr)
     return 0
+
+
+def _summary(metrics: list, generated: list[int]) -> str:
+    """Time to first token and the decode rate from the requests' timestamps."""
+    first = [m.token_times[0] for m in metrics if m.token_times]
+    last = [m.token_times[-1] for m in metrics if m.token_times]
+    ttft = sum(m.ttft for m in metrics if m.token_times) / max(len(first), 1)
+    decode_tokens = sum(generated) - len(first)  # each request's first token comes from its prefill
+    decode_s = max(last) - min(first) if first else 0.0
+    return (f"\nprefill: {sum(m.prompt_tokens for m in metrics)} tokens, first token after {ttft * 1e3:.1f} ms "
+            f"on average (the first call includes compilation); decode: {decode_tokens / max(decode_s, 1e-9):.1f} "
+            f"tokens/s")
 
 
 class _CallableModule(types.ModuleType):

@@ -1,0 +1,315 @@
+"""Serving under load: Poisson arrivals of 1024-token prompts that each generate 50 tokens, swept over
+request rates, through `jaxfire.Engine`; latency statistics per rate and the highest rate that meets
+each latency cut-off (1 s and 3 s end to end, 20 ms between tokens).
+
+    PYTHONPATH=. python bench/serving.py --preset mixtral-8x7b --fp8 --kv-cache fp8 --rates 1,2,4,8,16
+    PYTHONPATH=. python bench/serving.py --preset mixtral-8x7b --layers 8 --fp8 --slots 32
+    PYTHONPATH=. python bench/serving.py --checkpoint ckpt/mixtral-fp8 --experts-per-token 3
+    PYTHONPATH=. python bench/serving.py --smoke          # the built-in tiny model on the CPU, a few requests
+
+Metric names follow vLLM's benchmarks/benchmark_serving.py: ttft is the time to first token, tpot the
+time per output token after the first, itl the gaps between successive tokens, e2el the end-to-end
+latency, each as mean / median / std / pNN in ms; request_throughput is completed requests per second
+and output_throughput / total_token_throughput tokens per second over the run. Latencies run from a
+request's submission to the moment the host sees each token (in-process: no HTTP, no detokenizing).
+
+`--preset` builds random weights at the preset's geometry on the device (never zeros; speed does not
+depend on their values), so the whole model runs without a checkpoint; `--layers N` builds only N
+layers, and then every figure is that of the N-layer model (not scaled). Each row also carries the
+same run's zero-load figures (one request alone) as the reference the loaded figures compare with.
+Rows go to bench/results/serving.jsonl; two figures (requests/s against generation latency, and
+against total latency) go beside it as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jaxfire  # noqa: E402
+from bench.common import RESULTS_DIR, print_table, write_results  # noqa: E402
+from jaxfire import quant  # noqa: E402
+from jaxfire.config import Config  # noqa: E402
+from jaxfire.model import Runtime  # noqa: E402
+from jaxfire.params import init_params  # noqa: E402
+
+CUTOFFS = (("e2el", 1000.0), ("e2el", 3000.0), ("itl", 20.0))  # (metric, limit in ms)
+PERCENTILES = (90, 99)
+SMOKE = dict(prompt_len=32, output_len=8, rates="4,16,inf", num_requests=6, slots=4)
+
+
+def build_model(args: argparse.Namespace) -> tuple[jaxfire.Model, dict[str, Any]]:
+    """The model under test and a description of it for the results."""
+    runtime = Runtime(decode_attention=args.decode_attention, grouped_matmul=args.grouped_matmul,
+                      fp8=quant.Fp8Policy(args.fp8_activations))
+    kv = "fp8" if args.kv_cache == "fp8" else None
+    if args.preset:
+        full = Config.preset(args.preset)
+        c = full.replace(num_layers=args.layers or full.num_layers,
+                         num_experts_per_tok=args.experts_per_token or full.num_experts_per_tok)
+        dtype = jnp.dtype(args.dtype or "bfloat16")
+        params = init_params(c, jax.random.key(0), dtype, fp8=args.fp8)
+        model = jaxfire.Model(config=c, params=params, tokenizer=None, runtime=runtime, kv_cache_dtype=kv)
+        source, layers_model = f"random weights, preset {args.preset}", full.num_layers
+    else:
+        dtype = "fp8" if args.fp8 else args.dtype
+        model = jaxfire.load(args.checkpoint, dtype=dtype, num_experts_per_tok=args.experts_per_token,
+                             kv_cache_dtype=kv, runtime=runtime)
+        source = "built-in model" if args.checkpoint is None else f"checkpoint {args.checkpoint}"
+        layers_model = model.config.num_layers
+    c = model.config
+    desc = dict(model=source, preset=args.preset, layers_built=c.num_layers, layers_model=layers_model,
+                weights="fp8" if model.is_fp8 else str(jnp.dtype(model.dtype)),
+                kv_cache="fp8" if kv else str(jnp.dtype(model.dtype)), experts_per_token=c.num_experts_per_tok,
+                runtime=repr(runtime))
+    return model, desc
+
+
+def load_prompts(args: argparse.Namespace, model: jaxfire.Model, n: int, rng: np.random.Generator) -> list[list[int]]:
+    """n prompts of --prompt-len tokens: random ids, or cycled from --prompts-file (cut to the length).
+
+    The file is JSON lines of token-id lists, or plain text with one prompt per line (needs a tokenizer).
+    """
+    vocab = model.config.vocab_size
+    if not args.prompts_file:
+        return rng.integers(0, vocab, (n, args.prompt_len)).tolist()
+    path = pathlib.Path(args.prompts_file)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = [json.loads(line) for line in lines]
+    else:
+        if model.tokenizer is None:
+            raise SystemExit(f"{path} holds text, but the model has no tokenizer: give token ids as JSON lines")
+        prompts = [model.tokenizer.encode(line) for line in lines]
+    prompts = [p[:args.prompt_len] for p in prompts if p]
+    if not prompts:
+        raise SystemExit(f"{path} holds no prompts")
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def percentile_stats(name: str, values_s: list[float], percentiles=PERCENTILES) -> dict[str, float]:
+    """vLLM's mean_/median_/std_/pNN_<name>_ms from values in seconds."""
+    v = np.asarray(values_s or [0.0], np.float64) * 1e3
+    out = {f"mean_{name}_ms": float(v.mean()), f"median_{name}_ms": float(np.median(v)),
+           f"std_{name}_ms": float(v.std())}
+    out.update({f"p{p}_{name}_ms": float(np.percentile(v, p)) for p in percentiles})
+    return out
+
+
+def serving_metrics(requests: list[jaxfire.Request], duration: float) -> dict[str, Any]:
+    """vLLM's serving metrics over finished requests (as benchmarks/benchmark_serving.py computes them)."""
+    done = [r for r in requests if r.finish_reason in ("eos", "length")]
+    outputs = [len(r.metrics.token_times) for r in done]
+    ttfts = [r.metrics.ttft for r in done]
+    e2els = [r.metrics.e2e for r in done]
+    tpots = [(r.metrics.e2e - r.metrics.ttft) / (n - 1) for r, n in zip(done, outputs) if n > 1]
+    itls = [gap for r in done for gap in r.metrics.itl]
+    total_input = sum(len(r.prompt) for r in done)
+    row = dict(completed=len(done), failed=len(requests) - len(done), duration=duration,
+               total_input_tokens=total_input, total_output_tokens=sum(outputs),
+               request_throughput=len(done) / duration, output_throughput=sum(outputs) / duration,
+               total_token_throughput=(total_input + sum(outputs)) / duration)
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+        row.update(percentile_stats(name, values))
+    row["mean_queue_ms"] = float(np.mean([r.metrics.queue_time for r in done] or [0.0]) * 1e3)
+    return row
+
+
+def run_rate(engine: jaxfire.Engine, prompts: list[list[int]], rate: float, output_len: int,
+             rng: np.random.Generator, bar) -> tuple[list[jaxfire.Request], float]:
+    """Submits the prompts with exponential gaps of mean 1/rate (all at once for inf); waits for all."""
+    n = len(prompts)
+    gaps = np.zeros(n) if math.isinf(rate) else rng.exponential(1.0 / rate, n)
+    offsets = np.cumsum(gaps) - gaps[0]
+
+    def tick(event: jaxfire.TokenEvent) -> None:
+        if event.finished:
+            bar.update(1)
+
+    requests = []
+    start = time.perf_counter()
+    for prompt, offset in zip(prompts, offsets):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        requests.append(engine.submit(prompt, max_tokens=output_len, ignore_eos=True, on_token=tick))
+    for r in requests:
+        r.result()
+    return requests, max(r.metrics.finished for r in requests) - start
+
+
+def max_rates(rows: list[dict[str, Any]], stat: str) -> dict[str, Any]:
+    """The highest offered rate whose `stat` of each cut-off metric stays within its limit."""
+    out = {"cutoff_stat": stat}
+    for metric, limit in CUTOFFS:
+        ok = [r for r in rows if r[f"{stat}_{metric}_ms"] <= limit]
+        best = max(ok, key=lambda r: r["offered_rate"], default=None)
+        key = f"max_rate_{metric}_{limit:g}ms"
+        out[key] = None if best is None else best["request_rate"]
+        out[key.replace("max_rate", "request_throughput_at")] = None if best is None else best["request_throughput"]
+    return out
+
+
+def plot(rows: list[dict[str, Any]], out_dir: pathlib.Path, tag: str, title: str) -> list[pathlib.Path]:
+    """Requests/s against generation latency (ITL) and against total latency (end to end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["request_throughput"] for r in rows]
+    paths = []
+    for metric, label, name in (("itl", "generation latency: time between tokens (ms)", "generation_latency"),
+                                ("e2el", "total latency: end to end (ms)", "total_latency")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for stat, style in (("mean", "o-"), ("median", "s--"), ("p90", "^-."), ("p99", "v:")):
+            ax.plot(x, [r[f"{stat}_{metric}_ms"] for r in rows], style, label=stat)
+        for m, limit in CUTOFFS:
+            if m == metric:
+                ax.axhline(limit, color="grey", lw=0.8)
+                ax.annotate(f"{limit:g} ms", (ax.get_xlim()[0], limit), va="bottom", color="grey", fontsize=8)
+        for r, xi in zip(rows, x):
+            ax.annotate(f"{r['request_rate']}/s offered", (xi, r[f"p99_{metric}_ms"]), fontsize=6, color="grey",
+                        textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("requests/s (achieved)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = out_dir / f"serving_{tag}_{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = [float(r) for r in text.split(",") if r]
+    if not rates or any(r <= 0 for r in rates):
+        raise SystemExit(f"--rates must be positive numbers (or inf), got {text!r}")
+    return sorted(rates)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="random weights at this preset's geometry (e.g. mixtral-8x7b)")
+    src.add_argument("--checkpoint", help="a converted checkpoint (default without --preset: the built-in model)")
+    src.add_argument("--smoke", action="store_true", help="CPU check: the built-in model, a few short requests")
+    ap.add_argument("--layers", type=int, help="with --preset: build only this many layers")
+    ap.add_argument("--fp8", action="store_true", help="FP8 weights (quantized as drawn or as loaded)")
+    ap.add_argument("--dtype", help="compute dtype: bfloat16 (default for --preset) or float32")
+    ap.add_argument("--kv-cache", choices=("auto", "fp8"), default="auto", help="auto: the compute dtype")
+    ap.add_argument("--experts-per-token", type=int)
+    ap.add_argument("--decode-attention", default="xla", help="Runtime.decode_attention")
+    ap.add_argument("--grouped-matmul", default="xla", help="Runtime.grouped_matmul")
+    ap.add_argument("--fp8-activations", default="auto", choices=("auto", "never", "always"))
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=50)
+    ap.add_argument("--prompts-file", help="JSON lines of token ids, or text lines; cut to --prompt-len")
+    ap.add_argument("--rates", default="0.5,1,2,4,8,16", help="offered requests/s, comma separated; inf sends all")
+    ap.add_argument("--num-requests", type=int, default=100, help="requests per rate")
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
+    ap.add_argument("--prefills-per-step", type=int, help="admissions between decode steps (default: all)")
+    ap.add_argument("--cutoff-stat", default="p90", choices=("mean", "median", "p90", "p99"),
+                    help="the statistic each latency cut-off applies to")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default=None, help="default bench/results")
+    ap.add_argument("--tag", help="names the figures (default: from the configuration)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
+    rates = parse_rates(args.rates)
+
+    model, desc = build_model(args)
+    max_len = args.max_len or args.prompt_len + args.output_len
+    engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
+                            detokenize=False)
+    rng = np.random.default_rng(args.seed)
+    prompts = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
+    t0 = time.perf_counter()
+    engine.warmup(sorted({len(p) for p in prompts}))
+    warmup_s = time.perf_counter() - t0
+    dev = jax.devices()[0]
+    print(f"{desc['model']}: {desc['layers_built']} layers, weights {desc['weights']}, KV cache {desc['kv_cache']}, "
+          f"{args.slots} slots of {max_len}; compiled in {warmup_s:.1f} s on {getattr(dev, 'device_kind', dev)}",
+          flush=True)
+
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    engine.start()
+    try:
+        # Zero load: one request alone, the reference the loaded figures compare with.
+        alone = engine.submit(prompts[-1], max_tokens=args.output_len, ignore_eos=True)
+        alone.result()
+        idle = dict(idle_ttft_ms=alone.metrics.ttft * 1e3, idle_e2el_ms=alone.metrics.e2e * 1e3,
+                    idle_median_itl_ms=float(np.median(alone.metrics.itl or [0.0])) * 1e3)
+
+        from tqdm.auto import tqdm
+
+        rows = []
+        base = dict(desc, slots=args.slots, max_len=max_len, prompt_len=args.prompt_len,
+                    output_len=args.output_len, num_prompts=args.num_requests, burstiness=1.0, seed=args.seed,
+                    prefills_per_step=args.prefills_per_step, warmup_s=warmup_s, **idle)
+        with tqdm(total=args.num_requests * len(rates), desc="sweep", unit="req") as bar:
+            for i, rate in enumerate(rates):
+                bar.set_description(f"{rate:g} req/s")
+                before = dict(engine.counters)
+                chunk = prompts[i * args.num_requests:(i + 1) * args.num_requests]
+                requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
+                steps = engine.counters["decode_steps"] - before.get("decode_steps", 0)
+                slot_steps = engine.counters["slot_steps"] - before.get("slot_steps", 0)
+                rows.append(dict(base, job="rate", request_rate=rate if math.isfinite(rate) else "inf",
+                                 offered_rate=rate, **serving_metrics(requests, duration),
+                                 mean_running_batch=slot_steps / max(steps, 1), decode_steps=steps))
+    finally:
+        engine.close()
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+    summary = dict(base, job="summary", rates=[r["request_rate"] for r in rows], compiles_during_sweep=len(compiles),
+                   **max_rates(rows, args.cutoff_stat))
+    out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS_DIR
+    path = write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in rows] + [summary],
+                         out_dir)
+    print_table(rows, ["request_rate", "request_throughput", "output_throughput", "mean_running_batch",
+                       "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
+                       "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms"])
+    print(f"zero load: ttft {idle['idle_ttft_ms']:.1f} ms, itl {idle['idle_median_itl_ms']:.2f} ms, "
+          f"e2el {idle['idle_e2el_ms']:.1f} ms; compilations during the sweep: {len(compiles)}")
+    for metric, limit in CUTOFFS:
+        best = summary[f"max_rate_{metric}_{limit:g}ms"]
+        print(f"highest rate with {args.cutoff_stat} {metric} <= {limit:g} ms: "
+              f"{'none of the rates' if best is None else f'{best} req/s'}")
+    if not args.no_plots:
+        tag = args.tag or ("smoke" if args.smoke else "-".join(
+            [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
+             desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]))
+        title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['weights']} weights, KV {desc['kv_cache']}, "
+                 f"{args.slots} slots; {args.prompt_len} -> {args.output_len} tokens")
+        for p in plot(rows, out_dir, tag, title):
+            print(f"wrote {p}")
+    print(f"wrote {path}")
+    return rows + [summary]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The continuous-batching engine: requests at random times, slot reuse, rejections, cancellation,
+per-request sampling, no recompilation after warm-up, and the serving benchmark's smoke mode."""
+
+import random
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxfire
+from jaxfire import sampling
+from jaxfire.engine import EngineError, RequestError
+
+# Requests here keep prompt + new tokens in (16, 32] and prompts within 16 tokens, so that
+# `jaxfire.generate` on one of them always runs the same shapes (one slot of 32 positions, the 16-token
+# prefill bucket) and engines share them too: the file compiles few programs.
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    # float32: greedy tokens must not hinge on bf16 rounding differing between batch shapes.
+    return jaxfire.load(dtype="float32")
+
+
+def alone(model, prompt, n, **sampling):
+    """What `jaxfire.generate` gives for this prompt by itself."""
+    return jaxfire.generate(model, [prompt], max_new_tokens=n, **sampling).tokens[0]
+
+
+def random_prompt(rng, model, lo, hi):
+    # Ids from 3 on: no prompt contains BOS/EOS.
+    return rng.integers(3, model.config.vocab_size, int(rng.integers(lo, hi + 1))).tolist()
+
+
+def random_job(rng, model):
+    prompt = random_prompt(rng, model, 2, 16)
+    return prompt, int(rng.integers(17 - len(prompt), MAX_LEN - len(prompt) + 1))
+
+
+def drive(engine, requests):
+    """Steps a synchronous engine until the given requests finish."""
+    while not all(r.finished for r in requests):
+        engine.step()
+
+
+def test_requests_at_random_times_match_generate_alone(model):
+    rng = np.random.default_rng(0)
+    jobs = [random_job(rng, model) for _ in range(9)]
+    expected = [alone(model, p, n) for p, n in jobs]
+    results = [None] * len(jobs)
+    streamed = [[] for _ in jobs]
+
+    with jaxfire.Engine(model, slots=3, max_len=MAX_LEN) as engine:
+        def client(indices, seed):
+            wait = random.Random(seed)
+            for i in indices:
+                time.sleep(wait.uniform(0, 0.05))
+                prompt, n = jobs[i]
+                if i % 3 == 0:  # some clients read the stream, others a callback
+                    request = engine.submit(prompt, max_tokens=n)
+                    streamed[i] = list(request)
+                else:
+                    request = engine.submit(prompt, max_tokens=n, on_token=streamed[i].append)
+                    request.result(timeout=120)
+                results[i] = request
+
+        threads = [threading.Thread(target=client, args=(range(k, len(jobs), 3), k)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert engine.counters["prefills"] == len(jobs) > engine.slots
+        assert engine.free_slots == engine.slots
+
+    for request, want, events, (prompt, n) in zip(results, expected, streamed, jobs):
+        assert request.tokens == want
+        assert request.finish_reason == ("length" if len(want) == n else "eos")
+        assert [e.token for e in events if e.finish_reason != "eos"] == want
+        assert [e.finished for e in events] == [False] * (len(events) - 1) + [True]
+        assert all(e.index == request.id for e in events)
+        m = request.metrics
+        assert len(m.token_times) == len(events) and len(m.itl) == len(events) - 1
+        assert 0 < m.ttft <= m.e2e and m.queue_time >= 0
+    # With three slots and nine requests, some request started in a slot another one left.
+    starts = sorted(r.metrics.scheduled for r in results)
+    assert min(r.metrics.finished for r in results) < starts[-1]
+
+
+def test_rejections_leave_the_other_requests_running(model):
+    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    prompt = [5, 6, 7, 8]
+    good = engine.submit(prompt, max_tokens=20)
+    engine.step()
+    bad = [
+        (dict(prompt=[]), "prompt is empty"),
+        (dict(prompt=[4, model.config.vocab_size]), f"token id {model.config.vocab_size} outside the vocabulary"),
+        (dict(prompt=[4, -1]), "token id -1 outside"),
+        (dict(prompt=[1.5, 2]), "integer token ids"),
+        (dict(prompt=list(range(3, 30))), "exceeds the engine's 32 cache positions"),
+        (dict(max_tokens=0), "max_tokens must be an integer of at least 1"),
+        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+        (dict(seed=2**32), "seed"),
+    ]
+    for change, message in bad:
+        kwargs = dict(prompt=prompt, max_tokens=20) | change
+        with pytest.raises(jaxfire.JaxfireError, match=message):
+            engine.submit(kwargs.pop("prompt"), **kwargs)
+    assert good.result() == alone(model, prompt, 20)
+
+    roomy = jaxfire.Engine(model, slots=1, max_len=1024)
+    with pytest.raises(RequestError, match="exceeds the model's 512 positions"):
+        roomy.submit([5] * 500, max_tokens=20)
+    text_only = jaxfire.Engine(jaxfire.Model(config=model.config, params=model.params, tokenizer=None), slots=1)
+    with pytest.raises(RequestError, match="no tokenizer"):
+        text_only.submit("hello", max_tokens=2)
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.submit(prompt, max_tokens=2)
+
+
+def test_cancelling_frees_the_slot(model):
+    engine = jaxfire.Engine(model, slots=1, max_len=32)
+    long = engine.submit([9, 10, 11], max_tokens=20, ignore_eos=True)
+    short = engine.submit([12, 13, 14, 15], max_tokens=14)
+    never = engine.submit([16, 17], max_tokens=15)
+    while len(long.tokens) < 3:
+        engine.step()
+    assert short.metrics.scheduled is None and engine.free_slots == 0
+    long.cancel()
+    never.cancel()
+    engine.step()
+    assert long.finish_reason == "cancelled" and never.finish_reason == "cancelled"
+    assert short.metrics.scheduled is not None  # it took the slot the cancelled request left
+    got = list(long.tokens)
+    drive(engine, [short])
+    assert long.tokens == got and 3 <= len(got) < 20  # nothing arrives after the cancel
+    assert [e.token for e in long] == got  # its stream ends
+    assert never.metrics.scheduled is None and never.tokens == [] and list(never) == []
+    assert short.tokens == alone(model, [12, 13, 14, 15], 14)
+    assert engine.free_slots == 1 and not engine.busy
+    engine.close()
+
+
+def test_per_request_sampling_parameters(model):
+    rng = np.random.default_rng(3)
+    a, b, c = (random_prompt(rng, model, 4, 12) for _ in range(3))
+    n = 20
+    hot = dict(temperature=0.9, top_p=0.95)
+    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    greedy = engine.submit(a, max_tokens=n)
+    sampled = engine.submit(b, max_tokens=n, seed=7, **hot)
+    for _ in range(3):
+        engine.step()
+    # The same seeded request again, later, in another slot, beside other traffic.
+    again = engine.submit(b, max_tokens=n, seed=7, **hot)
+    other_seed = engine.submit(b, max_tokens=n, seed=8, **hot)
+    drive(engine, [greedy, sampled])
+    nucleus = engine.submit(a, max_tokens=n, temperature=1.0, top_p=1e-6, seed=1)  # top-p keeps the top token
+    drive(engine, [again, other_seed, nucleus])
+    engine.close()
+
+    assert sampled.tokens == again.tokens == alone(model, b, n, seed=7, **hot)
+    # Token i of a request is drawn from its own logits with key fold_in(key(seed), i).
+    logits = jaxfire.logits(model, [b + sampled.tokens[:2]])[0, -3:]  # [3, V]
+    for i in range(3):
+        key = jax.random.fold_in(jax.random.key(7), i)
+        assert sampled.tokens[i] == int(sampling.sample(logits[i:i + 1], key, hot["temperature"], hot["top_p"])[0])
+    assert other_seed.tokens != sampled.tokens
+    assert sampled.tokens != alone(model, b, n)
+    assert greedy.tokens == nucleus.tokens == alone(model, a, n)
+    # generate: prompt i of a batch samples with seed + i.
+    batch = jaxfire.generate(model, [a, c, b], max_new_tokens=n, seed=5, **hot).tokens
+    assert batch[2] == sampled.tokens
+    assert batch[1] == alone(model, c, n, seed=6, **hot)
+
+
+def test_fp8_kv_cache_is_honoured(model):
+    fp8 = jaxfire.Model(config=model.config, params=model.params, tokenizer=None, kv_cache_dtype="fp8")
+    engine = jaxfire.Engine(fp8, slots=2, max_len=MAX_LEN)
+    assert engine._state.cache.is_fp8
+    prompt = list(range(20, 33))
+    request = engine.submit(prompt, max_tokens=16)
+    assert request.result() == alone(fp8, prompt, 16)
+    engine.close()
+
+
+def test_no_recompilation_after_warmup(model):
+    # Shapes no other test uses, so the warm-up must compile (which shows the count works).
+    engine = jaxfire.Engine(model, slots=2, max_len=24, detokenize=False)
+    assert engine.buckets == (16, 24)
+    compiles = []
+
+    def listener(event, *args, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        engine.warmup()
+        warmup = len(compiles)
+        rng = np.random.default_rng(4)
+        with engine:
+            requests = [engine.submit(random_prompt(rng, model, lo, hi), max_tokens=int(rng.integers(1, 5)),
+                                      temperature=float(rng.choice([0.0, 0.7])), top_p=0.9, seed=i)
+                        for i, (lo, hi) in enumerate([(1, 16), (17, 20), (1, 5), (2, 10), (17, 19)])]
+            requests[3].cancel()
+            for r in requests:
+                r.result(timeout=120)
+        serving = len(compiles) - warmup
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert warmup >= 3  # two prefill buckets and the decode step
+    assert serving == 0
+
+
+def test_serving_smoke_mode(tmp_path):
+    from bench import serving
+
+    rows = serving.main(["--smoke", "--rates", "8,inf", "--num-requests", "4", "--out-dir", str(tmp_path)])
+    rates, summary = rows[:-1], rows[-1]
+    assert [r["request_rate"] for r in rates] == [8.0, "inf"]
+    for r in rates:
+        assert r["completed"] == 4 and r["failed"] == 0
+        assert r["total_output_tokens"] == 4 * r["output_len"]
+        assert 0 < r["median_ttft_ms"] <= r["p99_ttft_ms"] and 0 < r["mean_itl_ms"]
+        assert r["p90_e2el_ms"] >= r["median_ttft_ms"] and r["request_throughput"] > 0
+    assert summary["compiles_during_sweep"] == 0
+    assert "max_rate_itl_20ms" in summary and "max_rate_e2el_1000ms" in summary
+    lines = (tmp_path / "serving.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (tmp_path / "serving_smoke_generation_latency.png").stat().st_size > 0
+    assert (tmp_path / "serving_smoke_total_latency.png").stat().st_size > 0
