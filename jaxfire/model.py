@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from jaxfire import kv_cache as kvc
 from jaxfire import moe, quant
+from jaxfire import sharding as S
 from jaxfire.config import Config
 from jaxfire.params import Layer, Params
 
@@ -27,8 +28,9 @@ from jaxfire.params import Layer, Params
 class Runtime:
     """How the model runs (not what it computes); a static argument of the jitted functions.
 
-    decode_attention: "xla" (the einsum attention the rest of the model uses) or an
-    `implementation=` name of `pallas_kernels.decode_attention`.
+    decode_attention: "auto" (the Pallas kernel on GPUs, where it reads the cache at up to the copy
+    bandwidth, and the einsum attention elsewhere), "xla" (the einsum attention the rest of the model
+    uses), or an `implementation=` name of `pallas_kernels.decode_attention`.
     grouped_matmul: "xla" (`jax.lax.ragged_dot_general`) or an `implementation=` name of
     `pallas_kernels.grouped_matmul`.
     fp8: when FP8 weights also quantize their activations.
@@ -36,7 +38,7 @@ class Runtime:
     block runs expert-parallel over it. None for one device.
     """
 
-    decode_attention: str = "xla"
+    decode_attention: str = "auto"
     grouped_matmul: str = "xla"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     mesh: Mesh | None = None
@@ -91,16 +93,45 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
         o = attend(q, k, v, positions, c.sliding_window)
     else:
         cache = cache.write(k, v, positions, counts)
-        if t == 1 and runtime.decode_attention != "xla":
-            from pallas_kernels import decode_attention  # lazily: the default path needs no kernels
-
-            o = decode_attention(q[:, 0], cache.k, cache.v, positions[:, 0] + counts, k_scale=cache.k_scale,
-                                 v_scale=cache.v_scale, window=c.sliding_window,
-                                 implementation=runtime.decode_attention)[:, None]
+        impl = _resolve(runtime.decode_attention, c.head_dim)
+        if t == 1 and impl != "xla":
+            o = _decode_attention(q[:, 0], cache, positions[:, 0] + counts, c.sliding_window, impl,
+                                  runtime.mesh)[:, None]
         else:
             k_all, v_all = cache.read(q.dtype)
             o = attend(q, k_all, v_all, positions, c.sliding_window)
     return quant.dense(o.reshape(b, t, -1), p.wo, fp8), cache
+
+
+def _resolve(implementation: str, head_dim: int) -> str:
+    if implementation == "auto":
+        from pallas_kernels.decode_attention.api import HEAD_DIMS
+
+        return "pallas" if jax.default_backend() == "gpu" and head_dim in HEAD_DIMS else "xla"
+    return implementation
+
+
+def _decode_attention(q, cache: kvc.LayerCache, lengths, window, implementation, mesh):
+    """The decode attention kernel; on a mesh, one call per device over its own sequences and heads
+    (a kernel is opaque to XLA's partitioner, which would otherwise gather the whole cache)."""
+    # q: [B, H, K] -> [B, H, K]
+    from pallas_kernels import decode_attention  # lazily: the default path needs no kernels
+
+    def attend_local(q, k, v, k_scale, v_scale, lengths):
+        return decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, window=window,
+                                implementation=implementation)
+
+    args = (q, cache.k, cache.v, cache.k_scale, cache.v_scale, lengths)
+    if mesh is None or mesh.size == 1:
+        return attend_local(*args)
+    kv_spec = S.partition_spec(mesh, kvc.VALUE_AXES, cache.k.shape)
+    # Query heads split with their KV heads; with one KV head (replicated) they may split alone.
+    heads = "heads" if kv_spec[2] is not None or cache.k.shape[2] == 1 else None
+    q_spec = S.partition_spec(mesh, ("batch", heads, None), q.shape)
+    scale_spec = None if cache.k_scale is None else jax.sharding.PartitionSpec(*kv_spec[:3])
+    len_spec = jax.sharding.PartitionSpec(q_spec[0])
+    return jax.shard_map(attend_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, scale_spec, scale_spec, len_spec),
+                         out_specs=q_spec, check_vma=False)(*args)
 
 
 def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, runtime: Runtime):

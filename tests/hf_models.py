@@ -22,7 +22,7 @@ MODELS = {
         format="safetensors"),
     "mqa_window_tied": dict(
         hf=dict(vocab_size=320, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=1, head_dim=12, num_local_experts=4, num_experts_per_tok=1,
+                num_key_value_heads=1, head_dim=64, num_local_experts=4, num_experts_per_tok=1,
                 sliding_window=6, tie_word_embeddings=True),
         format="safetensors", legacy_rope_theta=1e4, tokenizer=True),
     "mha_top3_bin": dict(

@@ -15,19 +15,26 @@ from jaxfire.params import init_params
 
 CONFIGS = {
     "gqa": Config.preset("tiny"),
-    "mqa_window": Config.preset("tiny").replace(num_kv_heads=1, sliding_window=5, num_experts_per_tok=3),
+    "mqa_window": Config.preset("tiny").replace(num_kv_heads=1, sliding_window=5, num_experts_per_tok=3,
+                                                head_dim=64),  # a head size the decode attention kernel takes
 }
+
+
+def make(name):
+    cfg = CONFIGS[name]
+    return cfg, init_params(cfg, jax.random.key(zlib.crc32(name.encode())), jnp.float32, std=0.1)
 
 
 @pytest.fixture(params=list(CONFIGS))
 def setup(request):
-    cfg = CONFIGS[request.param]
-    params = init_params(cfg, jax.random.key(zlib.crc32(request.param.encode())), jnp.float32, std=0.1)
-    return cfg, params
+    return make(request.param)
 
 
-def test_prefill_then_decode_equals_forward(setup):
-    cfg, params = setup
+# The Pallas decode attention kernel (interpret mode on CPU) takes head sizes 64, 128 and 256.
+@pytest.mark.parametrize("name, attention", [("gqa", "xla"), ("mqa_window", "xla"), ("mqa_window", "pallas")])
+def test_prefill_then_decode_equals_forward(name, attention):
+    cfg, params = make(name)
+    runtime = M.Runtime(decode_attention=attention)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (3, 14)).astype(np.int32)
     full = np.asarray(M.forward(params, jnp.asarray(tokens), cfg))
@@ -38,7 +45,7 @@ def test_prefill_then_decode_equals_forward(setup):
     np.testing.assert_allclose(logits, full[np.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
     for step in range(4):
         pos = lengths + step
-        logits, cache = M.decode_step(params, cache, jnp.asarray(tokens[np.arange(3), pos]), cfg)
+        logits, cache = M.decode_step(params, cache, jnp.asarray(tokens[np.arange(3), pos]), cfg, runtime=runtime)
         np.testing.assert_allclose(logits, full[np.arange(3), pos], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache.lengths, lengths + 4)
 

@@ -79,3 +79,13 @@ def test_text_prompts_through_the_tokenizer(converted):
     assert result.texts == [model.tokenizer.decode(t) for t in result.tokens]
     ref_model = hf_models.load_reference(hf_dir)
     assert result.tokens[0] == hf_greedy(ref_model, ids, 8, model.config.eos_token_ids[0])
+
+
+def test_greedy_through_the_decode_attention_kernel_matches_generate(converted):
+    """The Pallas decode attention kernel (interpret mode on CPU) in the model's decode step."""
+    hf_dir, ckpt = converted("mqa_window_tied")
+    model = jaxfire.load(ckpt, dtype="float32").with_runtime(decode_attention="pallas")
+    ref_model = hf_models.load_reference(hf_dir)
+    prompt = np.random.default_rng(3).integers(3, model.config.vocab_size, 7).tolist()
+    got = jaxfire.generate(model, [prompt], max_new_tokens=20).tokens[0]
+    assert got == hf_greedy(ref_model, prompt, 20, model.config.eos_token_ids[0])
