@@ -52,8 +52,9 @@ SMOKE = dict(prompt_len=32, output_len=8, rates="4,16,inf", num_requests=6, slot
 
 def build_model(args: argparse.Namespace) -> tuple[jaxfire.Model, dict[str, Any]]:
     """The model under test and a description of it for the results."""
-    runtime = Runtime(decode_attention=args.decode_attention, grouped_matmul=args.grouped_matmul,
-                      fp8=quant.Fp8Policy(args.fp8_activations))
+    kernels = {k: v for k, v in (("decode_attention", args.decode_attention),
+                                 ("grouped_matmul", args.grouped_matmul)) if v is not None}
+    runtime = Runtime(fp8=quant.Fp8Policy(args.fp8_activations), **kernels)
     kv = "fp8" if args.kv_cache == "fp8" else None
     if args.preset:
         full = Config.preset(args.preset)
@@ -215,14 +216,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--dtype", help="compute dtype: bfloat16 (default for --preset) or float32")
     ap.add_argument("--kv-cache", choices=("auto", "fp8"), default="auto", help="auto: the compute dtype")
     ap.add_argument("--experts-per-token", type=int)
-    ap.add_argument("--decode-attention", default="xla", help="Runtime.decode_attention")
-    ap.add_argument("--grouped-matmul", default="xla", help="Runtime.grouped_matmul")
+    ap.add_argument("--decode-attention", help="Runtime.decode_attention (default: Runtime's)")
+    ap.add_argument("--grouped-matmul", help="Runtime.grouped_matmul (default: Runtime's)")
     ap.add_argument("--fp8-activations", default="auto", choices=("auto", "never", "always"))
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=50)
     ap.add_argument("--prompts-file", help="JSON lines of token ids, or text lines; cut to --prompt-len")
-    ap.add_argument("--rates", default="0.5,1,2,4,8,16", help="offered requests/s, comma separated; inf sends all")
-    ap.add_argument("--num-requests", type=int, default=100, help="requests per rate")
+    ap.add_argument("--rates", default="1,2,4,8,16", help="offered requests/s, comma separated; inf sends all")
+    ap.add_argument("--num-requests", type=int, default=64, help="requests per rate")
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
     ap.add_argument("--prefills-per-step", type=int, help="admissions between decode steps (default: all)")

@@ -246,11 +246,17 @@ def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh
 
 def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
             top_p: jax.Array) -> jax.Array:
-    """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b])."""
+    """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0."""
     # logits: [B, V] float32 -> [B] int32
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-    one = lambda row, key, t, p: sampling.sample(row[None], key, t, p)[0]  # noqa: E731
-    return jax.vmap(one)(logits, keys, temperature, top_p)
+
+    def draw(logits):
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+        one = lambda row, key, t, p: sampling.sample(row[None], key, t, p)[0]  # noqa: E731
+        return jax.vmap(one)(logits, keys, temperature, top_p)
+
+    # An all-greedy batch (the common serving case) skips the per-row vocabulary sort.
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.any(temperature > 0), draw, greedy, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
