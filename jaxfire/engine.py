@@ -107,7 +107,7 @@ class RequestMetrics:
     @property
     def itl(self) -> list[float]:
         """Inter-token latencies, seconds: the gaps between successive tokens."""
-        return list(np.diff(self.token_times)) if len(self.token_times) > 1 else []
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
     @property
     def e2e(self) -> float | None:
