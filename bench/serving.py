@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--num-requests", type=int, default=64, help="requests per rate")
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
-    ap.add_argument("--prefills-per-step", type=int, help="admissions between decode steps (default: all)")
+    ap.add_argument("--prefills-per-step", type=int, help="prefill calls between decode steps (default: all)")
+    ap.add_argument("--prefill-chunk", type=int, help="prefill long prompts this many tokens per step")
     ap.add_argument("--cutoff-stat", default="p90", choices=("mean", "median", "p90", "p99"),
                     help="the statistic each latency cut-off applies to")
     ap.add_argument("--seed", type=int, default=0)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     model, desc = build_model(args)
     max_len = args.max_len or args.prompt_len + args.output_len
     engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
-                            detokenize=False)
+                            prefill_chunk=args.prefill_chunk, detokenize=False)
     rng = np.random.default_rng(args.seed)
     prompts = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
     t0 = time.perf_counter()
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = []
         base = dict(desc, slots=args.slots, max_len=max_len, prompt_len=args.prompt_len,
                     output_len=args.output_len, num_prompts=args.num_requests, burstiness=1.0, seed=args.seed,
-                    prefills_per_step=args.prefills_per_step, warmup_s=warmup_s, **idle)
+                    prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk, warmup_s=warmup_s,
+                    **idle)
         with tqdm(total=args.num_requests * len(rates), desc="sweep", unit="req") as bar:
             for i, rate in enumerate(rates):
                 bar.set_description(f"{rate:g} req/s")
@@ -303,9 +305,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.no_plots:
         tag = args.tag or ("smoke" if args.smoke else "-".join(
             [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
-             desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]))
+             desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
+            + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])))
         title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['weights']} weights, KV {desc['kv_cache']}, "
-                 f"{args.slots} slots; {args.prompt_len} -> {args.output_len} tokens")
+                 f"{args.slots} slots{f', chunks of {args.prefill_chunk}' if args.prefill_chunk else ''}; "
+                 f"{args.prompt_len} -> {args.output_len} tokens")
         for p in plot(rows, out_dir, tag, title):
             print(f"wrote {p}")
     print(f"wrote {path}")

@@ -14,7 +14,10 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
 2. admits waiting requests into free slots (lowest slot first, in submission order): each prompt is
    prefilled alone into a batch-1 cache of its bucket length T, its first token is sampled, and the
    cache row is written into the request's slot of the shared cache, all in one jitted call that
-   donates the engine state, so the running batch never drains for a newcomer;
+   donates the engine state, so the running batch never drains for a newcomer. With `prefill_chunk`
+   C, a longer prompt prefills C tokens per step into its own batch-1 cache (its slot reserved but
+   idle) and moves into the shared cache with its last chunk, so no step stalls the running batch
+   for more than one chunk;
 3. dispatches one decode step for all occupied slots (`model.decode_step` with an `active` mask, so
    free slots are untouched) and samples each slot with its own temperature, top_p and seed;
 4. reads back the tokens of the *previous* decode step and of this step's admissions, and emits them.
@@ -25,12 +28,14 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
 Shapes, and why serving never recompiles after `warmup()`
 ---------------------------------------------------------
 The engine state is one pytree (`SlotState`) of fixed shapes: the cache `[N, S, G, K]` per layer,
-and per slot its last token, stream position, seed, temperature and top_p (`[N]` each). Exactly two
-jitted functions touch it:
+and per slot its last token, stream position, seed, temperature and top_p (`[N]` each). The jitted
+programs, all of fixed shapes:
 - `_admit`, once per prefill bucket: prompt tokens `[1, T]` for T in `Engine.buckets` (powers of two
   from `min_bucket`, capped at and including `max_len`), all other arguments scalars;
-- `_decode`: tokens `[N]`, active mask `[N]`.
-So `len(buckets) + 1` programs serve every request; `warmup()` compiles them all before traffic.
+- `_decode`: tokens `[N]`, active mask `[N]`;
+- with `prefill_chunk` C, per bucket T that prompts longer than C reach: `_first_chunk`,
+  `model.prefill` and `_last_chunk` over chunk tokens `[1, C]` and a `[1, T]` cache.
+`warmup()` compiles them all before traffic; serving then never compiles.
 
 Sampling streams
 ----------------
@@ -170,6 +175,9 @@ class Request:
         self._emitted = 0  # tokens seen by the host, EOS included
         self._dispatched = 0  # tokens whose computation was dispatched
         self._slot: int | None = None
+        self._decoding = False  # its slot's row of the shared cache holds its prompt
+        self._small: KVCache | None = None  # a chunked prompt's own batch-1 cache while it prefills
+        self._prefilled = 0  # prompt tokens in it
 
     @property
     def finished(self) -> bool:
@@ -259,15 +267,12 @@ def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: 
     return jax.lax.cond(jnp.any(temperature > 0), draw, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
-def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, slot: jax.Array,
-           seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
-           runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
-    """Prefills one prompt alone, samples its first token and moves its cache row into `slot`."""
-    # tokens: [1, T], count/slot/seed/temperature/top_p: scalars -> first token [1]
-    big = state.cache
-    small = init_cache(config, 1, tokens.shape[1], quant.FP8 if big.is_fp8 else big.k[0].dtype,
-                       runtime.mesh)  # [1, T, G, K]
+def _prefill_into_slot(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
+                       slot: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
+                       runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
+    """Prefills the (last part of a) prompt into its batch-1 cache, samples its first token and moves the
+    cache row into `slot` of the shared cache."""
+    # small: [1, T, G, K] per layer, tokens: [1, T or C], scalars otherwise -> first token [1]
     logits, small = M.prefill(params, small, tokens, count[None], config, runtime)  # [1, V]
     zero = jnp.zeros((1,), jnp.int32)
     first = _sample(logits, seed[None], zero, temperature[None], top_p[None])  # [1]
@@ -277,11 +282,44 @@ def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array
         return jax.lax.dynamic_update_slice(row_major, row.astype(row_major.dtype),
                                             (slot,) + (0,) * (row_major.ndim - 1))
 
-    cache = jax.tree.map(put, big, small)  # lengths too: [N] <- [1] at slot
+    cache = jax.tree.map(put, state.cache, small)  # lengths too: [N] <- [1] at slot
     state = SlotState(cache=cache, tokens=put(state.tokens, first), steps=put(state.steps, zero + 1),
                       seeds=put(state.seeds, seed[None]), temperature=put(state.temperature, temperature[None]),
                       top_p=put(state.top_p, top_p[None]))
     return first, state
+
+
+def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime) -> KVCache:
+    big = state.cache
+    return init_cache(config, 1, length, quant.FP8 if big.is_fp8 else big.k[0].dtype, runtime.mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
+def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, slot: jax.Array,
+           seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
+           runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
+    """A whole prompt: prefilled alone into a fresh batch-1 cache of its bucket, then into `slot`."""
+    # tokens: [1, T] -> first token [1]
+    small = _empty_row(state, tokens.shape[1], config, runtime)  # [1, T, G, K]
+    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "config", "runtime"))
+def _first_chunk(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, length: int,
+                 config: Config, runtime: M.Runtime) -> KVCache:
+    """The first chunk of a long prompt into a fresh batch-1 cache of `length` (its bucket) positions."""
+    # tokens: [1, C] -> [1, T, G, K] per layer; the state is read for its cache dtype only (not donated)
+    _, small = M.prefill(params, _empty_row(state, length, config, runtime), tokens, count[None], config, runtime)
+    return small
+
+
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
+def _last_chunk(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
+                slot: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
+                runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
+    """The last chunk of a long prompt, then its first token and its move into `slot`."""
+    # small: [1, T, G, K] per layer, tokens: [1, C] -> first token [1]
+    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
@@ -314,27 +352,33 @@ class Engine:
     max_len: positions per slot; a request needs prompt + max_tokens of them (default: the model's
       positions, at most 4096).
     min_bucket: the shortest prefill length; prompts pad up to `buckets` (see the module docstring).
-    prefills_per_step: admissions between two decode steps (None: as many as there are free slots).
-      A 1024-token prefill stalls every running request for its duration; a limit bounds the stall.
+    prefills_per_step: prefill calls (whole prompts or chunks) between two decode steps (None: as
+      many as there are free slots and prefilling prompts). A 1024-token prefill stalls every running
+      request for its duration; a limit bounds the stall.
+    prefill_chunk: prompts longer than this prefill this many tokens per step, interleaved with decode
+      steps, into their own batch-1 cache (None: whole prompts at once). Bounds a newcomer's stall of
+      the running batch to one chunk's prefill, at the cost of its own time to first token.
     detokenize: whether events carry text (needs the model's tokenizer); off saves host time.
     """
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
-                 prefills_per_step: int | None = None, detokenize: bool = True):
+                 prefills_per_step: int | None = None, prefill_chunk: int | None = None, detokenize: bool = True):
         cfg = model.config
         if max_len is None:
             max_len = min(cfg.max_position_embeddings, 4096)
         for name, value in (("slots", slots), ("max_len", max_len), ("min_bucket", min_bucket)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise EngineError(f"{name} must be a positive integer, got {value!r}")
-        if prefills_per_step is not None and prefills_per_step < 1:
-            raise EngineError(f"prefills_per_step must be at least 1 or None, got {prefills_per_step!r}")
+        for name, value in (("prefills_per_step", prefills_per_step), ("prefill_chunk", prefill_chunk)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise EngineError(f"{name} must be a positive integer or None, got {value!r}")
         self.model = model
         self.config = cfg
         self.slots = int(slots)
         self.max_len = int(max_len)
         self.buckets = prefill_buckets(self.max_len, int(min_bucket))
         self.prefills_per_step = prefills_per_step
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.detokenize = detokenize
         self.counters = collections.Counter()  # decode_steps, slot_steps (occupied slot-steps), prefills
         self._eos = frozenset(cfg.eos_token_ids)
@@ -352,6 +396,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._slot_of: list[Request | None] = [None] * self.slots
         self._free = list(range(self.slots))  # a heap: the lowest free slot is taken first
+        self._prefilling: collections.deque[Request] = collections.deque()  # chunked, holding a slot
         self._in_flight: tuple[jax.Array, list[tuple[int, Request]]] | None = None
 
     # ----- submission (any thread) -----
@@ -477,7 +522,8 @@ class Engine:
     # ----- scheduling -----
 
     def _busy(self) -> bool:
-        return bool(self._waiting) or self._in_flight is not None or any(r is not None for r in self._slot_of)
+        return (bool(self._waiting) or bool(self._prefilling) or self._in_flight is not None
+                or any(r is not None for r in self._slot_of))
 
     @property
     def busy(self) -> bool:
@@ -498,23 +544,42 @@ class Engine:
             if self._busy() or self._inbox:
                 raise EngineError("warm up the engine before submitting requests")
             self._check_usable()
-            if prompt_lengths is not None and not all(0 < n < self.max_len for n in prompt_lengths):
+            if prompt_lengths is None:
+                prompt_lengths = range(1, self.max_len)
+            elif not all(0 < n < self.max_len for n in prompt_lengths):
                 raise EngineError(f"prompt lengths to warm up must be in [1, {self.max_len}), got {prompt_lengths}")
-            buckets = self.buckets if prompt_lengths is None else sorted({self._bucket(n) for n in prompt_lengths})
-            p = self.model
-            # Every order of the two steps, twice: on a mesh a step may return the state in other
-            # shardings than it came in (jit keys on them); repeats compile for the layouts serving sees.
+            whole = sorted({self._bucket(n) for n in prompt_lengths if not self._chunked(n)})
+            chunked = sorted({self._bucket(n) for n in prompt_lengths if self._chunked(n)})
+            p, cfg = self.model, self.config
+            slot = (np.int32(0), np.uint32(0), np.float32(0), np.float32(1))
+            one = np.int32(1)
+            # Every order of the steps, twice: on a mesh a step may return the state in other shardings
+            # than it came in (jit keys on them); the repeats compile for the layouts serving sees.
             for _ in range(2):
-                for t in [b for b in buckets for _ in range(2)]:
-                    tokens = np.full((1, t), self.config.pad_token_id, np.int32)
-                    first, self._state = _admit(p.params, self._state, tokens, np.int32(1), np.int32(0),
-                                                np.uint32(0), np.float32(0), np.float32(1), config=self.config,
+                for t in [b for b in whole for _ in range(2)]:
+                    first, self._state = _admit(p.params, self._state, self._padded([], t), one, *slot, config=cfg,
                                                 runtime=p.runtime)
-                    jax.block_until_ready(first)
+                for t in chunked:
+                    tokens = self._padded([], self.prefill_chunk)
+                    for middle in (0, 2):
+                        small = _first_chunk(p.params, self._state, tokens, one, length=t, config=cfg,
+                                             runtime=p.runtime)
+                        for _ in range(middle):
+                            _, small = M.prefill(p.params, small, tokens, one[None], cfg, p.runtime)
+                        first, self._state = _last_chunk(p.params, self._state, small, tokens, one, *slot,
+                                                         config=cfg, runtime=p.runtime)
                 for _ in range(2):
-                    out, self._state = _decode(p.params, self._state, np.zeros((self.slots,), bool),
-                                               config=self.config, runtime=p.runtime)
+                    out, self._state = _decode(p.params, self._state, np.zeros((self.slots,), bool), config=cfg,
+                                               runtime=p.runtime)
                 jax.block_until_ready(out)
+
+    def _chunked(self, n: int) -> bool:
+        return self.prefill_chunk is not None and n > self.prefill_chunk
+
+    def _padded(self, ids: Sequence[int], length: int) -> np.ndarray:
+        tokens = np.full((1, length), self.config.pad_token_id, np.int32)
+        tokens[0, :len(ids)] = ids
+        return tokens
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -550,26 +615,29 @@ class Engine:
                 self._finish(req, "cancelled", time.perf_counter())
 
         admitted = []
-        while self._waiting and self._free and (self.prefills_per_step is None
-                                                or len(admitted) < self.prefills_per_step):
+        budget = math.inf if self.prefills_per_step is None else self.prefills_per_step
+        for req in list(self._prefilling):  # chunked prompts already holding a slot go first
+            if budget <= 0:
+                break
+            budget -= 1
+            first = self._prefill(req)
+            if first is not None:
+                self._prefilling.remove(req)
+                admitted.append((req, first))
+        while self._waiting and self._free and budget > 0:
+            budget -= 1
             req = self._waiting.popleft()
-            slot = heapq.heappop(self._free)
-            tokens = np.full((1, self._bucket(len(req.prompt))), cfg.pad_token_id, np.int32)
-            tokens[0, :len(req.prompt)] = req.prompt
+            req._slot = heapq.heappop(self._free)
+            self._slot_of[req._slot] = req
             req.metrics.scheduled = time.perf_counter()
-            first, self._state = _admit(p.params, self._state, tokens, np.int32(len(req.prompt)), np.int32(slot),
-                                        np.uint32(req.seed), np.float32(req.temperature), np.float32(req.top_p),
-                                        config=cfg, runtime=p.runtime)
-            first.copy_to_host_async()
-            self.counters["prefills"] += 1
-            req._slot, req._dispatched = slot, 1
-            self._slot_of[slot] = req
-            if req._dispatched >= req.max_tokens:
-                self._release(req)
-            admitted.append((req, first))
+            first = self._prefill(req)
+            if first is None:
+                self._prefilling.append(req)
+            else:
+                admitted.append((req, first))
 
         dispatched = None
-        live = [s for s, r in enumerate(self._slot_of) if r is not None]
+        live = [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding]
         if live:
             active = np.zeros((self.slots,), bool)
             active[live] = True
@@ -595,6 +663,36 @@ class Engine:
             self._emit(req, token, time.perf_counter(), events)
         self._in_flight = dispatched
         return events
+
+    def _prefill(self, req: Request) -> jax.Array | None:
+        """Dispatches a slot-holding request's next prefill call: its whole prompt, or its next chunk.
+        Returns its first token once the prompt is all in; its slot decodes from then on."""
+        p, cfg, n = self.model, self.config, len(req.prompt)
+        slot = (np.int32(req._slot), np.uint32(req.seed), np.float32(req.temperature), np.float32(req.top_p))
+        if not self._chunked(n):
+            first, self._state = _admit(p.params, self._state, self._padded(req.prompt, self._bucket(n)),
+                                        np.int32(n), *slot, config=cfg, runtime=p.runtime)
+        else:
+            lo = req._prefilled
+            piece = req.prompt[lo:lo + self.prefill_chunk]
+            tokens, count = self._padded(piece, self.prefill_chunk), np.int32(len(piece))
+            req._prefilled += len(piece)
+            if req._prefilled < n:
+                if lo == 0:
+                    req._small = _first_chunk(p.params, self._state, tokens, count, length=self._bucket(n),
+                                              config=cfg, runtime=p.runtime)
+                else:
+                    _, req._small = M.prefill(p.params, req._small, tokens, count[None], cfg, p.runtime)
+                return None
+            first, self._state = _last_chunk(p.params, self._state, req._small, tokens, count, *slot, config=cfg,
+                                             runtime=p.runtime)
+            req._small = None
+        first.copy_to_host_async()
+        self.counters["prefills"] += 1
+        req._decoding, req._dispatched = True, 1
+        if req._dispatched >= req.max_tokens:
+            self._release(req)
+        return first
 
     def _release(self, req: Request) -> None:
         if req._slot is not None and self._slot_of[req._slot] is req:
@@ -630,6 +728,9 @@ class Engine:
         if req.finished:
             return
         self._release(req)
+        if req in self._prefilling:
+            self._prefilling.remove(req)
+        req._small = None
         req.finish_reason = reason
         req.metrics.finished = now
         self._live.discard(req)
@@ -649,4 +750,5 @@ class Engine:
                 req.error = error
                 self._finish(req, "error", now)
         self._waiting.clear()
+        self._prefilling.clear()
         self._in_flight = None

@@ -220,6 +220,42 @@ def test_no_recompilation_after_warmup(model):
     assert serving == 0
 
 
+def test_chunked_prefill_matches_generate_and_never_recompiles(model):
+    rng = np.random.default_rng(5)
+    jobs = [random_job(rng, model) for _ in range(5)] + [([7, 8, 9], 20)]  # one shorter than a chunk
+    expected = [alone(model, p, n) for p, n in jobs]
+    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN, prefill_chunk=5, detokenize=False)
+    compiles = []
+
+    def listener(event, *args, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    engine.warmup([len(p) for p, _ in jobs])
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        requests = [engine.submit(p, max_tokens=n) for p, n in jobs[:2]]
+        while len(requests[0].tokens) < 2:  # a long prompt joins while others decode
+            engine.step()
+        requests += [engine.submit(p, max_tokens=n) for p, n in jobs[2:]]
+        prefilling = 0
+        while not all(r.finished for r in requests):
+            engine.step()
+            prefilling = max(prefilling, len(engine._prefilling))
+        # Cancelling a prompt halfway through its chunks frees its slot.
+        dropped = engine.submit(jobs[0][0] + jobs[1][0], max_tokens=4)
+        engine.step()
+        assert dropped._slot is not None and not dropped._decoding
+        dropped.cancel()
+        engine.step()
+        assert dropped.finish_reason == "cancelled" and engine.free_slots == 2 and not engine.busy
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    engine.close()
+    assert [r.tokens for r in requests] == expected
+    assert prefilling >= 1 and compiles == []
+
+
 def test_serving_smoke_mode(tmp_path):
     from bench import serving
 
