@@ -10,7 +10,9 @@ Bytes counted: the weights of the experts that own at least one row, each read o
 lhs and output are small beside them at decode sizes). FLOPs: 2 * T * K * N. Times are means of
 calls queued back to back (bench.common.time_fn with sync_each=False). Every jaxfire variant is
 checked against the float32 reference on the GPU before it is timed. Random weights at full
-geometry: the cost does not depend on their values.
+geometry: the cost does not depend on their values. Rows of one invocation share a `run` id; all
+studies append to bench/results/grouped_matmul.jsonl. The whole grid takes about ten minutes on an
+H100 (compilation dominates); --shapes / --rows / --swiglu-rows split it.
 """
 
 from __future__ import annotations
@@ -66,14 +68,15 @@ def rel_err(out: jax.Array, want: jax.Array) -> float:
 
 
 class Bench:
-    def __init__(self, iters: int, name: str, out_dir: str | None):
+    def __init__(self, iters: int, name: str, out_dir: str | None, run: str):
         self.iters = iters
-        self.name, self.out_dir = name, out_dir
+        self.name, self.out_dir, self.run = name, out_dir, run
         self.rows: list[dict[str, Any]] = []
         self.failures: list[str] = []
 
     def add(self, row: dict[str, Any]) -> None:
         """Keeps a measured row and appends it to the results file at once (a cut-short run keeps it)."""
+        row = dict(row, run=self.run)
         self.rows.append(row)
         common.write_results(self.name, [row], self.out_dir)
         keys = ("shape", "t", "routing", "impl", "dtype", "config", "ms", "tflops", "weight_tbps", "rel_err")
@@ -294,8 +297,10 @@ def main() -> None:
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
 
-    name = "grouped_matmul" if args.study == "grid" else "grouped_matmul_sweep"
-    b = Bench(args.iters, name, args.out_dir)
+    name = "grouped_matmul"
+    # Rows of one invocation share a run id, so each figure can be read beside its peers and ceiling.
+    run = f"{args.study}-{common.device_info()['date']}"
+    b = Bench(args.iters, name, args.out_dir, run)
     copy_bw = common.copy_bandwidth()
     print(f"{common.device_info()}\ncopy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", flush=True)
     if args.study == "sweep":

@@ -15,8 +15,11 @@ IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_mosaic", "pallas_triton"
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
 _INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), _FP8)
 _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-# At or below this many rows the bandwidth-bound Triton kernel beats wgmma tiles (bench/results).
-DECODE_MAX_ROWS = 64
+# At or below this many rows the bandwidth-bound Triton kernel beats the wgmma kernel (H100 grid in
+# bench/results/grouped_matmul.jsonl): at T=128 it took 10-26% less time in bf16 in three of the
+# four shape/routing cases (5% more in one), while with fp8 operands the wgmma kernel took as long
+# or up to 21% less.
+DECODE_MAX_ROWS = {1: 64, 2: 128}  # by lhs itemsize
 
 
 def _check(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config, swiglu):
@@ -84,7 +87,7 @@ def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implemen
         if reason is not None:
             raise ValueError(f"implementation='pallas_mosaic' cannot run this problem: {reason}.")
         return "mosaic", m_config
-    if reason is None and t > DECODE_MAX_ROWS:
+    if reason is None and t > DECODE_MAX_ROWS[jnp.dtype(lhs.dtype).itemsize]:
         return "mosaic", m_config
     return "triton", config or triton_config(t, k, n_out, swiglu=swiglu)
 

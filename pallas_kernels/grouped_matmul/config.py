@@ -49,8 +49,9 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
 def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool) -> Config:
     """Decode: stream each active expert's weights once; prefill (fallback): wide MMA tiles.
 
-    Measured on an H100 (bench/results/grouped_matmul_sweep.jsonl): at T=32 these blocks read fp8
-    weights at ~2.4 TB/s and bf16 at ~2.9 TB/s; swap_ab and 32-row blocks were slower for fp8.
+    Measured on an H100 (bench/results/grouped_matmul.jsonl, study=sweep): at T=32 these blocks
+    read fp8 weights at ~2.4 TB/s and bf16 at ~2.9 TB/s; swap_ab and 32-row blocks were slower
+    for fp8. Past 256 rows, 128x128x64 tiles on 8 warps were the fastest of four (weight-only fp8).
     """
     if num_rows > 256:
         return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
@@ -64,8 +65,8 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool) -> Config:
 def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool) -> Config:
     """Warp-specialised wgmma: a CTA of two compute warpgroups and one TMA warpgroup.
 
-    Swept on an H100 at T=4096 (bench/results/grouped_matmul_sweep.jsonl): four stages beat three
-    by 10-12%, and visiting N-bands eight tiles wide was best or within 1% of it.
+    Swept on an H100 at T=4096 (bench/results/grouped_matmul.jsonl, study=sweep): four stages beat
+    three by 10-12%, and visiting N-bands eight tiles wide was best or within 1% of it.
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
     return Config(block_m=128, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_FP8 = jnp.float8_e4m3fn
-
 
 def _row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
     # Rows past sum(group_sizes) get the last expert; their product is zero anyway.
