@@ -31,15 +31,15 @@ class Runtime:
     decode_attention: "auto" (the Pallas kernel on GPUs, where it reads the cache at up to the copy
     bandwidth, and the einsum attention elsewhere), "xla" (the einsum attention the rest of the model
     uses), or an `implementation=` name of `pallas_kernels.decode_attention`.
-    grouped_matmul: "xla" (`jax.lax.ragged_dot_general`) or an `implementation=` name of
-    `pallas_kernels.grouped_matmul`.
+    grouped_matmul: "auto" (the Pallas kernels on GPUs for bf16 activations, XLA elsewhere), "xla"
+    (`jax.lax.ragged_dot_general`), or an `implementation=` name of `pallas_kernels.grouped_matmul`.
     fp8: when FP8 weights also quantize their activations.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert-parallel over it. None for one device.
     """
 
     decode_attention: str = "auto"
-    grouped_matmul: str = "xla"
+    grouped_matmul: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     mesh: Mesh | None = None
 

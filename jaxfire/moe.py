@@ -33,9 +33,8 @@ def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array, policy: quant.Fp8
                 implementation: str = "xla") -> jax.Array:
     """SwiGLU experts over rows sorted by expert."""
     # xs: [A, D] -> [A, D]
-    gate_up = quant.grouped(xs, p.w_gate_up, group_sizes, policy, implementation)  # [A, 2F]
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    return quant.grouped(jax.nn.silu(gate) * up, p.w_down, group_sizes, policy, implementation)
+    h = quant.grouped_swiglu(xs, p.w_gate_up, group_sizes, policy, implementation)  # [A, F]
+    return quant.grouped(h, p.w_down, group_sizes, policy, implementation)
 
 
 def dispatch(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:

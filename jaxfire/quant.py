@@ -120,22 +120,38 @@ def _row_scale(ys: jax.Array, w: QArray, group_sizes: jax.Array) -> jax.Array:
     return w.scale[expert_of_row]
 
 
+def _grouped_backend(x: jax.Array, implementation: str) -> str | None:
+    """"xla", or the `implementation=` to pass to pallas_kernels ("auto": its own choice on GPUs, for
+    the bf16 activations its kernels take)."""
+    if implementation == "auto":
+        on_gpu = jax.default_backend() == "gpu" and x.dtype == jnp.bfloat16
+        return None if on_gpu else "xla"
+    return implementation
+
+
+def _kernel_operands(x: jax.Array, w: jax.Array | QArray, fp8_acts: bool):
+    lhs, lhs_scale = quantize(x, axis=-1) if fp8_acts else (x, None)
+    rhs, rhs_scale = (w.value, w.scale) if isinstance(w, QArray) else (w.astype(x.dtype), None)
+    return dict(lhs=lhs, lhs_scale=lhs_scale, rhs=rhs, rhs_scale=rhs_scale)
+
+
 def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, policy: Fp8Policy = Fp8Policy(),
             implementation: str = "xla") -> jax.Array:
     """Per-group x @ w[e].T over rows sorted by expert, w stored [E, N, K]; rows past sum(group_sizes) are zero.
 
-    implementation "xla" runs `jax.lax.ragged_dot_general`; any other value is passed as
-    `implementation=` to `pallas_kernels.grouped_matmul`.
+    implementation: "xla" runs `jax.lax.ragged_dot_general`; "auto" the Pallas kernels on GPUs (XLA
+    elsewhere); any other value is passed as `implementation=` to `pallas_kernels.grouped_matmul`.
     """
     # x: [T, K], w: [E, N, K] -> [T, N]
     fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0])
-    if implementation != "xla":
+    backend = _grouped_backend(x, implementation)
+    if backend != "xla":
         from pallas_kernels import grouped_matmul
 
-        lhs, lhs_scale = quantize(x, axis=-1) if fp8_acts else (x, None)
-        rhs, rhs_scale = (w.value, w.scale) if isinstance(w, QArray) else (w.astype(x.dtype), None)
-        return grouped_matmul(lhs, rhs, group_sizes, lhs_scale=lhs_scale, rhs_scale=rhs_scale, transpose_rhs=True,
-                              preferred_element_type=x.dtype, implementation=implementation)
+        ops = _kernel_operands(x, w, fp8_acts)
+        return grouped_matmul(ops["lhs"], ops["rhs"], group_sizes, lhs_scale=ops["lhs_scale"],
+                              rhs_scale=ops["rhs_scale"], transpose_rhs=True, preferred_element_type=x.dtype,
+                              implementation=backend)
     if not isinstance(w, QArray):
         return _ragged(x, w.astype(x.dtype), group_sizes).astype(x.dtype)
     if fp8_acts:
@@ -144,3 +160,23 @@ def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, policy:
     else:
         y = _ragged(x, w.value.astype(x.dtype), group_sizes)
     return (y * _row_scale(y, w, group_sizes)).astype(x.dtype)
+
+
+def grouped_swiglu(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, policy: Fp8Policy = Fp8Policy(),
+                   implementation: str = "xla") -> jax.Array:
+    """silu(x @ gate.T) * (x @ up.T) per group, w stored [E, 2F, K] (gate rows first); [T, F].
+
+    The Pallas path fuses both projections and the product, so the [T, 2F] intermediate never
+    reaches memory.
+    """
+    backend = _grouped_backend(x, implementation)
+    if backend == "xla":
+        gate, up = jnp.split(grouped(x, w, group_sizes, policy, "xla"), 2, axis=-1)
+        return jax.nn.silu(gate) * up
+    from pallas_kernels import grouped_matmul_swiglu
+
+    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0])
+    ops = _kernel_operands(x, w, fp8_acts)
+    return grouped_matmul_swiglu(ops["lhs"], ops["rhs"], group_sizes, lhs_scale=ops["lhs_scale"],
+                                 rhs_scale=ops["rhs_scale"], transpose_rhs=True, preferred_element_type=x.dtype,
+                                 implementation=backend)
