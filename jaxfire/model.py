@@ -84,10 +84,13 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
     """Self-attention of x at `positions`; with a cache, writes the new keys/values and attends over it."""
     # x: [B, T, D], positions: [B, T]
     b, t, _ = x.shape
-    c, p, fp8 = config, layer.attn, runtime.fp8
-    q = quant.dense(x, p.wq, fp8).reshape(b, t, c.num_heads, c.head_dim)
-    k = quant.dense(x, p.wk, fp8).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = quant.dense(x, p.wv, fp8).reshape(b, t, c.num_kv_heads, c.head_dim)
+    c, p = config, layer.attn
+    # A kernel is opaque to XLA's partitioner, so on a mesh the projections stay with XLA.
+    dense = functools.partial(quant.dense, policy=runtime.fp8,
+                              implementation="xla" if runtime.mesh is not None else runtime.grouped_matmul)
+    q = dense(x, p.wq).reshape(b, t, c.num_heads, c.head_dim)
+    k = dense(x, p.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = dense(x, p.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     if cache is None:
         o = attend(q, k, v, positions, c.sliding_window)
@@ -100,7 +103,7 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
         else:
             k_all, v_all = cache.read(q.dtype)
             o = attend(q, k_all, v_all, positions, c.sliding_window)
-    return quant.dense(o.reshape(b, t, -1), p.wo, fp8), cache
+    return dense(o.reshape(b, t, -1), p.wo), cache
 
 
 def _resolve(implementation: str, head_dim: int) -> str:

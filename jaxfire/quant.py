@@ -88,12 +88,23 @@ def _num_tokens(x: jax.Array) -> int:
     return n
 
 
-def dense(x: jax.Array, w: jax.Array | QArray, policy: Fp8Policy = Fp8Policy()) -> jax.Array:
-    """x @ w.T for a weight stored [N, K]; returns x's dtype."""
+def dense(x: jax.Array, w: jax.Array | QArray, policy: Fp8Policy = Fp8Policy(),
+          implementation: str = "xla") -> jax.Array:
+    """x @ w.T for a weight stored [N, K]; returns x's dtype.
+
+    `implementation` as for `grouped`: with "auto" on a GPU, weight-only FP8 runs as a one-group
+    grouped matmul, whose kernel reads the e4m3 weight once (XLA would first write an upcast copy).
+    """
     # x: [..., K], w: [N, K] -> [..., N]
     if not isinstance(w, QArray):
         return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    if policy.quantize_activations(_num_tokens(x)):
+    fp8_acts = policy.quantize_activations(_num_tokens(x))
+    if not fp8_acts and _grouped_backend(x, implementation) != "xla":
+        rows = x.reshape(-1, x.shape[-1])
+        one_group = QArray(value=w.value[None], scale=w.scale[None])
+        y = grouped(rows, one_group, jnp.array([rows.shape[0]], jnp.int32), policy, implementation)
+        return y.reshape(*x.shape[:-1], -1)
+    if fp8_acts:
         xq, xs = quantize(x, axis=-1)  # [..., K], [...]
         y = jnp.einsum("...k,nk->...n", xq, w.value, preferred_element_type=jnp.float32)
         return (y * xs[..., None] * w.scale).astype(x.dtype)
