@@ -174,26 +174,27 @@ def text_windows(model: api.Model, text: str | Sequence[int], window: int, max_t
 
 # ------------------------------------------------------------------------------------------- comparison
 
-def _load(checkpoint: str | os.PathLike | None | api.Model, weights: str) -> api.Model:
+def _load(checkpoint: str | os.PathLike | None | api.Model, weights: str, mesh: Any = None) -> api.Model:
     if isinstance(checkpoint, api.Model):
         if (weights == "fp8") != checkpoint.is_fp8:
             raise EvaluationError(f"a loaded model serves only {'fp8' if checkpoint.is_fp8 else 'bfloat16'} "
                                   f"variants; pass a checkpoint path to compare {weights} weights")
         return checkpoint
-    return api.load(checkpoint, dtype=weights)
+    return api.load(checkpoint, dtype=weights, mesh=mesh)
 
 
 def compare_variants(checkpoint: str | os.PathLike | None | api.Model, text: str | Sequence[int],
                      variants: Sequence[Variant] = VARIANTS, *, reference: Variant = REFERENCE, window: int = 256,
-                     max_tokens: int | None = 32768, batch: int = 16,
+                     max_tokens: int | None = 32768, batch: int = 16, mesh: Any = None,
                      progress: Callable[[Iterable, str], Iterable] | None = None) -> list[dict[str, Any]]:
     """Perplexity of the text under the reference and each variant, and each variant's KL divergence from
     the reference and top-1 agreement with it, over every next-token prediction inside the windows.
 
     checkpoint: a checkpoint directory (None: the built-in model), or a loaded `Model` (then only
     variants of its own weight precision). The model is loaded once per weight precision, one at a
-    time, so a large model needs memory for one copy; the reference's log-probabilities wait on the
-    host (N x V float32; `max_tokens` bounds N). `progress(batches, variant_name)` may wrap the batch loop.
+    time (over `mesh` if given), so a large model needs memory for one copy; the reference's
+    log-probabilities wait on the host (N x V float32; `max_tokens` bounds N).
+    `progress(batches, variant_name)` may wrap the batch loop.
     Returns one row per run, the reference first: variant, weights, activations, kv_cache,
     experts_per_token, tokens (predictions scored), nll, perplexity, kl, kl_max, top1_agreement and
     ppl_change (relative to the reference).
@@ -213,7 +214,7 @@ def compare_variants(checkpoint: str | os.PathLike | None | api.Model, text: str
         v = runs[i]
         if loaded is None or loaded[0] != v.weights:
             loaded = model = None  # frees the other precision's weights before this one loads
-            loaded = (v.weights, _load(checkpoint, v.weights))
+            loaded = (v.weights, _load(checkpoint, v.weights, mesh))
         model = v.apply(loaded[1])
         if windows is None:
             windows = text_windows(model, text, window, max_tokens)

@@ -12,7 +12,7 @@ On the CPU the expert matmuls run as one batched matmul over expert-pure blocks 
 `ragged_dot` path. Training stops before its first step if its forward pass differs from
 `model.forward`. Everything is seeded: the same flags give the same weights.
 
-    python scripts/train_demo.py                          # the shipped model: CPU, about 35 minutes
+    python scripts/train_demo.py                          # the shipped model: CPU, about 30 minutes
     python scripts/train_demo.py --steps 20 --out /tmp/m  # a smoke run
     python scripts/train_demo.py --steps 20000 --batch 64 --compute-dtype bfloat16 --out ckpt/demo  # GPU
     python -m bench.quality --text $(python scripts/train_demo.py --list-heldout)  # score the held-out files
@@ -71,7 +71,7 @@ class TrainConfig:
 
 
 def model_config(vocab_size: int) -> Config:
-    """The shipped geometry: about 3M parameters (6 MB in bf16), 8 experts of which 2 run per token."""
+    """The shipped geometry: 3.1M parameters (5 MB in bf16), 8 experts of which 2 run per token."""
     return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=192, num_layers=4, num_heads=4,
                   num_kv_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, rope_theta=1e4,
                   max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
@@ -326,7 +326,8 @@ def main() -> None:
         params, opt_state, ce, aux, gnorm = step(params, opt_state, batch)
         ce = float(ce)
         smooth = ce if smooth is None else 0.95 * smooth + 0.05 * ce
-        bar.set_postfix(loss=f"{smooth:.3f}", aux=f"{float(aux):.3f}", lr=f"{float(schedule(i)):.1e}")
+        bar.set_postfix(loss=f"{smooth:.3f}", aux=f"{float(aux):.3f}", gnorm=f"{float(gnorm):.2f}",
+                        lr=f"{float(schedule(i - 1)):.1e}")
         if i % tc.eval_every == 0 or i == tc.steps:
             held = heldout_loss(params, config, held_stream, tc.eval_windows, tc.seq_len, compute_dtype)
             history.append({"step": i, "train_loss": round(smooth, 4), "heldout_loss": round(held, 4),
@@ -338,11 +339,13 @@ def main() -> None:
     held = heldout_loss(bf16_params, config, held_stream, tc.eval_windows, tc.seq_len)
     info = {
         "source": "scripts/train_demo.py",
-        "train": {**dataclasses.asdict(tc), "experts": experts_impl, "vocab": tok.get_vocab_size(), "compute_dtype": args.compute_dtype,
+        "train": {**dataclasses.asdict(tc), "experts": experts_impl, "vocab": tok.get_vocab_size(),
+                  "compute_dtype": args.compute_dtype,
                   "parameters": config.param_count(), "tokens_seen": tc.steps * tc.batch * tc.seq_len,
                   "train_files": len(train_files), "train_tokens": int(len(train_stream)),
                   "heldout_files": len(held_files), "heldout_tokens": int(len(held_stream)),
-                  "python": platform.python_version(), "machine": f"{platform.machine()} {jax.devices()[0].device_kind}",
+                  "python": platform.python_version(),
+                  "machine": f"{platform.machine()} {jax.devices()[0].device_kind}",
                   "seconds": round(seconds), "heldout_loss_bf16": round(held, 4),
                   "heldout_ppl_bf16": round(math.exp(held), 2), "history": history},
     }

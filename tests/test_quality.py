@@ -116,6 +116,18 @@ def test_compare_variants_end_to_end(converted):
     assert by["top3"]["kl"] > by["w8"]["kl"]
 
 
+def test_compare_variants_over_a_mesh_matches_one_device(converted):
+    _, ckpt = converted("ep8")
+    tokens = list(np.random.default_rng(0).integers(0, 97, 128))
+    variants = [E.Variant("w8a8 kv8", weights="fp8", activations="always", kv_cache="fp8")]
+    single = E.compare_variants(ckpt, tokens, variants, window=32)
+    sharded = E.compare_variants(ckpt, tokens, variants, window=32, mesh=jaxfire.make_mesh())
+    for a, b in zip(single, sharded):
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-7)
+    assert sharded[1]["kl"] > 0
+
+
 def test_compare_variants_rows_are_deterministic(converted):
     _, ckpt = converted("gqa")
     tokens = list(range(1, 60))
