@@ -98,11 +98,10 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
     if num_experts_per_tok is not None:
         config = config.replace(num_experts_per_tok=num_experts_per_tok)
     sharding_fn = None
+    runtime = runtime or M.Runtime()
     if mesh is not None:
         S.check_experts(mesh, config.num_experts)
         sharding_fn = lambda spec: S.named_sharding(mesh, spec.logical_axes, spec.shape, spec.blocks)  # noqa: E731
-    runtime = runtime or M.Runtime()
-    if mesh is not None:
         runtime = dataclasses.replace(runtime, mesh=mesh)
     stored_fp8 = bool(meta.get("fp8"))
     cast, transform = None, None
