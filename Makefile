@@ -7,6 +7,8 @@ ARGS ?= --prompt "def fibonacci(n):" --max-new-tokens 48
 .PHONY: run test venv clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
+	@PYENV_VERSION=3.12.1 $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
+	  { echo "jaxfire needs Python >= 3.12 (jax >= 0.11); set PY=/path/to/python3.12" >&2; exit 1; }
 	PYENV_VERSION=3.12.1 $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	PIP_CONSTRAINT= $(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
