@@ -239,16 +239,10 @@ class SlotState:
     top_p: jax.Array  # [N] float32
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _empty_cache(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh: Any) -> KVCache:
-    # One cached program: `init_cache` called eagerly compiles its buffers' fills anew on every call.
-    return init_cache(config, slots, max_len, cache_dtype, mesh)
-
-
 def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh: Any) -> SlotState:
     """A fresh state, committed to where the steps will leave it: jit keys its cache on committedness,
     so an uncommitted first state would compile every step function twice."""
-    cache = _empty_cache(config, slots, max_len, cache_dtype, mesh)
+    cache = init_cache(config, slots, max_len, cache_dtype, mesh)
     where = jax.devices()[0] if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if mesh is None:
         cache = jax.device_put(cache, where)

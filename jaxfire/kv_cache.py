@@ -9,6 +9,7 @@ Dimensions: L layers, B sequences (slots), S cache positions, G key/value heads,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -98,7 +99,7 @@ def init_cache(config: Config, batch_size: int, max_length: int, dtype: Any = jn
 
     def make(shape, dtype, fill, axes):
         sharding = None if mesh is None else S.named_sharding(mesh, axes, shape)
-        return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)()
+        return _filler(shape, jnp.dtype(dtype), fill, sharding)()
 
     layers = range(config.num_layers)
     return KVCache(
@@ -108,6 +109,12 @@ def init_cache(config: Config, batch_size: int, max_length: int, dtype: Any = jn
         k_scale=[make(shape[:-1], jnp.float32, 1, SCALE_AXES) for _ in layers] if fp8 else None,
         v_scale=[make(shape[:-1], jnp.float32, 1, SCALE_AXES) for _ in layers] if fp8 else None,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _filler(shape: tuple[int, ...], dtype: Any, fill: float, sharding: Any):
+    """One compiled program per buffer kind: a cache of L layers compiles two or four, not 2L or 4L."""
+    return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
 
 
 def write(buf: jax.Array, new: jax.Array, positions: jax.Array, counts: jax.Array) -> jax.Array:
