@@ -61,14 +61,14 @@ def _resolve_dtype(dtype: Any) -> Any:
         return None
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise JaxfireError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+            raise JaxfireError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}, fp8")
         return _DTYPES[dtype]
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
         raise JaxfireError(f"unsupported dtype {dtype!r}") from None
     if resolved not in map(jnp.dtype, _DTYPES.values()):
-        raise JaxfireError(f"unsupported dtype {resolved}; choose one of {', '.join(_DTYPES)}")
+        raise JaxfireError(f"unsupported dtype {resolved}; choose one of {', '.join(_DTYPES)}, fp8")
     return resolved
 
 

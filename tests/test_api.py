@@ -39,7 +39,7 @@ def test_stream_yields_the_same_tokens_as_generate(builtin):
 def test_dtype_override(builtin):
     model = jaxfire.load(dtype="float32")
     assert model.params.embed.dtype == np.float32 and builtin.params.embed.dtype == "bfloat16"
-    with pytest.raises(jaxfire.JaxfireError, match="unsupported dtype 'int8'"):
+    with pytest.raises(jaxfire.JaxfireError, match="unsupported dtype 'int8'; choose one of .*fp8"):
         jaxfire.load(dtype="int8")
 
 
