@@ -33,6 +33,9 @@ class Runtime:
     uses), or an `implementation=` name of `pallas_kernels.decode_attention`.
     grouped_matmul: "auto" (the Pallas kernels on GPUs for bf16 activations, XLA elsewhere), "xla"
     (`jax.lax.ragged_dot_general`), or an `implementation=` name of `pallas_kernels.grouped_matmul`.
+    prefill_attention: "einsum" (attention over the whole cache, any start position) or an
+    `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn" for cuDNN flash attention),
+    used when every sequence of a prefill starts at position 0 (its prompt attends to itself alone).
     fp8: when FP8 weights also quantize their activations.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert-parallel over it. None for one device.
@@ -40,6 +43,7 @@ class Runtime:
 
     decode_attention: str = "auto"
     grouped_matmul: str = "auto"
+    prefill_attention: str = "einsum"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     mesh: Mesh | None = None
 
@@ -100,10 +104,22 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
         if t == 1 and impl != "xla":
             o = _decode_attention(q[:, 0], cache, positions[:, 0] + counts, c.sliding_window, impl,
                                   runtime.mesh)[:, None]
+        elif t > 1 and runtime.prefill_attention != "einsum":
+            o = jax.lax.cond(jnp.all(positions[:, 0] == 0),
+                             lambda: _prompt_attention(q, k, v, counts, c.sliding_window, runtime.prefill_attention),
+                             lambda: attend(q, *cache.read(q.dtype), positions, c.sliding_window))
         else:
             k_all, v_all = cache.read(q.dtype)
             o = attend(q, k_all, v_all, positions, c.sliding_window)
     return dense(o.reshape(b, t, -1), p.wo), cache
+
+
+def _prompt_attention(q, k, v, counts, window, implementation):
+    """Prompts that start at position 0 attend to their own new tokens only (no cache read)."""
+    # q: [B, T, H, K], k/v: [B, T, G, K], counts: [B] -> [B, T, H, K]
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=counts,
+                                        local_window_size=local, implementation=implementation)
 
 
 def _resolve(implementation: str, head_dim: int) -> str:
