@@ -125,28 +125,17 @@ def convert_layer(index: TensorIndex, names: list[str], i: int, config: Config, 
             e, part = map(int, np.argwhere(~seen)[0])
             what = {("w_gate_up", 0): "w1", ("w_gate_up", 1): "w3", ("w_down", 0): "w2"}[(path[-1], part)]
             raise ConversionError(f"missing tensor {prefix}block_sparse_moe.experts.{e}.{what}.weight")
-    leaves = {}
-    for path, leaf_spec in _layer_paths(spec):
-        if path not in values:
-            raise ConversionError(f"missing tensor for layer {i}: {'.'.join(path)} "
-                                  f"(expected a Hugging Face tensor under {prefix})")
-        leaves[path] = values[path]
-    return _build_layer(leaves)
-
-
-def _layer_paths(spec: P.Layer) -> list[tuple[tuple[str, ...], P.ParamSpec]]:
-    return [(("attn_norm",), spec.attn_norm), (("moe_norm",), spec.moe_norm)] + [
-        (("attn", n), getattr(spec.attn, n)) for n in ("wq", "wk", "wv", "wo")] + [
-        (("moe", n), getattr(spec.moe, n)) for n in ("router", "w_gate_up", "w_down")]
-
-
-def _build_layer(leaves: dict[tuple[str, ...], np.ndarray]) -> P.Layer:
-    return P.Layer(
-        attn_norm=leaves[("attn_norm",)],
-        attn=P.Attention(*(leaves[("attn", n)] for n in ("wq", "wk", "wv", "wo"))),
-        moe_norm=leaves[("moe_norm",)],
-        moe=P.MoE(*(leaves[("moe", n)] for n in ("router", "w_gate_up", "w_down"))),
-    )
+    nested: dict[str, Any] = {}
+    for path, array in values.items():
+        node = nested
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = array
+    try:
+        return checkpoint.from_nested(spec, nested)
+    except KeyError as e:
+        raise ConversionError(f"missing tensor for layer {i}: {e.args[0]} "
+                              f"(expected a Hugging Face tensor under {prefix})") from None
 
 
 def _source_dtype(index: TensorIndex) -> Any:

@@ -66,13 +66,20 @@ def to_nested(tree: Any) -> dict[str, Any]:
 
 
 def from_nested(template: Any, nested: dict[str, Any]) -> Any:
-    """Rebuilds `template`'s structure with leaves looked up in `nested`."""
+    """Rebuilds `template`'s structure with leaves looked up in `nested`.
+
+    A missing leaf raises KeyError with its dotted path (e.g. "attn.wk").
+    """
     paths, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=P.is_spec)
     leaves = []
     for path, _ in paths:
+        names = [_key_name(k) for k in path]
         node = nested
-        for k in path:
-            node = node[_key_name(k)]
+        try:
+            for name in names:
+                node = node[name]
+        except (KeyError, TypeError):
+            raise KeyError(".".join(names)) from None
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
