@@ -125,8 +125,13 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
                  kv_cache_dtype=kv_cache_dtype)
 
 
+def _is_single_prompt(prompts) -> bool:
+    """A string or one list of token ids, rather than a batch of them."""
+    return isinstance(prompts, str) or bool(len(prompts) and isinstance(prompts[0], (int, np.integer)))
+
+
 def _as_token_lists(model: Model, prompts: Sequence[str | Sequence[int]] | str) -> list[list[int]]:
-    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+    if _is_single_prompt(prompts):
         prompts = [prompts]
     if not len(prompts):
         raise GenerationError("no prompts given")
@@ -235,7 +240,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0) -> Generation:
     """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings."""
-    n = 1 if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))) else len(prompts)
+    n = 1 if _is_single_prompt(prompts) else len(prompts)
     result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[])
     for _ in generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, stats=result):
