@@ -31,14 +31,6 @@ class KVCache:
     v_scale: list[jax.Array] | None = None  # L x [B, S, G] float32, FP8 caches only
 
     @property
-    def batch_size(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def max_length(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
     def is_fp8(self) -> bool:
         return self.k_scale is not None
 
