@@ -73,6 +73,19 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * n * 4 / t
 
 
+def parse_mesh(text: str | None):
+    """A `--mesh` argument ("expert=2" or "expert=2,tensor=2") as a device mesh; None when empty."""
+    if not text:
+        return None
+    import jaxfire
+
+    try:
+        axes = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+    except ValueError:
+        raise SystemExit(f"--mesh takes axis=size pairs separated by commas (e.g. expert=2), got {text!r}") from None
+    return jaxfire.make_mesh(**axes)
+
+
 def write_results(name: str, rows: list[dict[str, Any]], out_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Appends rows, each stamped with device_info(), to <out_dir or bench/results>/<name>.jsonl."""
     out = pathlib.Path(out_dir) if out_dir else RESULTS_DIR

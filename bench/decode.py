@@ -28,8 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import copy_bandwidth, print_table, write_results  # noqa: E402
-import jaxfire  # noqa: E402
+from bench.common import copy_bandwidth, parse_mesh, print_table, write_results  # noqa: E402
 from jaxfire import model as M  # noqa: E402
 from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
@@ -191,12 +190,10 @@ def main() -> None:
     c = full.replace(num_layers=args.layers)
     scale = full.num_layers / args.layers
     overrides = dict(kv.split("=") for kv in args.runtime.split(",") if kv)
-    mesh_axes = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(",") if kv)}
-    mesh = jaxfire.make_mesh(**mesh_axes) if mesh_axes else None
-    sharding_fn = None
+    mesh = parse_mesh(args.mesh)
+    sharding_fn = S.param_sharding_fn(mesh)
     if mesh is not None:
         S.check_experts(mesh, c.num_experts)
-        sharding_fn = lambda spec: S.named_sharding(mesh, spec.logical_axes, spec.shape, spec.blocks)  # noqa: E731
         overrides["mesh"] = mesh
     devices = mesh.size if mesh is not None else 1
     copy_bw = copy_bandwidth()

@@ -24,6 +24,7 @@ against total latency) go beside it as PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -39,8 +40,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxfire  # noqa: E402
-from bench.common import RESULTS_DIR, print_table, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, parse_mesh, print_table, write_results  # noqa: E402
 from jaxfire import quant  # noqa: E402
+from jaxfire import sharding as S  # noqa: E402
 from jaxfire.config import Config  # noqa: E402
 from jaxfire.model import Runtime  # noqa: E402
 from jaxfire.params import init_params  # noqa: E402
@@ -54,27 +56,31 @@ def build_model(args: argparse.Namespace) -> tuple[jaxfire.Model, dict[str, Any]
     """The model under test and a description of it for the results."""
     kernels = {k: v for k, v in (("decode_attention", args.decode_attention),
                                  ("grouped_matmul", args.grouped_matmul)) if v is not None}
-    runtime = Runtime(fp8=quant.Fp8Policy(args.fp8_activations), **kernels)
+    mesh = parse_mesh(args.mesh)
+    runtime = Runtime(fp8=quant.Fp8Policy(args.fp8_activations), mesh=mesh, **kernels)
     kv = "fp8" if args.kv_cache == "fp8" else None
     if args.preset:
         full = Config.preset(args.preset)
         c = full.replace(num_layers=args.layers or full.num_layers,
                          num_experts_per_tok=args.experts_per_token or full.num_experts_per_tok)
         dtype = jnp.dtype(args.dtype or "bfloat16")
-        params = init_params(c, jax.random.key(0), dtype, fp8=args.fp8)
+        if mesh is not None:
+            S.check_experts(mesh, c.num_experts)
+        params = init_params(c, jax.random.key(0), dtype, fp8=args.fp8, sharding_fn=S.param_sharding_fn(mesh))
         model = jaxfire.Model(config=c, params=params, tokenizer=None, runtime=runtime, kv_cache_dtype=kv)
         source, layers_model = f"random weights, preset {args.preset}", full.num_layers
     else:
         dtype = "fp8" if args.fp8 else args.dtype
         model = jaxfire.load(args.checkpoint, dtype=dtype, num_experts_per_tok=args.experts_per_token,
-                             kv_cache_dtype=kv, runtime=runtime)
+                             kv_cache_dtype=kv, runtime=dataclasses.replace(runtime, mesh=None), mesh=mesh)
         source = "built-in model" if args.checkpoint is None else f"checkpoint {args.checkpoint}"
         layers_model = model.config.num_layers
     c = model.config
     desc = dict(model=source, preset=args.preset, layers_built=c.num_layers, layers_model=layers_model,
                 weights="fp8" if model.is_fp8 else str(jnp.dtype(model.dtype)),
                 kv_cache="fp8" if kv else str(jnp.dtype(model.dtype)), experts_per_token=c.num_experts_per_tok,
-                runtime=repr(runtime))
+                runtime=repr(dataclasses.replace(runtime, mesh=None)), mesh=dict(mesh.shape) if mesh else None,
+                devices=mesh.size if mesh else 1)
     return model, desc
 
 
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--dtype", help="compute dtype: bfloat16 (default for --preset) or float32")
     ap.add_argument("--kv-cache", choices=("auto", "fp8"), default="auto", help="auto: the compute dtype")
     ap.add_argument("--experts-per-token", type=int)
+    ap.add_argument("--mesh", help="mesh axis sizes over the devices, e.g. expert=2 (default: one device)")
     ap.add_argument("--decode-attention", help="Runtime.decode_attention (default: Runtime's)")
     ap.add_argument("--grouped-matmul", help="Runtime.grouped_matmul (default: Runtime's)")
     ap.add_argument("--fp8-activations", default="auto", choices=("auto", "never", "always"))
@@ -305,9 +312,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.no_plots:
         tag = args.tag or ("smoke" if args.smoke else "-".join(
             [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
+             f"gpu{desc['devices']}",
              desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
             + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])))
-        title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['weights']} weights, KV {desc['kv_cache']}, "
+        title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s), "
+                 f"{desc['weights']} weights, KV {desc['kv_cache']}, "
                  f"{args.slots} slots{f', chunks of {args.prefill_chunk}' if args.prefill_chunk else ''}; "
                  f"{args.prompt_len} -> {args.output_len} tokens")
         for p in plot(rows, out_dir, tag, title):

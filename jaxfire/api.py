@@ -97,11 +97,9 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
     config = Config.from_dict(meta["config"])
     if num_experts_per_tok is not None:
         config = config.replace(num_experts_per_tok=num_experts_per_tok)
-    sharding_fn = None
     runtime = runtime or M.Runtime()
     if mesh is not None:
         S.check_experts(mesh, config.num_experts)
-        sharding_fn = lambda spec: S.named_sharding(mesh, spec.logical_axes, spec.shape, spec.blocks)  # noqa: E731
         runtime = dataclasses.replace(runtime, mesh=mesh)
     stored_fp8 = bool(meta.get("fp8"))
     cast, transform = None, None
@@ -119,7 +117,7 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
         from tqdm.auto import tqdm
 
         bar = lambda it: tqdm(it, desc="loading", unit="layer")  # noqa: E731
-    params = checkpoint.restore(path, config, fp8=stored_fp8, dtype=cast, sharding_fn=sharding_fn,
+    params = checkpoint.restore(path, config, fp8=stored_fp8, dtype=cast, sharding_fn=S.param_sharding_fn(mesh),
                                 transform=transform, progress=bar)
     return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path, runtime=runtime,
                  kv_cache_dtype=kv_cache_dtype)

@@ -92,26 +92,32 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
     # A kernel is opaque to XLA's partitioner, so on a mesh the projections stay with XLA.
     dense = functools.partial(quant.dense, policy=runtime.fp8,
                               implementation="xla" if runtime.mesh is not None else runtime.grouped_matmul)
-    q = dense(x, p.wq).reshape(b, t, c.num_heads, c.head_dim)
-    k = dense(x, p.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = dense(x, p.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
-    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    with jax.named_scope("qkv"):
+        q = dense(x, p.wq).reshape(b, t, c.num_heads, c.head_dim)
+        k = dense(x, p.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = dense(x, p.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     if cache is None:
-        o = attend(q, k, v, positions, c.sliding_window)
+        with jax.named_scope("attend"):
+            o = attend(q, k, v, positions, c.sliding_window)
     else:
-        cache = cache.write(k, v, positions, counts)
+        with jax.named_scope("cache_write"):
+            cache = cache.write(k, v, positions, counts)
         impl = _resolve(runtime.decode_attention, c.head_dim)
-        if t == 1 and impl != "xla":
-            o = _decode_attention(q[:, 0], cache, positions[:, 0] + counts, c.sliding_window, impl,
-                                  runtime.mesh)[:, None]
-        elif t > 1 and runtime.prefill_attention != "einsum":
-            o = jax.lax.cond(jnp.all(positions[:, 0] == 0),
-                             lambda: _prompt_attention(q, k, v, counts, c.sliding_window, runtime.prefill_attention),
-                             lambda: attend(q, *cache.read(q.dtype), positions, c.sliding_window))
-        else:
-            k_all, v_all = cache.read(q.dtype)
-            o = attend(q, k_all, v_all, positions, c.sliding_window)
-    return dense(o.reshape(b, t, -1), p.wo), cache
+        with jax.named_scope("attend"):
+            if t == 1 and impl != "xla":
+                o = _decode_attention(q[:, 0], cache, positions[:, 0] + counts, c.sliding_window, impl,
+                                      runtime.mesh)[:, None]
+            elif t > 1 and runtime.prefill_attention != "einsum":
+                o = jax.lax.cond(jnp.all(positions[:, 0] == 0),
+                                 lambda: _prompt_attention(q, k, v, counts, c.sliding_window,
+                                                           runtime.prefill_attention),
+                                 lambda: attend(q, *cache.read(q.dtype), positions, c.sliding_window))
+            else:
+                k_all, v_all = cache.read(q.dtype)
+                o = attend(q, k_all, v_all, positions, c.sliding_window)
+    with jax.named_scope("out"):
+        return dense(o.reshape(b, t, -1), p.wo), cache
 
 
 def _prompt_attention(q, k, v, counts, window, implementation):
@@ -166,14 +172,16 @@ def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, run
 
 
 def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
-    h = rms_norm(h, params.final_norm, config.rms_norm_eps)
-    head = params.embed if params.lm_head is None else params.lm_head
-    return quant.dense(h, head).astype(jnp.float32)
+    with jax.named_scope("lm_head"):
+        h = rms_norm(h, params.final_norm, config.rms_norm_eps)
+        head = params.embed if params.lm_head is None else params.lm_head
+        return quant.dense(h, head).astype(jnp.float32)
 
 
 def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts, config, runtime):
     """Embedding and decoder layers; returns the hidden states and the updated layer caches."""
-    x = params.embed[tokens]  # [B, T, D]
+    with jax.named_scope("embed"):
+        x = params.embed[tokens]  # [B, T, D]
     layer_caches = []
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):

@@ -97,6 +97,14 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequen
     return NamedSharding(mesh, partition_spec(mesh, logical_axes, shape, blocks))
 
 
+def param_sharding_fn(mesh: Mesh | None):
+    """The `sharding_fn` that `jaxfire.params.init_params` and checkpoint restore take: each weight
+    placed by its logical axes (None without a mesh: the default device)."""
+    if mesh is None:
+        return None
+    return lambda spec: named_sharding(mesh, spec.logical_axes, spec.shape, spec.blocks)
+
+
 def check_experts(mesh: Mesh, num_experts: int) -> None:
     size = mesh.shape["expert"]
     if num_experts % size:

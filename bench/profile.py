@@ -1,0 +1,280 @@
+"""Where a step's time goes: a profiler trace of whole-model decode steps and of a prompt prefill at full
+Mixtral geometry (random weights), each device kernel attributed to the named scope it was traced
+in (attention/qkv, attention/attend, moe/route, moe/dispatch, moe/experts, moe/combine, lm_head, ...),
+beside the time the device sat idle between kernels (host dispatch, launch gaps).
+
+    PYTHONPATH=. python bench/profile.py --layers 8 --variant fp8-w-kv8 --batches 1,32
+    PYTHONPATH=. python bench/profile.py --mesh expert=2 --variant fp8-wa --out-dir /tmp/prof
+
+Kernels are matched to the compiled program's HLO instructions (through the profiler's `hlo_op`
+annotation, or the kernel's own name for XLA's fusions), and each instruction to the innermost
+`jax.named_scope` path in its metadata. Collectives (all_to_all, all-reduce, ...) form a stage of
+their own, "communication". One row per measured job goes to bench/results/profile.jsonl: wall time
+per step, device busy time, idle time, the stages and the ten costliest kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import parse_mesh, print_table, write_results  # noqa: E402
+
+COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+               "all-reduce-start", "all-gather-start", "collective-permute-start", "ragged-all-to-all")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}\s,]+(?:,\s*%?[\w.\-]+)*)\}?")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_NOISE = re.compile(r"^(jit|pjit|shard_map|checkpoint|remat|jvp|transpose|vmap|cond|while|body|branch)\b|^\W")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    opcode: str
+    scope: str  # the named-scope path, or "unscoped:<op name>" (e.g. a relayout of a parameter)
+
+
+def parse_hlo(text: str) -> dict[str, Instruction]:
+    """Every instruction of an HLO module's text by name, with the named-scope path it was traced in.
+
+    An instruction without metadata of its own (a fusion, a custom call's wrapper) takes the scope of
+    the computation it calls (its fused root first).
+    """
+    raw: dict[str, tuple[str, str, list[str]]] = {}
+    computations: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("{")[0]:
+            current = computations.setdefault(head.group(1), [])
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, opcode = m.groups()
+        op_name = _OP_NAME.search(line)
+        calls = [c.strip().lstrip("%") for g in _CALLS.findall(line) for c in g.split(",")]
+        raw[name] = (opcode, op_name.group(1) if op_name else "", calls)
+        if current is not None:
+            (current.insert(0, name) if line.lstrip().startswith("ROOT") else current.append(name))
+
+    def scope_of(name: str, seen: frozenset = frozenset()) -> str:
+        opcode, op_name, calls = raw[name]
+        s = scope_path(op_name)
+        if s or name in seen:
+            return s
+        for comp in calls:
+            for inner in computations.get(comp, []):
+                s = scope_of(inner, seen | {name})
+                if s:
+                    return s
+        return ""
+
+    def label(name: str) -> str:
+        return scope_of(name) or "unscoped:" + re.split(r"[./\[]", raw[name][1] or raw[name][0])[0]
+
+    return {name: Instruction(name, raw[name][0], label(name)) for name in raw}
+
+
+def scope_path(op_name: str) -> str:
+    """The named scopes of a jax op_name, without transformation wrappers and the op itself:
+    "jit(decode_step)/layer_3/moe/experts/dot_general" -> "layer_3/moe/experts"."""
+    parts = [p for p in op_name.split("/")[:-1] if p and not _NOISE.match(p) and "->" not in p]
+    return "/".join(parts)
+
+
+def stage_of(inst: Instruction | None, kernel: str) -> str:
+    """The stage a kernel's time is booked to: its scope without the layer index, or "communication"."""
+    low = kernel.lower()
+    if (inst is not None and inst.opcode in COLLECTIVES) or "nccl" in low or "all_to_all" in low:
+        return "communication"
+    if inst is None:
+        return "unattributed"
+    parts = [p for p in inst.scope.split("/") if not re.fullmatch(r"layer_\d+", p)]
+    return "/".join(parts) or "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    name: str
+    start_ns: float
+    duration_ns: float
+    hlo_op: str | None
+
+
+def device_events(xspace_path: str) -> dict[str, list[Event]]:
+    """Per device plane, the kernels (and on the CPU the XLA thunks) the trace recorded."""
+    from jax.profiler import ProfileData
+
+    planes: dict[str, list[Event]] = {}
+    for plane in ProfileData.from_file(xspace_path).planes:
+        gpu = plane.name.startswith("/device:GPU")
+        if not (gpu or plane.name.startswith("/host:CPU")):
+            continue
+        events = []
+        for line in plane.lines:
+            for e in line.events:
+                stats = {k: v for k, v in e.stats}
+                hlo_op = stats.get("hlo_op") or _annotated_op(stats)
+                if gpu or hlo_op:  # host lines also carry python and thread-pool events
+                    events.append(Event(e.name, e.start_ns, e.duration_ns, hlo_op))
+        if events:
+            planes[plane.name] = events
+    return planes
+
+
+def _annotated_op(stats: dict[str, Any]) -> str | None:
+    for v in stats.values():
+        if isinstance(v, str) and "hlo_op=" in v:
+            return v.split("hlo_op=", 1)[1].split(",")[0].split("#")[0]
+    return None
+
+
+def _busy_ns(events: list[Event]) -> float:
+    """Time covered by at least one event (kernels on several streams may overlap)."""
+    total, end = 0.0, -1.0
+    for e in sorted(events, key=lambda e: e.start_ns):
+        lo, hi = e.start_ns, e.start_ns + e.duration_ns
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def summarize(events: list[Event], program: dict[str, Instruction], steps: int, wall_s: float) -> dict[str, Any]:
+    """Per-step figures of one device's events: busy and idle time, time per stage, top kernels."""
+    by_kernel_name = {n.replace(".", "_").replace("-", "_"): inst for n, inst in program.items()}
+    stages: dict[str, float] = collections.defaultdict(float)
+    kernels: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    matched = 0
+    for e in events:
+        inst = program.get(e.hlo_op or "") or program.get(e.name) or by_kernel_name.get(e.name.split(".")[0])
+        matched += inst is not None
+        stage = stage_of(inst, e.name)
+        stages[stage] += e.duration_ns
+        k = kernels[(e.name[:80], stage)]
+        k[0] += e.duration_ns
+        k[1] += 1
+    per_step = lambda ns: ns / steps / 1e6  # noqa: E731 (ns over the run -> ms per step)
+    wall_ms = wall_s / steps * 1e3
+    busy_ms = per_step(_busy_ns(events))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:10]
+    return dict(wall_ms=wall_ms, busy_ms=busy_ms, idle_ms=max(wall_ms - busy_ms, 0.0),
+                kernels_per_step=len(events) / steps, matched_share=matched / max(len(events), 1),
+                stages_ms={s: per_step(ns) for s, ns in sorted(stages.items(), key=lambda kv: -kv[1])},
+                top_kernels=[dict(kernel=n, stage=s, ms=per_step(t), calls_per_step=c / steps)
+                             for (n, s), (t, c) in top])
+
+
+def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: str | None = None) -> dict[str, Any]:
+    """Traces `steps` calls of fn (already compiled and warm) and summarises each device's kernels."""
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxfire-trace-")
+    jax.block_until_ready(fn())
+    jax.profiler.start_trace(trace_dir)
+    try:
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        wall = time.perf_counter() - t0
+    finally:
+        jax.profiler.stop_trace()
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
+    program = parse_hlo(compiled_text)
+    planes = device_events(paths[-1])
+    if not planes:
+        raise RuntimeError(f"the trace {paths[-1]} holds no device events")
+    per_device = {name: summarize(ev, program, steps, wall) for name, ev in sorted(planes.items())}
+    first = next(iter(per_device.values()))
+    return dict(first, devices_traced=len(per_device),
+                busy_ms_per_device=[d["busy_ms"] for d in per_device.values()])
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from bench import decode as D
+    from jaxfire import model as M
+    from jaxfire import sharding as S
+    from jaxfire.config import Config
+    from jaxfire.kv_cache import init_cache
+    from jaxfire.params import init_params
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="mixtral-8x7b")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--variant", default="fp8-w-kv8", choices=sorted(D.VARIANTS))
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill-tokens", type=int, default=1024, help="0 skips the prefill")
+    ap.add_argument("--runtime", default="", help="extra Runtime fields, e.g. prefill_attention=cudnn")
+    ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+
+    c = Config.preset(args.preset).replace(num_layers=args.layers)
+    weights, kv_dtype, runtime = D.VARIANTS[args.variant]
+    mesh = parse_mesh(args.mesh)
+    runtime = dataclasses.replace(runtime, mesh=mesh, **dict(kv.split("=") for kv in args.runtime.split(",") if kv))
+    params = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
+                         sharding_fn=S.param_sharding_fn(mesh))
+    base = dict(preset=args.preset, layers_built=args.layers, variant=args.variant,
+                runtime=repr(dataclasses.replace(runtime, mesh=None)), mesh=dict(mesh.shape) if mesh else None)
+    rows = []
+    for batch in map(int, filter(None, args.batches.split(","))):
+        state = {"cache": D.random_cache(c, batch, args.context + 4 * args.steps, args.context, kv_dtype,
+                                         jax.random.key(1), mesh)}
+        tokens = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
+
+        def step():
+            logits, state["cache"] = M.decode_step(params, state["cache"], tokens, c, runtime=runtime)
+            return logits
+
+        text = M.decode_step.lower(params, state["cache"], tokens, c, runtime=runtime).compile().as_text()
+        step()
+        rows.append(dict(base, job="decode", batch=batch, context=args.context,
+                         **profile(step, text, args.steps)))
+        del state
+    if args.prefill_tokens:
+        t = args.prefill_tokens
+        tokens = jax.random.randint(jax.random.key(3), (1, t), 0, c.vocab_size)
+        counts = jnp.array([t], jnp.int32)
+        empty = init_cache(c, 1, t, kv_dtype, mesh)
+
+        def prefill():
+            cache = init_cache(c, 1, t, kv_dtype, mesh)
+            return M.prefill(params, cache, tokens, counts, c, runtime=runtime)[0]
+
+        text = M.prefill.lower(params, empty, tokens, counts, c, runtime=runtime).compile().as_text()
+        rows.append(dict(base, job="prefill", batch=1, tokens=t, **profile(prefill, text, max(args.steps // 2, 2))))
+    path = write_results("profile", rows, args.out_dir)
+    for r in rows:
+        print(f"\n{r['variant']} {r['job']} B={r['batch']}: {r['wall_ms']:.3f} ms a step, device busy "
+              f"{r['busy_ms']:.3f} ms, idle {r['idle_ms']:.3f} ms, {r['kernels_per_step']:.0f} kernels "
+              f"({r['matched_share']:.0%} matched to HLO)")
+        print_table([dict(stage=s, ms=ms, share=ms / r["wall_ms"]) for s, ms in r["stages_ms"].items()],
+                    ["stage", "ms", "share"])
+        print_table(r["top_kernels"], ["kernel", "stage", "ms", "calls_per_step"])
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
