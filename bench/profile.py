@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         def prefill():
             cache = init_cache(c, 1, t, kv_dtype, mesh)
-            return M.prefill(params, cache, tokens, counts, c, runtime=runtime)[0]
+            return M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)[0]
 
-        text = M.prefill.lower(params, empty, tokens, counts, c, runtime=runtime).compile().as_text()
+        text = M.prefill.lower(params, empty, tokens, counts, c, runtime=runtime, fresh=True).compile().as_text()
         rows.append(dict(base, job="prefill", batch=1, tokens=t, **profile(prefill, text, max(args.steps // 2, 2))))
     path = write_results("profile", rows, args.out_dir)
     for r in rows:

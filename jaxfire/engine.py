@@ -269,11 +269,11 @@ def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: 
 
 def _prefill_into_slot(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
                        slot: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
-                       runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
+                       runtime: M.Runtime, fresh: bool) -> tuple[jax.Array, SlotState]:
     """Prefills the (last part of a) prompt into its batch-1 cache, samples its first token and moves the
     cache row into `slot` of the shared cache."""
     # small: [1, T, G, K] per layer, tokens: [1, T or C], scalars otherwise -> first token [1]
-    logits, small = M.prefill(params, small, tokens, count[None], config, runtime)  # [1, V]
+    logits, small = M.prefill(params, small, tokens, count[None], config, runtime, fresh)  # [1, V]
     zero = jnp.zeros((1,), jnp.int32)
     first = _sample(logits, seed[None], zero, temperature[None], top_p[None])  # [1]
 
@@ -301,7 +301,8 @@ def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array
     """A whole prompt: prefilled alone into a fresh batch-1 cache of its bucket, then into `slot`."""
     # tokens: [1, T] -> first token [1]
     small = _empty_row(state, tokens.shape[1], config, runtime)  # [1, T, G, K]
-    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime)
+    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime,
+                              fresh=True)
 
 
 @functools.partial(jax.jit, static_argnames=("length", "config", "runtime"))
@@ -309,7 +310,8 @@ def _first_chunk(params: Params, state: SlotState, tokens: jax.Array, count: jax
                  config: Config, runtime: M.Runtime) -> KVCache:
     """The first chunk of a long prompt into a fresh batch-1 cache of `length` (its bucket) positions."""
     # tokens: [1, C] -> [1, T, G, K] per layer; the state is read for its cache dtype only (not donated)
-    _, small = M.prefill(params, _empty_row(state, length, config, runtime), tokens, count[None], config, runtime)
+    _, small = M.prefill(params, _empty_row(state, length, config, runtime), tokens, count[None], config, runtime,
+                         fresh=True)
     return small
 
 
@@ -319,7 +321,8 @@ def _last_chunk(params: Params, state: SlotState, small: KVCache, tokens: jax.Ar
                 runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
     """The last chunk of a long prompt, then its first token and its move into `slot`."""
     # small: [1, T, G, K] per layer, tokens: [1, C] -> first token [1]
-    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime)
+    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime,
+                              fresh=False)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))

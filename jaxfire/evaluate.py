@@ -348,7 +348,7 @@ def last_logits(model: api.Model, prompts: Sequence[Sequence[int]]) -> np.ndarra
         tokens[i, :len(p)] = p
     cache = init_cache(model.config, b, padded, model.kv_cache_dtype or model.dtype, model.runtime.mesh)
     logits, _ = M.prefill(model.params, cache, jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32),
-                          model.config, model.runtime)
+                          model.config, model.runtime, fresh=True)
     return np.asarray(logits)
 
 

@@ -33,9 +33,10 @@ class Runtime:
     uses), or an `implementation=` name of `pallas_kernels.decode_attention`.
     grouped_matmul: "auto" (the Pallas kernels on GPUs for bf16 activations, XLA elsewhere), "xla"
     (`jax.lax.ragged_dot_general`), or an `implementation=` name of `pallas_kernels.grouped_matmul`.
-    prefill_attention: "einsum" (attention over the whole cache, any start position) or an
-    `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn" for cuDNN flash attention),
-    used when every sequence of a prefill starts at position 0 (its prompt attends to itself alone).
+    prefill_attention: for prefills of new prompts (`prefill(..., fresh=True)`: each prompt attends to
+    itself alone, no cache read): "auto" (cuDNN flash attention on GPUs for bf16/f16, the einsum
+    elsewhere), "einsum" (the attention over the cache that continued prompts always use), or an
+    `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn").
     fp8: when FP8 weights also quantize their activations.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert-parallel over it. None for one device.
@@ -43,7 +44,7 @@ class Runtime:
 
     decode_attention: str = "auto"
     grouped_matmul: str = "auto"
-    prefill_attention: str = "einsum"
+    prefill_attention: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     mesh: Mesh | None = None
 
@@ -84,8 +85,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, window: i
 
 
 def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, counts, config: Config,
-                    runtime: Runtime):
-    """Self-attention of x at `positions`; with a cache, writes the new keys/values and attends over it."""
+                    runtime: Runtime, fresh: bool = False):
+    """Self-attention of x at `positions`; with a cache, writes the new keys/values and attends over it
+    (or, `fresh`, with every sequence starting at position 0, over the new keys/values alone)."""
     # x: [B, T, D], positions: [B, T]
     b, t, _ = x.shape
     c, p = config, layer.attn
@@ -106,13 +108,11 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
         impl = _resolve(runtime.decode_attention, c.head_dim)
         with jax.named_scope("attend"):
             if t == 1 and impl != "xla":
-                o = _decode_attention(q[:, 0], cache, positions[:, 0] + counts, c.sliding_window, impl,
-                                      runtime.mesh)[:, None]
-            elif t > 1 and runtime.prefill_attention != "einsum":
-                o = jax.lax.cond(jnp.all(positions[:, 0] == 0),
-                                 lambda: _prompt_attention(q, k, v, counts, c.sliding_window,
-                                                           runtime.prefill_attention),
-                                 lambda: attend(q, *cache.read(q.dtype), positions, c.sliding_window))
+                # Sequences not stepped (count 0) attend over nothing: the kernel skips their cache.
+                lengths = jnp.where(counts > 0, positions[:, 0] + counts, 0)
+                o = _decode_attention(q[:, 0], cache, lengths, c.sliding_window, impl, runtime.mesh)[:, None]
+            elif fresh and (prompt_impl := _prompt_impl(runtime.prefill_attention, q.dtype)) != "einsum":
+                o = _prompt_attention(q, k, v, counts, c.sliding_window, prompt_impl)
             else:
                 k_all, v_all = cache.read(q.dtype)
                 o = attend(q, k_all, v_all, positions, c.sliding_window)
@@ -126,6 +126,13 @@ def _prompt_attention(q, k, v, counts, window, implementation):
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=counts,
                                         local_window_size=local, implementation=implementation)
+
+
+def _prompt_impl(implementation: str, dtype) -> str:
+    if implementation == "auto":
+        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if fused else "einsum"
+    return implementation
 
 
 def _resolve(implementation: str, head_dim: int) -> str:
@@ -159,15 +166,18 @@ def _decode_attention(q, cache: kvc.LayerCache, lengths, window, implementation,
                          out_specs=q_spec, check_vma=False)(*args)
 
 
-def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, runtime: Runtime):
+def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, runtime: Runtime,
+                  fresh: bool = False):
     with jax.named_scope("attention"):
         h, cache = attention_block(layer, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
-                                   cache, counts, config, runtime)
+                                   cache, counts, config, runtime, fresh)
     x = x + h
     with jax.named_scope("moe"):
         y = rms_norm(x, layer.moe_norm, config.rms_norm_eps)
+        # Only the tokens a call appends (counts[b] of row b) go to the experts.
+        valid = None if counts is None else (jnp.arange(x.shape[1])[None, :] < counts[:, None]).reshape(-1)
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
-                          runtime.grouped_matmul, runtime.mesh)
+                          runtime.grouped_matmul, runtime.mesh, valid)
     return x + y.reshape(x.shape), cache
 
 
@@ -178,7 +188,7 @@ def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
         return quant.dense(h, head).astype(jnp.float32)
 
 
-def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts, config, runtime):
+def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts, config, runtime, fresh=False):
     """Embedding and decoder layers; returns the hidden states and the updated layer caches."""
     with jax.named_scope("embed"):
         x = params.embed[tokens]  # [B, T, D]
@@ -186,7 +196,7 @@ def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts,
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
             x, layer_cache = decoder_layer(layer, x, positions, None if cache is None else cache.layer(i), counts,
-                                           config, runtime)
+                                           config, runtime, fresh)
         layer_caches.append(layer_cache)
     return x, layer_caches
 
@@ -200,18 +210,20 @@ def forward(params: Params, tokens: jax.Array, config: Config, runtime: Runtime 
     return _lm_head(params, h, config)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "fresh"), donate_argnames=("cache",))
 def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.Array, config: Config,
-            runtime: Runtime = Runtime()) -> tuple[jax.Array, kvc.KVCache]:
+            runtime: Runtime = Runtime(), fresh: bool = False) -> tuple[jax.Array, kvc.KVCache]:
     """Appends counts[b] tokens of tokens[b] to sequence b of the cache; returns each one's last logits.
 
     Sequences with counts[b] == 0 are left untouched (their logits are meaningless), so the same call
-    can prefill some slots of a running batch, or continue a prompt chunk by chunk.
+    can prefill some slots of a running batch, or continue a prompt chunk by chunk. `fresh` promises
+    that every sequence is empty (cache.lengths all zero, as for new prompts): attention then runs over
+    the prompts alone (`Runtime.prefill_attention`), without reading the cache.
     """
     # tokens: [B, T], counts: [B] -> logits [B, V] float32
     t = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    h, layers = _trunk(params, tokens, positions, cache, counts, config, runtime)
+    h, layers = _trunk(params, tokens, positions, cache, counts, config, runtime, fresh)
     last = jnp.take_along_axis(h, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = _lm_head(params, last, config)
     return logits, kvc.KVCache.from_layers(layers, cache.lengths + counts)

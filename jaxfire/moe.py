@@ -6,6 +6,11 @@ all_to_all over the "expert" axis, runs its local experts as one grouped matmul,
 all_to_all brings the results back to be combined. Buffers are sized for the worst case (every
 assignment to one device), so no token is ever dropped whatever the routing skew.
 
+Tokens a call does not need (`valid` False: inactive decode slots, prompt padding) are routed to no
+expert: their assignments sort after every group, so the grouped matmul neither reads weights nor
+computes for them, and their output is zero. A decode step over many slots with few of them running
+then reads only the experts its running tokens chose.
+
 Dimensions: T tokens, D model width, E experts (El per device), A = T * top_k token-expert
 assignments, F expert width, N devices on the expert axis.
 """
@@ -21,12 +26,20 @@ from jaxfire import sharding as S
 from jaxfire.params import MoE
 
 
-def route(router: jax.Array, x: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Mixtral routing: softmax over all experts in float32, top-k, weights renormalised to sum to one."""
+def route(router: jax.Array, x: jax.Array, top_k: int, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mixtral routing: softmax over all experts in float32, top-k, weights renormalised to sum to one.
+
+    Tokens with valid False get expert id E (past every expert) and weight zero.
+    """
+    # x: [T, D], valid: [T] -> weights [T, k] float32, experts [T, k] int32
     logits = quant.dense(x, router).astype(jnp.float32)  # [T, E]; the router is never quantized
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)  # [T, k]
-    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if valid is not None:
+        weights = jnp.where(valid[:, None], weights, 0.0)
+        experts = jnp.where(valid[:, None], experts, router.shape[0])
+    return weights, experts
 
 
 def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array, policy: quant.Fp8Policy = quant.Fp8Policy(),
@@ -38,7 +51,8 @@ def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array, policy: quant.Fp8
 
 
 def dispatch(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Orders the A assignments by expert; returns that order and the rows per expert."""
+    """Orders the A assignments by expert; returns that order and the rows per expert (ids past the
+    last expert, from tokens routed nowhere, sort last and are in no group)."""
     flat = experts.reshape(-1)  # [A]
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
@@ -46,17 +60,19 @@ def dispatch(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array
 
 
 def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.Fp8Policy(),
-              implementation: str = "xla", mesh: Mesh | None = None) -> jax.Array:
+              implementation: str = "xla", mesh: Mesh | None = None, valid: jax.Array | None = None) -> jax.Array:
+    """valid: [T] bool, the tokens whose output is needed (None: all); the others' output is zero."""
     # x: [T, D] -> [T, D]
     if mesh is not None and mesh.size > 1:
-        return expert_parallel(p, x, top_k, policy, implementation, mesh)
-    return _local_moe(p, x, top_k, policy, implementation)
+        return expert_parallel(p, x, top_k, policy, implementation, mesh, valid)
+    return _local_moe(p, x, top_k, policy, implementation, valid)
 
 
-def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str) -> jax.Array:
+def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
+               valid: jax.Array | None) -> jax.Array:
     num_experts = p.router.shape[0]
     with jax.named_scope("route"):
-        weights, experts = route(p.router, x, top_k)  # [T, k]
+        weights, experts = route(p.router, x, top_k, valid)  # [T, k]
     with jax.named_scope("dispatch"):
         order, group_sizes = dispatch(experts, num_experts)
         xs = x[order // top_k]  # [A, D]
@@ -70,7 +86,9 @@ def combine(ys: jax.Array, order: jax.Array, weights: jax.Array, dtype) -> jax.A
     """Sums each token's expert outputs, given in `order` (sorted by expert), with its routing weights."""
     # ys: [A, D], order: [A], weights: [T, k] -> [T, D]
     t, k = weights.shape
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)  # [T, k, D]
+    # A gather through the inverse permutation: XLA runs row gathers faster than row scatters.
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # [A]
+    y = ys[position].reshape(t, k, -1)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dtype)
 
 
@@ -81,37 +99,40 @@ def _moe_specs(p: MoE) -> MoE:
 
 
 def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
-                    mesh: Mesh) -> jax.Array:
+                    mesh: Mesh, valid: jax.Array | None = None) -> jax.Array:
     """The MoE block over a mesh: tokens split over all axes, experts over "expert", two all_to_alls."""
-    # x: [T, D] -> [T, D]
+    # x: [T, D], valid: [T] -> [T, D]
     shards = S.token_shards(mesh)
     t = x.shape[0]
     padded = -(-t // shards) * shards
-    if padded != t:  # padding rows are computed and discarded
+    valid = jnp.ones((t,), bool) if valid is None else valid
+    if padded != t:  # padding rows are routed nowhere and discarded
         x = jnp.pad(x, ((0, padded - t), (0, 0)))
+        valid = jnp.pad(valid, (0, padded - t))
     tokens = PartitionSpec(S.RULES["tokens"])
     fn = jax.shard_map(
-        lambda p_, x_: _expert_parallel_local(p_, x_, top_k, policy, implementation, mesh.shape["expert"]),
-        mesh=mesh, in_specs=(_moe_specs(p), tokens), out_specs=tokens, check_vma=False)  # kernels inside
-    return fn(p, x)[:t]
+        lambda p_, x_, v_: _expert_parallel_local(p_, x_, v_, top_k, policy, implementation, mesh.shape["expert"]),
+        mesh=mesh, in_specs=(_moe_specs(p), tokens, tokens), out_specs=tokens, check_vma=False)  # kernels inside
+    return fn(p, x, valid)[:t]
 
 
-def _expert_parallel_local(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
-                           n: int) -> jax.Array:
+def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, policy: quant.Fp8Policy,
+                           implementation: str, n: int) -> jax.Array:
     """One device's part: its tokens [Tl, D] in, their MoE outputs out; p holds its El experts."""
     local_experts = p.w_down.shape[0]
     with jax.named_scope("route"):
-        weights, experts = route(p.router, x, top_k)  # [Tl, k]
+        weights, experts = route(p.router, x, top_k, valid)  # [Tl, k]
     with jax.named_scope("dispatch"):
         flat = experts.reshape(-1)  # [A]
         a = flat.shape[0]
         order = jnp.argsort(flat, stable=True)  # by expert, hence by destination device
-        dest = flat[order] // local_experts  # [A]
+        dest = flat[order] // local_experts  # [A]; N for a token routed nowhere: never sent
         counts = jnp.bincount(dest, length=n)
-        slot = jnp.arange(a) - (jnp.cumsum(counts) - counts)[dest]  # position within its destination block
-        send = jnp.zeros((n, a, x.shape[1]), x.dtype).at[dest, slot].set(x[order // top_k])  # [N, A, D]
+        slot = jnp.arange(a) - (jnp.cumsum(counts) - counts)[jnp.minimum(dest, n - 1)]  # within its block
+        send = jnp.zeros((n, a, x.shape[1]), x.dtype).at[dest, slot].set(x[order // top_k], mode="drop")
         # Local expert id of each row sent; `local_experts` marks an empty row.
-        send_ids = jnp.full((n, a), local_experts, jnp.int32).at[dest, slot].set(flat[order] % local_experts)
+        send_ids = jnp.full((n, a), local_experts, jnp.int32).at[dest, slot].set(flat[order] % local_experts,
+                                                                                 mode="drop")
         recv = jax.lax.all_to_all(send, "expert", 0, 0)  # [N, A, D]: row blocks from each source device
         recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)  # [N*A]
     with jax.named_scope("experts"):
@@ -121,5 +142,6 @@ def _expert_parallel_local(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Po
         ys = experts_ffn(p, rows[local_order], group_sizes, policy, implementation)
         back = jnp.zeros_like(ys).at[local_order].set(ys).reshape(n, a, -1)
     with jax.named_scope("combine"):
-        results = jax.lax.all_to_all(back, "expert", 0, 0)[dest, slot]  # [A, D] in `order`
+        returned = jax.lax.all_to_all(back, "expert", 0, 0)  # [N, A, D]
+        results = returned.at[dest, slot].get(mode="fill", fill_value=0)  # [A, D] in `order`
         return combine(results, order, weights, x.dtype)

@@ -103,6 +103,21 @@ def test_top_k_routing_matches_dense_reference(top_k):
     np.testing.assert_allclose(out, dense_moe_reference(layer.moe, x, top_k), rtol=2e-4, atol=2e-5)
 
 
+def test_masked_tokens_route_nowhere_and_leave_the_others_unchanged():
+    cfg = Config.preset("tiny")
+    layer = P.init_params(cfg, jax.random.key(5), jnp.float32, std=0.2).layers[0]
+    x = jax.random.normal(jax.random.key(6), (11, cfg.hidden_size))
+    valid = jnp.asarray(np.random.default_rng(1).random(11) < 0.5)
+    weights, experts = moe.route(layer.moe.router, x, 2, valid)
+    _, sizes = moe.dispatch(experts, cfg.num_experts)
+    assert int(sizes.sum()) == 2 * int(valid.sum())  # masked tokens are in no expert's group
+    assert (np.asarray(weights)[~np.asarray(valid)] == 0).all()
+    out = np.asarray(moe.moe_block(layer.moe, x, 2, valid=valid))
+    full = np.asarray(moe.moe_block(layer.moe, x, 2))
+    np.testing.assert_allclose(out[np.asarray(valid)], full[np.asarray(valid)], rtol=1e-6, atol=1e-6)
+    assert (out[~np.asarray(valid)] == 0).all()
+
+
 def test_fp8_cache_through_prefill_and_decode():
     cfg = Config.preset("tiny")
     params = P.init_params(cfg, jax.random.key(4), jnp.float32, std=0.1)

@@ -52,8 +52,8 @@ def test_prefill_then_decode_equals_forward(name, attention):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prompt_attention_equals_cache_attention(name):
-    """jax.nn.dot_product_attention over a prompt's own tokens (prompts from position 0) equals the
-    einsum over the cache; a prefill that continues a sequence takes the cache path."""
+    """jax.nn.dot_product_attention over a prompt's own tokens (a fresh prefill) equals the einsum over
+    the cache; a prefill that continues a sequence takes the cache path."""
     cfg, params = make(name)
     fused = M.Runtime(prefill_attention="xla")
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (3, 12)).astype(np.int32)
@@ -61,7 +61,7 @@ def test_prompt_attention_equals_cache_attention(name):
     for_runtime = {}
     for rt in (M.Runtime(), fused):
         cache = init_cache(cfg, 3, 32, jnp.float32)
-        first, cache = M.prefill(params, cache, jnp.asarray(tokens), counts, cfg, rt)
+        first, cache = M.prefill(params, cache, jnp.asarray(tokens), counts, cfg, rt, fresh=True)
         more, cache = M.prefill(params, cache, jnp.asarray(tokens[:, :5]), jnp.array([5, 5, 5], jnp.int32), cfg, rt)
         for_runtime[rt] = (first, more)
     for a, b in zip(for_runtime[M.Runtime()], for_runtime[fused]):

@@ -60,6 +60,21 @@ def test_sharded_logits_and_tokens_equal_single_device(reference, mesh_name, ske
         jaxfire.generate(single, prompts, max_new_tokens=12).tokens
 
 
+@pytest.mark.parametrize("mesh_name", ["expert8", "expert2_tensor4"])
+def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name):
+    """Masked tokens (idle decode slots, prompt padding) are sent nowhere; the rest match one device."""
+    ckpt, single = reference
+    mesh = mesh_of(MESHES[mesh_name])
+    p = single.params.layers[0].moe
+    x = jax.random.normal(jax.random.key(3), (21, p.router.shape[1]))  # 21: padded to the 8 token shards
+    valid = jnp.asarray(np.random.default_rng(2).random(21) < 0.4)
+    local = moe.moe_block(p, x, 2, valid=valid)
+    on_mesh = jaxfire.load(ckpt, dtype="float32", mesh=mesh).params.layers[0].moe
+    sharded = moe.moe_block(on_mesh, x, 2, mesh=mesh, valid=valid)
+    np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(sharded)[~np.asarray(valid)] == 0).all()
+
+
 def test_weights_and_cache_are_split_as_the_rules_say(reference):
     ckpt, _ = reference
     mesh = mesh_of(MESHES["expert2_tensor4"])

@@ -77,8 +77,9 @@ def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implemen
     t, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     n_out = n // 2 if swiglu else n
+    t_config = dict(swiglu=swiglu, num_groups=rhs.shape[0], weight_itemsize=jnp.dtype(rhs.dtype).itemsize)
     if implementation == "pallas_triton":
-        return "triton", config or triton_config(t, k, n_out, swiglu=swiglu)
+        return "triton", config or triton_config(t, k, n_out, **t_config)
     m_config = config or mosaic_config(t, k, n_out, itemsize=jnp.dtype(lhs.dtype).itemsize, swiglu=swiglu)
     reason = mosaic.unsupported_reason(
         lhs.dtype, rhs.dtype, k, n, transpose_rhs=transpose_rhs, swiglu=swiglu, out_dtype=out_dtype, config=m_config
@@ -89,7 +90,7 @@ def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implemen
         return "mosaic", m_config
     if reason is None and t > DECODE_MAX_ROWS[jnp.dtype(lhs.dtype).itemsize]:
         return "mosaic", m_config
-    return "triton", config or triton_config(t, k, n_out, swiglu=swiglu)
+    return "triton", config or triton_config(t, k, n_out, **t_config)
 
 
 def _run(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config, swiglu):

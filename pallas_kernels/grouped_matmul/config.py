@@ -22,6 +22,9 @@ class Config:
     grid_tile_width: Mosaic only: tiles of one N-band visited together, for L2 reuse of lhs.
     swap_ab:   Triton only: multiply weights [BN, BK] by lhs^T so the MMA's M side is BN, not the
                few live rows of a decode step.
+    split_k:   Triton only: programs that share one output tile's K range, each writing f32 partial
+               sums that a reduction adds: more programs reading weights when bands x row tasks are
+               too few to occupy the GPU.
     """
 
     block_m: int
@@ -31,9 +34,10 @@ class Config:
     num_warps: int = 4
     grid_tile_width: int = 8
     swap_ab: bool = False
+    split_k: int = 1
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k", "num_stages", "num_warps", "grid_tile_width"):
+        for name in ("block_m", "block_n", "block_k", "num_stages", "num_warps", "grid_tile_width", "split_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Config.{name} must be a positive int, got {v!r}.")
@@ -46,12 +50,20 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
     return p
 
 
-def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool) -> Config:
+SM_COUNT = 132  # an H100 SXM's multiprocessors: the decode heuristic aims at one program for each
+
+
+def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: int = 1,
+                  weight_itemsize: int = 2) -> Config:
     """Decode: stream each active expert's weights once; prefill (fallback): wide MMA tiles.
 
     Measured on an H100 (bench/results/grouped_matmul.jsonl, study=sweep): at T=32 these blocks
     read fp8 weights at ~2.4 TB/s and bf16 at ~2.9 TB/s; swap_ab and 32-row blocks were slower
     for fp8. Past 256 rows, 128x128x64 tiles on 8 warps were the fastest of four (weight-only fp8).
+
+    With fewer column bands x live experts than multiprocessors (a one-token projection, or an
+    expert's down projection at batch 1), narrower bands and split K add programs, as long as each
+    keeps four K steps and the f32 partial sums move under a quarter of the weight bytes.
     """
     if num_rows > 256:
         return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
@@ -59,7 +71,18 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool) -> Config:
     # once and few MMA rows are wasted.
     block_n = 64 if swiglu else 128
     block_k = max(min(128, _largest_pow2_divisor(k, 128)), 16)
-    return Config(block_m=16, block_n=block_n, block_k=block_k, num_stages=4, num_warps=8)
+    live = min(num_rows, num_groups)  # experts a step can touch
+    if not swiglu and -(-n // block_n) * live < SM_COUNT:
+        block_n = 64
+    programs = -(-n // block_n) * live
+    steps = -(-k // block_k)
+    width = 2 * n if swiglu else n
+    weight_bytes = live * width * k * weight_itemsize
+    split = 1
+    while (programs * split < SM_COUNT and steps >= 8 * split
+           and 2 * split * num_rows * width * 4 * 2 <= weight_bytes / 4):
+        split *= 2
+    return Config(block_m=16, block_n=block_n, block_k=block_k, num_stages=4, num_warps=8, split_k=split)
 
 
 def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool) -> Config:
