@@ -4,6 +4,7 @@ ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the copy bandwid
 
     PYTHONPATH=. python3 bench/grouped_matmul.py --out-dir bench/results            # the grid
     PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
 
 Mixtral expert shapes with 8 experts, weights stored K-major ([E, N, K], as jaxfire keeps them).
 Bytes counted: the weights of the experts that own at least one row, each read once (the ideal;
@@ -286,9 +287,53 @@ def run_sweep(b: Bench, copy_bw: float, impls: tuple[str, ...]) -> None:
             del inp
 
 
+# The weight-only FP8 problems a decode step runs: (name, K, N, experts, group sizes, swiglu). Batch 1
+# routes one token to two experts; the attention projections are one-group problems.
+DECODE_PROBLEMS = (
+    ("gate_up_b1", 4096, 2 * 14336, E, (1, 1) + (0,) * (E - 2), True),
+    ("down_b1", 14336, 4096, E, (1, 1) + (0,) * (E - 2), False),
+    ("q_b1", 4096, 4096, 1, (1,), False),
+    ("kv_b1", 4096, 1024, 1, (1,), False),
+    ("gate_up_b32", 4096, 2 * 14336, E, (8,) * E, True),
+    ("down_b32", 14336, 4096, E, (8,) * E, False),
+    ("q_b32", 4096, 4096, 1, (32,), False),
+)
+
+
+def run_decode_sweep(b: Bench, copy_bw: float) -> None:
+    """The Triton kernel's decode blocks and K split on the problems of a decode step (weight-only FP8),
+    beside the heuristic default (config None)."""
+    configs = [None] + [Config(block_m=16, block_n=bn, block_k=bk, num_stages=4, num_warps=8, split_k=sk)
+                        for bn in (64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+    key = jax.random.key(2)
+    for name, k, n, e, sizes, swiglu in DECODE_PROBLEMS:
+        t = sum(sizes)
+        key, k1, k2 = jax.random.split(key, 3)
+        x = jax.random.normal(k1, (t, k), jnp.bfloat16)
+        w8, ws = quantize((jax.random.normal(k2, (e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
+        g = jnp.asarray(sizes, jnp.int32)
+        ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
+        want = ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
+        wbytes = sum(1 for s_ in sizes if s_) * n * k
+        for config in configs:
+            fn = ours("pallas_triton", swiglu=swiglu, config=config)
+            call = lambda x_, w_, g_, fn=fn: fn(x_, w_, g_, rhs_scale=ws)  # noqa: E731
+            err = b.check(f"decode-sweep {name} {config}", call, (x, w8, g), want)
+            if err is None:
+                continue
+            sec = b.time(call, x, w8, g)
+            if sec is None:
+                continue
+            b.add(dict(study="decode-sweep", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire_triton",
+                       dtype="w8a16", config=str(config or "default"), ms=sec * 1e3,
+                       tflops=2.0 * t * k * n / sec / 1e12,
+                       weight_tbps=wbytes / sec / 1e12, pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
+                       copy_tbps=copy_bw / 1e12))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=("grid", "sweep"), default="grid")
+    p.add_argument("--study", choices=("grid", "sweep", "decode-sweep"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
@@ -305,6 +350,8 @@ def main() -> None:
     print(f"{common.device_info()}\ncopy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", flush=True)
     if args.study == "sweep":
         run_sweep(b, copy_bw, tuple(args.sweep_impls.split(",")))
+    elif args.study == "decode-sweep":
+        run_decode_sweep(b, copy_bw)
     else:
         rows = [int(v) for v in args.rows.split(",") if v]
         shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}

@@ -91,9 +91,7 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
     # x: [B, T, D], positions: [B, T]
     b, t, _ = x.shape
     c, p = config, layer.attn
-    # A kernel is opaque to XLA's partitioner, so on a mesh the projections stay with XLA.
-    dense = functools.partial(quant.dense, policy=runtime.fp8,
-                              implementation="xla" if runtime.mesh is not None else runtime.grouped_matmul)
+    dense = _projection(runtime)
     with jax.named_scope("qkv"):
         q = dense(x, p.wq).reshape(b, t, c.num_heads, c.head_dim)
         k = dense(x, p.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -118,6 +116,26 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
                 o = attend(q, k_all, v_all, positions, c.sliding_window)
     with jax.named_scope("out"):
         return dense(o.reshape(b, t, -1), p.wo), cache
+
+
+def _projection(runtime: Runtime):
+    """`quant.dense` for the attention projections. A kernel is opaque to XLA's partitioner, so on a
+    mesh whose tensor axis is 1 (the weights whole on every device) it runs per device on that
+    device's sequences under shard_map; with heads split over "tensor" XLA partitions the matmuls."""
+    local = functools.partial(quant.dense, policy=runtime.fp8, implementation=runtime.grouped_matmul)
+    mesh = runtime.mesh
+    if mesh is None or mesh.size == 1:
+        return local
+    if mesh.shape["tensor"] > 1:
+        return functools.partial(quant.dense, policy=runtime.fp8, implementation="xla")
+
+    def dense(x, w):
+        # x: [B, T, D] -> [B, T, N], sequences split as the cache is
+        spec = S.partition_spec(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
+        whole = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), w)  # an array or a QArray
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, whole), out_specs=spec, check_vma=False)(x, w)
+
+    return dense
 
 
 def _prompt_attention(q, k, v, counts, window, implementation):
