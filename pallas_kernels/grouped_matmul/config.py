@@ -50,7 +50,7 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
     return p
 
 
-SM_COUNT = 132  # an H100 SXM's multiprocessors: the decode heuristic aims at one program for each
+SM_COUNT = 132  # an H100 SXM's multiprocessors, which the decode heuristic fills with programs
 
 
 def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: int = 1,
@@ -61,25 +61,32 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: in
     read fp8 weights at ~2.4 TB/s and bf16 at ~2.9 TB/s; swap_ab and 32-row blocks were slower
     for fp8. Past 256 rows, 128x128x64 tiles on 8 warps were the fastest of four (weight-only fp8).
 
-    With fewer column bands x live experts than multiprocessors (a one-token projection, or an
-    expert's down projection at batch 1), narrower bands and split K add programs, as long as each
-    keeps four K steps and the f32 partial sums move under a quarter of the weight bytes.
+    With few column bands x live experts (a one-token projection, a batch-1 step whose token uses two
+    of eight experts) the grid cannot keep every multiprocessor reading, so split K adds programs, as
+    long as each keeps four K steps and the f32 partial sums move under a quarter of the weight bytes.
+    Measured on an H100 (study=decode-sweep, weight-only FP8): at batch 1 (2 rows, 2 live experts) the
+    down projection took 67-76 us split 4-8 against 101-110 unsplit, the fused gate/up 110-115 us with
+    128-column bands split 2-4 against 134 (64 columns, unsplit); at batch 32 (8 rows an expert)
+    splitting only slowed both, so problems with a row per expert or more aim at one program per
+    multiprocessor, fewer rows than experts at four.
     """
     if num_rows > 256:
         return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
     # One 16-row block covers a decode step's rows of most experts, so each weight tile is read
     # once and few MMA rows are wasted.
-    block_n = 64 if swiglu else 128
+    sparse = num_rows < num_groups  # most experts idle: batch-1-like
+    block_n = 128 if sparse or not swiglu else 64
     block_k = max(min(128, _largest_pow2_divisor(k, 128)), 16)
     live = min(num_rows, num_groups)  # experts a step can touch
     if not swiglu and -(-n // block_n) * live < SM_COUNT:
         block_n = 64
     programs = -(-n // block_n) * live
+    target = 4 * SM_COUNT if sparse else SM_COUNT
     steps = -(-k // block_k)
     width = 2 * n if swiglu else n
     weight_bytes = live * width * k * weight_itemsize
     split = 1
-    while (programs * split < SM_COUNT and steps >= 8 * split
+    while (programs * split < target and steps >= 8 * split
            and 2 * split * num_rows * width * 4 * 2 <= weight_bytes / 4):
         split *= 2
     return Config(block_m=16, block_n=block_n, block_k=block_k, num_stages=4, num_warps=8, split_k=split)

@@ -200,9 +200,10 @@ def test_decode_heuristic_splits_only_starved_problems():
     assert triton_config(1, 4096, 1024, swiglu=False, num_groups=1, weight_itemsize=1).split_k > 1
     # Down projection at batch 1 (2 live experts of 8).
     assert triton_config(2, 14336, 4096, swiglu=False, num_groups=8, weight_itemsize=1).split_k > 1
-    # Batch 32 over 8 experts, and the fused gate/up at batch 1, already fill the GPU.
+    assert triton_config(2, 4096, 14336, swiglu=True, num_groups=8, weight_itemsize=1).split_k > 1
+    # Batch 32 over 8 experts already fills the GPU.
     assert triton_config(64, 14336, 4096, swiglu=False, num_groups=8, weight_itemsize=1).split_k == 1
-    assert triton_config(2, 4096, 14336, swiglu=True, num_groups=8, weight_itemsize=1).split_k == 1
+    assert triton_config(64, 4096, 14336, swiglu=True, num_groups=8, weight_itemsize=1).split_k == 1
     # Partial sums must stay small next to the weights: 32 rows of a 4096x4096 projection split little.
     assert triton_config(32, 4096, 4096, swiglu=False, num_groups=1, weight_itemsize=1).split_k <= 4
 
