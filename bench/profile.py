@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -103,10 +104,22 @@ def stage_of(inst: Instruction | None, kernel: str) -> str:
     low = kernel.lower()
     if (inst is not None and inst.opcode in COLLECTIVES) or "nccl" in low or "all_to_all" in low:
         return "communication"
-    if inst is None:
+    if inst is None:  # a kernel the trace did not tie to an instruction: named by its family
+        for pattern, family in _FAMILIES:
+            if re.search(pattern, low):
+                return f"unattributed: {family}"
         return "unattributed"
     parts = [p for p in inst.scope.split("/") if not re.fullmatch(r"layer_\d+", p)]
     return "/".join(parts) or "other"
+
+
+# Kernel-name families of kernels without an HLO match (Pallas kernels carry their pallas_call name).
+_FAMILIES = ((r"grouped_matmul_swiglu", "experts gate/up (Pallas)"),
+             (r"grouped_matmul", "experts down or projections (Pallas)"),
+             (r"decode_attention", "decode attention (Pallas)"),
+             (r"sdpa|flash|fmha", "prompt attention (cuDNN)"),
+             (r"nvjet|gemm|cutlass|sm90_xmma", "matmul (cuBLAS)"),
+             (r"memcpy|memset", "copies"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +135,7 @@ def device_events(xspace_path: str) -> dict[str, list[Event]]:
     from jax.profiler import ProfileData
 
     planes: dict[str, list[Event]] = {}
+    warnings.filterwarnings("ignore", message="builtin type event_stats", category=DeprecationWarning)
     for plane in ProfileData.from_file(xspace_path).planes:
         gpu = plane.name.startswith("/device:GPU")
         if not (gpu or plane.name.startswith("/host:CPU")):

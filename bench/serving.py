@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
              f"gpu{desc['devices']}",
              desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
             + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])))
-        title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s), "
+        title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s),\n"
                  f"{desc['weights']} weights, KV {desc['kv_cache']}, "
                  f"{args.slots} slots{f', chunks of {args.prefill_chunk}' if args.prefill_chunk else ''}; "
                  f"{args.prompt_len} -> {args.output_len} tokens")

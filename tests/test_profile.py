@@ -25,6 +25,7 @@ def test_stage_drops_the_layer_index_and_books_collectives_to_communication():
     assert P.stage_of(P.Instruction("a.1", "all-to-all", "layer_0/moe/dispatch"), "x") == "communication"
     assert P.stage_of(None, "ncclDevKernel_SendRecv") == "communication"
     assert P.stage_of(None, "mystery") == "unattributed"
+    assert P.stage_of(None, "grouped_matmul_swiglu_triton") == "unattributed: experts gate/up (Pallas)"
 
 
 def test_parse_hlo_gives_fusions_the_scope_of_their_body():
