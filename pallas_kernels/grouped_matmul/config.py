@@ -67,8 +67,10 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: in
     Measured on an H100 (study=decode-sweep, weight-only FP8): at batch 1 (2 rows, 2 live experts) the
     down projection took 67-76 us split 4-8 against 101-110 unsplit, the fused gate/up 110-115 us with
     128-column bands split 2-4 against 134 (64 columns, unsplit); at batch 32 (8 rows an expert)
-    splitting only slowed both, so problems with a row per expert or more aim at one program per
-    multiprocessor, fewer rows than experts at four.
+    splitting only slowed both, so problems with a row per expert or more aim at two programs per
+    multiprocessor (narrower bands first: the down projection of 4 local experts on one of two
+    expert-parallel GPUs read at 1.6 TB/s with 256 programs, the 8-expert one at 2.4 with 512),
+    fewer rows than experts at four.
     """
     if num_rows > 256:
         return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
@@ -78,10 +80,10 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: in
     block_n = 128 if sparse or not swiglu else 64
     block_k = max(min(128, _largest_pow2_divisor(k, 128)), 16)
     live = min(num_rows, num_groups)  # experts a step can touch
-    if not swiglu and -(-n // block_n) * live < SM_COUNT:
+    target = 4 * SM_COUNT if sparse else 2 * SM_COUNT
+    if not swiglu and -(-n // block_n) * live < target:
         block_n = 64
     programs = -(-n // block_n) * live
-    target = 4 * SM_COUNT if sparse else SM_COUNT
     steps = -(-k // block_k)
     width = 2 * n if swiglu else n
     weight_bytes = live * width * k * weight_itemsize
