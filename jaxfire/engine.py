@@ -32,7 +32,10 @@ and per slot its last token, stream position, seed, temperature and top_p (`[N]`
 programs, all of fixed shapes:
 - `_admit`, once per prefill bucket: prompt tokens `[1, T]` for T in `Engine.buckets` (powers of two
   from `min_bucket`, capped at and including `max_len`), all other arguments scalars;
-- `_decode`: tokens `[N]`, active mask `[N]`;
+- `_decode`: active mask `[N]`; it returns the logits, which `_advance` samples;
+- `_start` (a prefilled request's first token) and `_advance`, each greedy-only and sampling (a static
+  flag the host sets from the requests' temperatures, so an all-greedy step skips the vocabulary sort
+  without a device-side condition);
 - with `prefill_chunk` C, per bucket T that prompts longer than C reach: `_first_chunk`,
   `model.prefill` and `_last_chunk` over chunk tokens `[1, C]` and a `[1, T]` cache.
 `warmup()` compiles them all before traffic; serving then never compiles.
@@ -253,40 +256,35 @@ def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh
 
 
 def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
-            top_p: jax.Array) -> jax.Array:
-    """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0."""
+            top_p: jax.Array, sample: bool) -> jax.Array:
+    """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0.
+
+    `sample` is static, decided by the host (does any row have a temperature above 0?): an all-greedy
+    batch skips the per-row vocabulary sort without a device-side condition, whose predicate XLA would
+    read back to the host in the middle of the step.
+    """
     # logits: [B, V] float32 -> [B] int32
-
-    def draw(logits):
-        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-        one = lambda row, key, t, p: sampling.sample(row[None], key, t, p)[0]  # noqa: E731
-        return jax.vmap(one)(logits, keys, temperature, top_p)
-
-    # An all-greedy batch (the common serving case) skips the per-row vocabulary sort.
-    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
-    return jax.lax.cond(jnp.any(temperature > 0), draw, greedy, logits)
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+    one = lambda row, key, t, p: sampling.sample(row[None], key, t, p)[0]  # noqa: E731
+    return jax.vmap(one)(logits, keys, temperature, top_p)
 
 
 def _prefill_into_slot(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
-                       slot: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
-                       runtime: M.Runtime, fresh: bool) -> tuple[jax.Array, SlotState]:
-    """Prefills the (last part of a) prompt into its batch-1 cache, samples its first token and moves the
-    cache row into `slot` of the shared cache."""
-    # small: [1, T, G, K] per layer, tokens: [1, T or C], scalars otherwise -> first token [1]
+                       slot: jax.Array, config: Config, runtime: M.Runtime,
+                       fresh: bool) -> tuple[jax.Array, SlotState]:
+    """Prefills the (last part of a) prompt into its batch-1 cache and moves the cache row into `slot`
+    of the shared cache; returns the prompt's last logits (`_start` samples the first token)."""
+    # small: [1, T, G, K] per layer, tokens: [1, T or C] -> logits [1, V]
     logits, small = M.prefill(params, small, tokens, count[None], config, runtime, fresh)  # [1, V]
-    zero = jnp.zeros((1,), jnp.int32)
-    first = _sample(logits, seed[None], zero, temperature[None], top_p[None])  # [1]
 
     def put(row_major: jax.Array, row: jax.Array) -> jax.Array:
         # Positions past the prompt keep whatever the slot held before: the length masks them.
         return jax.lax.dynamic_update_slice(row_major, row.astype(row_major.dtype),
                                             (slot,) + (0,) * (row_major.ndim - 1))
 
-    cache = jax.tree.map(put, state.cache, small)  # lengths too: [N] <- [1] at slot
-    state = SlotState(cache=cache, tokens=put(state.tokens, first), steps=put(state.steps, zero + 1),
-                      seeds=put(state.seeds, seed[None]), temperature=put(state.temperature, temperature[None]),
-                      top_p=put(state.top_p, top_p[None]))
-    return first, state
+    return logits, dataclasses.replace(state, cache=jax.tree.map(put, state.cache, small))  # lengths too
 
 
 def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime) -> KVCache:
@@ -296,13 +294,11 @@ def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
 def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, slot: jax.Array,
-           seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
-           runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
+           config: Config, runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
     """A whole prompt: prefilled alone into a fresh batch-1 cache of its bucket, then into `slot`."""
-    # tokens: [1, T] -> first token [1]
+    # tokens: [1, T] -> logits [1, V]
     small = _empty_row(state, tokens.shape[1], config, runtime)  # [1, T, G, K]
-    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime,
-                              fresh=True)
+    return _prefill_into_slot(params, state, small, tokens, count, slot, config, runtime, fresh=True)
 
 
 @functools.partial(jax.jit, static_argnames=("length", "config", "runtime"))
@@ -317,24 +313,46 @@ def _first_chunk(params: Params, state: SlotState, tokens: jax.Array, count: jax
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
 def _last_chunk(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
-                slot: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array, config: Config,
-                runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
-    """The last chunk of a long prompt, then its first token and its move into `slot`."""
-    # small: [1, T, G, K] per layer, tokens: [1, C] -> first token [1]
-    return _prefill_into_slot(params, state, small, tokens, count, slot, seed, temperature, top_p, config, runtime,
-                              fresh=False)
+                slot: jax.Array, config: Config, runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
+    """The last chunk of a long prompt, then its move into `slot`."""
+    # small: [1, T, G, K] per layer, tokens: [1, C] -> logits [1, V]
+    return _prefill_into_slot(params, state, small, tokens, count, slot, config, runtime, fresh=False)
+
+
+@functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
+def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array, temperature: jax.Array,
+           top_p: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
+    """A prefilled request's first token, and its sampling parameters written into `slot`."""
+    # logits: [1, V], scalars otherwise -> first token [1]
+    zero = jnp.zeros((1,), jnp.int32)
+    first = _sample(logits, seed[None], zero, temperature[None], top_p[None], sample)  # [1]
+
+    def put(per_slot: jax.Array, value: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(per_slot, value.astype(per_slot.dtype), (slot,))
+
+    return first, dataclasses.replace(state, tokens=put(state.tokens, first), steps=put(state.steps, zero + 1),
+                                      seeds=put(state.seeds, seed[None]),
+                                      temperature=put(state.temperature, temperature[None]),
+                                      top_p=put(state.top_p, top_p[None]))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
 def _decode(params: Params, state: SlotState, active: jax.Array, config: Config,
             runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
-    """One token for every active slot; inactive slots keep their cache, token and stream position."""
-    # active: [N] bool -> next tokens [N] (meaningless where inactive)
+    """One model step for every active slot; inactive slots keep their cache. Returns the logits
+    (`_advance` samples them)."""
+    # active: [N] bool -> logits [N, V] (meaningless where inactive)
     logits, cache = M.decode_step(params, state.cache, state.tokens, config, active, runtime)  # [N, V]
-    nxt = _sample(logits, state.seeds, state.steps, state.temperature, state.top_p)  # [N]
-    state = dataclasses.replace(state, cache=cache, tokens=jnp.where(active, nxt, state.tokens),
-                                steps=state.steps + active.astype(jnp.int32))
-    return nxt, state
+    return logits, dataclasses.replace(state, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
+def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
+    """Samples every active slot's next token; inactive slots keep their token and stream position."""
+    # logits: [N, V], active: [N] bool -> next tokens [N] (meaningless where inactive)
+    nxt = _sample(logits, state.seeds, state.steps, state.temperature, state.top_p, sample)  # [N]
+    return nxt, dataclasses.replace(state, tokens=jnp.where(active, nxt, state.tokens),
+                                    steps=state.steps + active.astype(jnp.int32))
 
 
 def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
@@ -554,14 +572,17 @@ class Engine:
             whole = sorted({self._bucket(n) for n in prompt_lengths if not self._chunked(n)})
             chunked = sorted({self._bucket(n) for n in prompt_lengths if self._chunked(n)})
             p, cfg = self.model, self.config
-            slot = (np.int32(0), np.uint32(0), np.float32(0), np.float32(1))
-            one = np.int32(1)
+            slot, one = np.int32(0), np.int32(1)
+            params = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p
+            idle = np.zeros((self.slots,), bool)
             # Every order of the steps, twice: on a mesh a step may return the state in other shardings
             # than it came in (jit keys on them); the repeats compile for the layouts serving sees.
             for _ in range(2):
                 for t in [b for b in whole for _ in range(2)]:
-                    first, self._state = _admit(p.params, self._state, self._padded([], t), one, *slot, config=cfg,
-                                                runtime=p.runtime)
+                    logits, self._state = _admit(p.params, self._state, self._padded([], t), one, slot, config=cfg,
+                                                 runtime=p.runtime)
+                    for sample in (False, True):
+                        _, self._state = _start(self._state, logits, slot, *params, sample=sample)
                 for t in chunked:
                     tokens = self._padded([], self.prefill_chunk)
                     for middle in (0, 2):
@@ -569,11 +590,13 @@ class Engine:
                                              runtime=p.runtime)
                         for _ in range(middle):
                             _, small = M.prefill(p.params, small, tokens, one[None], cfg, p.runtime)
-                        first, self._state = _last_chunk(p.params, self._state, small, tokens, one, *slot,
-                                                         config=cfg, runtime=p.runtime)
-                for _ in range(2):
-                    out, self._state = _decode(p.params, self._state, np.zeros((self.slots,), bool), config=cfg,
-                                               runtime=p.runtime)
+                        logits, self._state = _last_chunk(p.params, self._state, small, tokens, one, slot,
+                                                          config=cfg, runtime=p.runtime)
+                        for sample in (False, True):
+                            _, self._state = _start(self._state, logits, slot, *params, sample=sample)
+                for sample in (False, True, False):
+                    logits, self._state = _decode(p.params, self._state, idle, config=cfg, runtime=p.runtime)
+                    out, self._state = _advance(self._state, logits, idle, sample=sample)
                 jax.block_until_ready(out)
 
     def _chunked(self, n: int) -> bool:
@@ -644,7 +667,9 @@ class Engine:
         if live:
             active = np.zeros((self.slots,), bool)
             active[live] = True
-            out, self._state = _decode(p.params, self._state, active, config=cfg, runtime=p.runtime)
+            logits, self._state = _decode(p.params, self._state, active, config=cfg, runtime=p.runtime)
+            sample = any(self._slot_of[s].temperature > 0 for s in live)
+            out, self._state = _advance(self._state, logits, active, sample=sample)
             out.copy_to_host_async()
             self.counters["decode_steps"] += 1
             self.counters["slot_steps"] += len(live)
@@ -671,10 +696,10 @@ class Engine:
         """Dispatches a slot-holding request's next prefill call: its whole prompt, or its next chunk.
         Returns its first token once the prompt is all in; its slot decodes from then on."""
         p, cfg, n = self.model, self.config, len(req.prompt)
-        slot = (np.int32(req._slot), np.uint32(req.seed), np.float32(req.temperature), np.float32(req.top_p))
+        slot = np.int32(req._slot)
         if not self._chunked(n):
-            first, self._state = _admit(p.params, self._state, self._padded(req.prompt, self._bucket(n)),
-                                        np.int32(n), *slot, config=cfg, runtime=p.runtime)
+            logits, self._state = _admit(p.params, self._state, self._padded(req.prompt, self._bucket(n)),
+                                         np.int32(n), slot, config=cfg, runtime=p.runtime)
         else:
             lo = req._prefilled
             piece = req.prompt[lo:lo + self.prefill_chunk]
@@ -687,9 +712,11 @@ class Engine:
                 else:
                     _, req._small = M.prefill(p.params, req._small, tokens, count[None], cfg, p.runtime)
                 return None
-            first, self._state = _last_chunk(p.params, self._state, req._small, tokens, count, *slot, config=cfg,
-                                             runtime=p.runtime)
+            logits, self._state = _last_chunk(p.params, self._state, req._small, tokens, count, slot, config=cfg,
+                                              runtime=p.runtime)
             req._small = None
+        first, self._state = _start(self._state, logits, slot, np.uint32(req.seed), np.float32(req.temperature),
+                                    np.float32(req.top_p), sample=req.temperature > 0)
         first.copy_to_host_async()
         self.counters["prefills"] += 1
         req._decoding, req._dispatched = True, 1
