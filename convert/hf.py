@@ -3,7 +3,7 @@
 The key map below is the whole translation: each Hugging Face tensor name pattern names the jaxfire
 parameter it fills. Experts arrive either one tensor per expert (`block_sparse_moe.experts.{e}.w1`, as
 checkpoints on disk are) or fused (`mlp.experts.gate_up_proj`, as newer transformers keeps them in
-memory); both are stacked into `w_gate_up` [E, 2F, D] and `w_down` [E, D, F].
+memory); both are stacked into `w_gate_up` [E, 2, F, D] (gate, then up) and `w_down` [E, D, F].
 """
 
 from __future__ import annotations
@@ -103,8 +103,11 @@ def convert_layer(index: TensorIndex, names: list[str], i: int, config: Config, 
         target = _spec_at(spec, path)
         array = index.load(name)
         if where is None or where == "fused":
-            _check_shape(name, array, target.shape)
-            values[path] = array.astype(dtype)
+            # The fused gate_up_proj stacks gate and up along one axis of 2F rows.
+            gate_up = where == "fused" and path[-1] == "w_gate_up"
+            shape = (target.shape[0], 2 * f, *target.shape[3:]) if gate_up else target.shape
+            _check_shape(name, array, shape)
+            values[path] = array.reshape(target.shape).astype(dtype)
             continue
         e = int(m.group(1))
         if e >= e_count:
@@ -119,7 +122,7 @@ def convert_layer(index: TensorIndex, names: list[str], i: int, config: Config, 
         else:
             _check_shape(name, array, (f, config.hidden_size))
             half = 0 if where == "gate" else 1
-            stacked[e, half * f:(half + 1) * f], seen[e, half] = array, True
+            stacked[e, half], seen[e, half] = array, True
     for path, seen in filled.items():
         if not seen.all():
             e, part = map(int, np.argwhere(~seen)[0])

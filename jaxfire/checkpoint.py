@@ -31,7 +31,7 @@ from jaxfire.config import Config
 from jaxfire.errors import JaxfireError
 
 FORMAT_FILE = "jaxfire.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: experts' gate/up stored [E, 2, F, D] (1 stored [E, 2F, D])
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 
@@ -185,6 +185,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             path / "config.json").is_file() else ""
         raise CheckpointError(f"{path} is not a jaxfire checkpoint: {FORMAT_FILE} is missing{hint}")
     meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") == 1:
+        raise CheckpointError(f"{meta_path}: format version 1 (experts' gate/up stored [E, 2F, D]) is no longer "
+                              f"read; convert the checkpoint again with this version of jaxfire")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: unsupported format version {meta.get('format_version')!r}")
     return meta

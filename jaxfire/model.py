@@ -21,7 +21,7 @@ from jaxfire import kv_cache as kvc
 from jaxfire import moe, quant
 from jaxfire import sharding as S
 from jaxfire.config import Config
-from jaxfire.params import Layer, Params
+from jaxfire.params import Attention, Layer, Params, describe_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +91,11 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
     # x: [B, T, D], positions: [B, T]
     b, t, _ = x.shape
     c, p = config, layer.attn
-    dense = _projection(runtime)
+    dense = _projection(runtime, describe_layer(config).attn)
     with jax.named_scope("qkv"):
-        q = dense(x, p.wq).reshape(b, t, c.num_heads, c.head_dim)
-        k = dense(x, p.wk).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = dense(x, p.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q = dense(x, p.wq, "wq").reshape(b, t, c.num_heads, c.head_dim)
+        k = dense(x, p.wk, "wk").reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = dense(x, p.wv, "wv").reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     if cache is None:
         with jax.named_scope("attend"):
@@ -115,25 +115,35 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
                 k_all, v_all = cache.read(q.dtype)
                 o = attend(q, k_all, v_all, positions, c.sliding_window)
     with jax.named_scope("out"):
-        return dense(o.reshape(b, t, -1), p.wo), cache
+        return dense(o.reshape(b, t, -1), p.wo, "wo"), cache
 
 
-def _projection(runtime: Runtime):
-    """`quant.dense` for the attention projections. A kernel is opaque to XLA's partitioner, so on a
-    mesh whose tensor axis is 1 (the weights whole on every device) it runs per device on that
-    device's sequences under shard_map; with heads split over "tensor" XLA partitions the matmuls."""
+def _projection(runtime: Runtime, specs: Attention):
+    """`quant.dense` for the attention projections, by weight name. A kernel is opaque to XLA's
+    partitioner, so on a mesh each projection runs per device under shard_map, on that device's
+    sequences and its slice of the weight as the rules table places it: output columns split over
+    "tensor" (wq, wk, wv: the device's heads), or input columns (wo: a partial product, summed over
+    "tensor" by a psum)."""
     local = functools.partial(quant.dense, policy=runtime.fp8, implementation=runtime.grouped_matmul)
     mesh = runtime.mesh
-    if mesh is None or mesh.size == 1:
-        return local
-    if mesh.shape["tensor"] > 1:
-        return functools.partial(quant.dense, policy=runtime.fp8, implementation="xla")
 
-    def dense(x, w):
-        # x: [B, T, D] -> [B, T, N], sequences split as the cache is
-        spec = S.partition_spec(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
-        whole = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), w)  # an array or a QArray
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec, whole), out_specs=spec, check_vma=False)(x, w)
+    def dense(x, w, name):
+        # x: [B, T, K] -> [B, T, N]
+        if mesh is None or mesh.size == 1:
+            return local(x, w)
+        spec = getattr(specs, name)
+        n_axes, k_axes = S.partition_spec(mesh, spec.logical_axes, spec.shape, spec.blocks)
+        batch = S.partition_spec(mesh, ("batch", None, None), x.shape)[0]
+        w_spec = jax.sharding.PartitionSpec(n_axes, k_axes)
+        if isinstance(w, quant.QArray):
+            w_spec = quant.QArray(value=w_spec, scale=jax.sharding.PartitionSpec(n_axes))
+
+        def project(x, w):
+            y = local(x, w)
+            return y if k_axes is None else jax.lax.psum(y, k_axes)
+
+        return jax.shard_map(project, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(batch, None, k_axes), w_spec),
+                             out_specs=jax.sharding.PartitionSpec(batch, None, n_axes), check_vma=False)(x, w)
 
     return dense
 

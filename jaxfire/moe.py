@@ -1,10 +1,12 @@
 """The sparse mixture-of-experts block: route, dispatch (sort by expert), grouped experts, combine.
 
-On a device mesh the block is one `shard_map` (`expert_parallel`): tokens are split over every mesh
-axis, each device routes its own tokens, sends each token to the devices holding its experts with one
-all_to_all over the "expert" axis, runs its local experts as one grouped matmul, and a second
-all_to_all brings the results back to be combined. Buffers are sized for the worst case (every
-assignment to one device), so no token is ever dropped whatever the routing skew.
+On a device mesh the block is one `shard_map` (`expert_parallel`): tokens are split over the "data"
+and "expert" axes, each device routes its own tokens, sends each token to the devices holding its
+experts with one all_to_all over the "expert" axis, runs its local experts as one grouped matmul, and
+a second all_to_all brings the results back to be combined. Buffers are sized for the worst case
+(every assignment to one device), so no token is ever dropped whatever the routing skew. Over the
+"tensor" axis each device holds a slice of every expert's width F and sees the same tokens; one psum
+adds the slices' outputs (tensor parallelism: no all_to_all, each device reads 1/t of the weights).
 
 Tokens a call does not need (`valid` False: inactive decode slots, prompt padding) are routed to no
 expert: their assignments sort after every group, so the grouped matmul neither reads weights nor
@@ -23,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxfire import quant
 from jaxfire import sharding as S
-from jaxfire.params import MoE
+from jaxfire.params import DOWN_AXES, GATE_UP_AXES, MoE
 
 
 def route(router: jax.Array, x: jax.Array, top_k: int, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -46,7 +48,9 @@ def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array, policy: quant.Fp8
                 implementation: str = "xla") -> jax.Array:
     """SwiGLU experts over rows sorted by expert."""
     # xs: [A, D] -> [A, D]
-    h = quant.grouped_swiglu(xs, p.w_gate_up, group_sizes, policy, implementation)  # [A, F]
+    # [E, 2, F, D] -> [E, 2F, D], gate rows then up rows (a free reshape; a QArray's scales alike)
+    gate_up = jax.tree.map(lambda a: a.reshape(a.shape[0], -1, *a.shape[3:]), p.w_gate_up)
+    h = quant.grouped_swiglu(xs, gate_up, group_sizes, policy, implementation)  # [A, F]
     return quant.grouped(h, p.w_down, group_sizes, policy, implementation)
 
 
@@ -92,15 +96,22 @@ def combine(ys: jax.Array, order: jax.Array, weights: jax.Array, dtype) -> jax.A
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dtype)
 
 
-def _moe_specs(p: MoE) -> MoE:
-    """shard_map specs of the MoE weights: experts split on their leading axis, the router replicated."""
-    split = lambda w: jax.tree.map(lambda _: PartitionSpec("expert"), w)  # noqa: E731 (an array or a QArray)
-    return MoE(router=PartitionSpec(), w_gate_up=split(p.w_gate_up), w_down=split(p.w_down))
+def _moe_specs(p: MoE, mesh: Mesh) -> MoE:
+    """shard_map specs of the MoE weights, by the rules table (the router is replicated)."""
+
+    def place(w, axes):  # an array, or a QArray whose scales drop the contracted axis
+        if isinstance(w, quant.QArray):
+            return quant.QArray(value=S.partition_spec(mesh, axes, w.value.shape),
+                                scale=S.partition_spec(mesh, axes[:-1], w.scale.shape))
+        return S.partition_spec(mesh, axes, w.shape)
+
+    return MoE(router=PartitionSpec(), w_gate_up=place(p.w_gate_up, GATE_UP_AXES), w_down=place(p.w_down, DOWN_AXES))
 
 
 def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
                     mesh: Mesh, valid: jax.Array | None = None) -> jax.Array:
-    """The MoE block over a mesh: tokens split over all axes, experts over "expert", two all_to_alls."""
+    """The MoE block over a mesh: tokens and experts split over "expert" (two all_to_alls), expert
+    widths over "tensor" (a psum)."""
     # x: [T, D], valid: [T] -> [T, D]
     shards = S.token_shards(mesh)
     t = x.shape[0]
@@ -110,10 +121,29 @@ def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, i
         x = jnp.pad(x, ((0, padded - t), (0, 0)))
         valid = jnp.pad(valid, (0, padded - t))
     tokens = PartitionSpec(S.RULES["tokens"])
-    fn = jax.shard_map(
-        lambda p_, x_, v_: _expert_parallel_local(p_, x_, v_, top_k, policy, implementation, mesh.shape["expert"]),
-        mesh=mesh, in_specs=(_moe_specs(p), tokens, tokens), out_specs=tokens, check_vma=False)  # kernels inside
+    specs = _moe_specs(p, mesh)
+    # F that the tensor axis does not divide stays whole on every device, which then all compute the
+    # same output: nothing to add up.
+    sliced = mesh.shape["tensor"] > 1 and _split_last(specs.w_down)
+
+    def local(p_, x_, v_):
+        if mesh.shape["expert"] == 1:
+            y = _local_moe(p_, x_, top_k, policy, implementation, v_)
+        else:
+            y = _expert_parallel_local(p_, x_, v_, top_k, policy, implementation, mesh.shape["expert"])
+        if sliced:
+            with jax.named_scope("tensor_sum"):
+                y = jax.lax.psum(y, "tensor")
+        return y
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, tokens, tokens), out_specs=tokens,
+                       check_vma=False)  # kernels inside
     return fn(p, x, valid)[:t]
+
+
+def _split_last(spec) -> bool:
+    spec = spec.value if isinstance(spec, quant.QArray) else spec
+    return len(spec) == 3 and spec[2] is not None
 
 
 def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, policy: quant.Fp8Policy,

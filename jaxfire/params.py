@@ -49,7 +49,7 @@ class Attention:
 @_register
 class MoE:
     router: Any  # [E, D]
-    w_gate_up: Any  # [E, 2F, D]: gate (w1) rows first, then up (w3)
+    w_gate_up: Any  # [E, 2, F, D]: gate (w1), then up (w3); F splits over the tensor axis with both halves
     w_down: Any  # [E, D, F]
 
 
@@ -69,6 +69,11 @@ class Params:
     lm_head: Any  # [V, D], None when tied to the embedding
 
 
+# Logical axes of the expert weights (the MoE block's shard_map places its operands by them too).
+GATE_UP_AXES = ("experts", None, "mlp", "embed")  # [E, 2, F, D]
+DOWN_AXES = ("experts", "embed", "mlp")  # [E, D, F]
+
+
 def describe_layer(c: Config) -> Layer:
     d, hk, gk, e, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_experts, c.intermediate_size
     heads_in, heads_out = (c.head_dim, 1), (1, c.head_dim)
@@ -83,8 +88,8 @@ def describe_layer(c: Config) -> Layer:
         moe_norm=ParamSpec((d,), ("embed",), init="ones"),
         moe=MoE(
             router=ParamSpec((e, d), (None, "embed")),
-            w_gate_up=ParamSpec((e, 2 * f, d), ("experts", "mlp", "embed"), quantizable=True),
-            w_down=ParamSpec((e, d, f), ("experts", "embed", "mlp"), quantizable=True),
+            w_gate_up=ParamSpec((e, 2, f, d), GATE_UP_AXES, quantizable=True),
+            w_down=ParamSpec((e, d, f), DOWN_AXES, quantizable=True),
         ),
     )
 

@@ -5,8 +5,9 @@ The mesh has three axes:
 - "expert": experts split across devices (expert parallelism); sequences are split over it too, so
   attention runs data-parallel across the expert group and the MoE block exchanges tokens with
   all_to_all (see `jaxfire.moe`);
-- "tensor": attention heads split across devices (tensor parallelism); inside the MoE block the
-  tokens are split over it as well, so no device repeats another's expert work.
+- "tensor": tensor parallelism. Attention heads are split across its devices, and so is every
+  expert's width F: each device holds a slice of each of its experts' gate/up rows and down columns,
+  runs its slice for all the group's tokens, and one psum adds the partial outputs.
 
 Every parameter and cache array names its dimensions with logical axes (`jaxfire.params.ParamSpec`,
 `jaxfire.kv_cache`); `RULES` places them. A dimension that its mesh axes do not divide is
@@ -29,13 +30,13 @@ AXES = ("data", "expert", "tensor")
 # logical axis -> mesh axes it is split over (None: replicated)
 RULES: dict[str, tuple[str, ...] | None] = {
     "batch": ("data", "expert"),
-    "tokens": ("data", "expert", "tensor"),  # the MoE block's flat token axis
+    "tokens": ("data", "expert"),  # the MoE block's flat token axis (whole on every tensor device)
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "experts": ("expert",),
     "vocab": None,
     "embed": None,
-    "mlp": None,
+    "mlp": ("tensor",),
     "cache_seq": None,
     "head_dim": None,
 }

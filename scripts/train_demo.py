@@ -171,7 +171,8 @@ def moe_with_aux(p: P.MoE, x: jax.Array, config: Config, experts_impl: str) -> t
         return moe.moe_block(p, x, k), aux
     order, group_sizes = moe.dispatch(experts, e)
     xs = x[order // k]  # [A, D]
-    gate, up = jnp.split(blocked_grouped(xs, p.w_gate_up, group_sizes), 2, axis=-1)  # [A, F] each
+    gate_up = p.w_gate_up.reshape(e, -1, p.w_gate_up.shape[-1])  # [E, 2F, D]
+    gate, up = jnp.split(blocked_grouped(xs, gate_up, group_sizes), 2, axis=-1)  # [A, F] each
     ys = blocked_grouped(jax.nn.silu(gate) * up, p.w_down, group_sizes)  # [A, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(x.shape[0], k, -1)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype), aux

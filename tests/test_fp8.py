@@ -88,7 +88,7 @@ def dense_moe_reference(p, x, top_k):
     for t in range(x.shape[0]):
         chosen = probs[t, top[t]]
         for e, w in zip(top[t], chosen / chosen.sum()):
-            gate_up = np.asarray(p.w_gate_up[e], np.float64) @ x[t]
+            gate_up = np.asarray(p.w_gate_up[e], np.float64).reshape(2 * f, -1) @ x[t]
             h = gate_up[:f] / (1 + np.exp(-gate_up[:f])) * gate_up[f:]
             out[t] += w * (np.asarray(p.w_down[e], np.float64) @ h)
     return out

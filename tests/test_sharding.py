@@ -8,6 +8,7 @@ import pytest
 import jaxfire
 from jaxfire import moe
 from jaxfire import sharding as S
+from jaxfire.params import GATE_UP_AXES
 
 MESHES = {
     "1": dict(devices=1, expert=1),
@@ -15,6 +16,7 @@ MESHES = {
     "expert4": dict(devices=4, expert=4),
     "expert8": dict(devices=8, expert=8),
     "expert2_tensor4": dict(devices=8, expert=2, tensor=4),
+    "tensor2": dict(devices=2, expert=1, tensor=2),
     "data2_expert4": dict(devices=8, data=2, expert=4),
 }
 
@@ -52,7 +54,7 @@ def test_sharded_logits_and_tokens_equal_single_device(reference, mesh_name, ske
         chosen = moe.route(single.params.layers[0].moe.router, x, 2)[1]
         assert (np.asarray(chosen) == [0, 1]).all()
     w = model.params.layers[0].moe.w_gate_up
-    assert w.sharding.spec == S.partition_spec(mesh, ("experts", "mlp", "embed"), w.shape)
+    assert w.sharding.spec == S.partition_spec(mesh, GATE_UP_AXES, w.shape)
     tokens = np.random.default_rng(0).integers(0, 97, (4, 13))
     np.testing.assert_allclose(jaxfire.logits(model, tokens), jaxfire.logits(single, tokens), rtol=1e-5, atol=1e-5)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -60,7 +62,7 @@ def test_sharded_logits_and_tokens_equal_single_device(reference, mesh_name, ske
         jaxfire.generate(single, prompts, max_new_tokens=12).tokens
 
 
-@pytest.mark.parametrize("mesh_name", ["expert8", "expert2_tensor4"])
+@pytest.mark.parametrize("mesh_name", ["expert8", "expert2_tensor4", "tensor2"])
 def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name):
     """Masked tokens (idle decode slots, prompt padding) are sent nowhere; the rest match one device."""
     ckpt, single = reference
@@ -75,6 +77,22 @@ def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name):
     assert (np.asarray(sharded)[~np.asarray(valid)] == 0).all()
 
 
+def test_expert_width_the_tensor_axis_does_not_divide_stays_whole():
+    """F = 36 over a tensor axis of 8: the experts stay whole on each device, which all compute the
+    same output (nothing is added twice)."""
+    from jaxfire.config import Config
+    from jaxfire.params import init_params
+
+    cfg = Config.preset("tiny").replace(intermediate_size=36)
+    mesh = mesh_of(dict(devices=8, expert=1, tensor=8))
+    local = init_params(cfg, jax.random.key(7), jnp.float32, std=0.2).layers[0].moe
+    placed = init_params(cfg, jax.random.key(7), jnp.float32, std=0.2, sharding_fn=S.param_sharding_fn(mesh))
+    assert placed.layers[0].moe.w_down.sharding.spec[2] is None
+    x = jax.random.normal(jax.random.key(8), (16, cfg.hidden_size))
+    np.testing.assert_allclose(moe.moe_block(placed.layers[0].moe, x, 2, mesh=mesh), moe.moe_block(local, x, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_weights_and_cache_are_split_as_the_rules_say(reference):
     ckpt, _ = reference
     mesh = mesh_of(MESHES["expert2_tensor4"])
@@ -85,14 +103,16 @@ def test_weights_and_cache_are_split_as_the_rules_say(reference):
         expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
         return array.sharding.is_equivalent_to(expected, array.ndim)
 
-    assert split_as(layer.moe.w_gate_up.value, "expert", None, None)
-    assert split_as(layer.moe.w_gate_up.scale, "expert", None)
+    assert split_as(layer.moe.w_gate_up.value, "expert", None, "tensor", None)
+    assert split_as(layer.moe.w_gate_up.scale, "expert", None, "tensor")
+    assert split_as(layer.moe.w_down.value, "expert", None, "tensor")
     assert split_as(layer.attn.wq.value, "tensor", None)
     assert split_as(layer.attn.wo.value, None, "tensor")
     assert split_as(layer.moe.router, None, None)
-    # Each device holds 1/2 of the expert weights.
+    # Each device holds 1/8 of the expert weights: half the experts, a quarter of each one's width.
     shard = layer.moe.w_gate_up.value.addressable_shards[0].data
-    assert shard.shape[0] == 4
+    full = layer.moe.w_gate_up.value.shape
+    assert shard.shape == (full[0] // 2, 2, full[2] // 4, full[3])
     from jaxfire.kv_cache import init_cache
 
     cache = init_cache(model.config, 4, 16, "fp8", mesh)
