@@ -71,6 +71,19 @@ def test_load_errors_name_the_path(tmp_path, hf_model_dir):
         jaxfire.load(hf_model_dir("gqa"))
 
 
+def test_version_1_checkpoints_are_refused_with_the_fix(tmp_path):
+    """Format 1 stored the experts' gate/up as [E, 2F, D]; reading it is refused in one sentence."""
+    import json
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(jaxfire.api.BUILTIN_DIR, old)
+    meta = json.loads((old / checkpoint.FORMAT_FILE).read_text())
+    (old / checkpoint.FORMAT_FILE).write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(checkpoint.CheckpointError, match="format version 1 .* convert the checkpoint again"):
+        jaxfire.load(old)
+
+
 def test_generate_module_import_keeps_the_api_function():
     import jaxfire.generate as cli
 
