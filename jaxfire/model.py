@@ -39,7 +39,7 @@ class Runtime:
     `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn").
     fp8: when FP8 weights also quantize their activations.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
-    block runs expert-parallel over it. None for one device.
+    block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """
 
     decode_attention: str = "auto"
