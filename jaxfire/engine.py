@@ -278,13 +278,15 @@ def _prefill_into_slot(params: Params, state: SlotState, small: KVCache, tokens:
     of the shared cache; returns the prompt's last logits (`_start` samples the first token)."""
     # small: [1, T, G, K] per layer, tokens: [1, T or C] -> logits [1, V]
     logits, small = M.prefill(params, small, tokens, count[None], config, runtime, fresh)  # [1, V]
+    # Positions past the prompt keep whatever the slot held before: the length masks them.
+    cache = jax.tree.map(lambda big, row: _put(big, row, slot), state.cache, small)  # lengths too
+    return logits, dataclasses.replace(state, cache=cache)
 
-    def put(row_major: jax.Array, row: jax.Array) -> jax.Array:
-        # Positions past the prompt keep whatever the slot held before: the length masks them.
-        return jax.lax.dynamic_update_slice(row_major, row.astype(row_major.dtype),
-                                            (slot,) + (0,) * (row_major.ndim - 1))
 
-    return logits, dataclasses.replace(state, cache=jax.tree.map(put, state.cache, small))  # lengths too
+def _put(per_slot: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
+    """Writes a batch-1 row into `slot` of a slot-major array."""
+    # per_slot: [N, ...], row: [1, ...]
+    return jax.lax.dynamic_update_slice(per_slot, row.astype(per_slot.dtype), (slot,) + (0,) * (per_slot.ndim - 1))
 
 
 def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime) -> KVCache:
@@ -326,14 +328,11 @@ def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array
     # logits: [1, V], scalars otherwise -> first token [1]
     zero = jnp.zeros((1,), jnp.int32)
     first = _sample(logits, seed[None], zero, temperature[None], top_p[None], sample)  # [1]
-
-    def put(per_slot: jax.Array, value: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(per_slot, value.astype(per_slot.dtype), (slot,))
-
-    return first, dataclasses.replace(state, tokens=put(state.tokens, first), steps=put(state.steps, zero + 1),
-                                      seeds=put(state.seeds, seed[None]),
-                                      temperature=put(state.temperature, temperature[None]),
-                                      top_p=put(state.top_p, top_p[None]))
+    return first, dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
+                                      steps=_put(state.steps, zero + 1, slot),
+                                      seeds=_put(state.seeds, seed[None], slot),
+                                      temperature=_put(state.temperature, temperature[None], slot),
+                                      top_p=_put(state.top_p, top_p[None], slot))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
