@@ -8,9 +8,10 @@ its own weights and cache), so figures are reported both as measured and scaled 
 ("model_ms"). Weights and the KV cache are random (never zeros); the cache holds `--context` tokens
 per sequence when each decode step runs.
 
-With `--mesh` the model is built sharded over the devices (`jaxfire.make_mesh` axis sizes) and runs
-expert-parallel; the two all_to_alls of each MoE block are also timed alone, with the buffers a step
-sends, to give communication's share of the step ("a2a_ms").
+With `--mesh` the model is built sharded over the devices (`jaxfire.make_mesh` axis sizes: expert
+and/or tensor parallel); its collectives (the MoE block's all_to_alls over "expert", the psums over
+"tensor") are also timed alone, with the shapes a step sends, to give communication's share of the
+step ("comm_ms", "comm_share"; rows before tensor parallelism call it "a2a_ms").
 """
 
 from __future__ import annotations
@@ -105,29 +106,36 @@ def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
     return float(np.median(times))
 
 
-def time_all_to_all(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat16) -> float:
-    """Seconds one forward pass spends in the MoE blocks' all_to_alls (dispatch and return, every
-    layer), timed alone with the buffer shapes `jaxfire.moe.expert_parallel` sends."""
+def time_collectives(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat16) -> float:
+    """Seconds one forward pass spends in collectives, timed alone with the shapes the model sends:
+    per layer, over "expert" the MoE block's two all_to_alls (dispatch and return, worst-case
+    buffers, `jaxfire.moe.expert_parallel`), over "tensor" two psums of the layer's [T, D] output
+    (attention's wo and the experts' slices)."""
     shards = S.token_shards(mesh)
-    n = mesh.shape["expert"]
+    n, t = mesh.shape["expert"], mesh.shape["tensor"]
     local = -(-tokens // shards)
     a = local * c.num_experts_per_tok
     spec = jax.sharding.PartitionSpec(S.RULES["tokens"])
 
-    def body(buf):
-        def layer(_, b):
-            b = jax.lax.all_to_all(b, "expert", 0, 0)
-            return jax.lax.all_to_all(b * 1.001, "expert", 0, 0)
-        return jax.lax.fori_loop(0, layers, layer, buf)
+    def body(buf, out):
+        def layer(_, bufs):
+            b, o = bufs
+            if n > 1:
+                b = jax.lax.all_to_all(jax.lax.all_to_all(b, "expert", 0, 0) * 1.001, "expert", 0, 0)
+            if t > 1:
+                o = jax.lax.psum(jax.lax.psum(o, "tensor") * 0.5, "tensor") * 0.5
+            return b, o
+        return jax.lax.fori_loop(0, layers, layer, (buf, out))
 
-    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
-    buf = jax.device_put(jax.random.normal(jax.random.key(5), (shards * n, a, c.hidden_size), jnp.float32).astype(dtype),
-                         jax.sharding.NamedSharding(mesh, spec))
-    jax.block_until_ready(fn(buf))
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec), check_vma=False))
+    place = lambda shape: jax.device_put(  # noqa: E731
+        jax.random.normal(jax.random.key(5), shape, jnp.float32).astype(dtype), jax.sharding.NamedSharding(mesh, spec))
+    bufs = (place((shards * n, a, c.hidden_size)), place((shards * local, c.hidden_size)))
+    jax.block_until_ready(fn(*bufs))
     t0 = time.perf_counter()
     for _ in range(10):
-        buf = fn(buf)
-    jax.block_until_ready(buf)
+        bufs = fn(*bufs)
+    jax.block_until_ready(bufs)
     return (time.perf_counter() - t0) / 10
 
 
@@ -227,25 +235,25 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             sec, compile_s = time_decode(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
-            a2a = time_all_to_all(mesh, c, batch, args.layers) if mesh is not None else 0.0
+            comm = time_collectives(mesh, c, batch, args.layers) if mesh is not None else 0.0
             rows.append(dict(base, job="decode", batch=batch, discarded_first_run=i == 0, context=args.context, ms=sec * 1e3,
                              model_ms=sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
                              roofline_ms=nbytes * scale / DATASHEET_BW / devices * 1e3,
                              of_copy_bw=nbytes / sec / copy_bw / devices, compile_s=compile_s,
-                             a2a_ms=a2a * 1e3, a2a_share=a2a / sec))
+                             comm_ms=comm * 1e3, comm_share=comm / sec))
             print(rows[-1]["variant"], "decode B", batch, f"{sec * 1e3:.2f} ms", flush=True)
         sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
         flops = prefill_flops(c, args.layers, args.prefill_tokens)
-        a2a = time_all_to_all(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0
+        comm = time_collectives(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0
         rows.append(dict(base, job="prefill", batch=1, discarded_first_run=i == 0, tokens=args.prefill_tokens, ms=sec * 1e3,
                          model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
                          peak_tflops=devices * PEAK_FLOPS["fp8" if name in ("fp8-wa", "fp8") else "bf16"] / 1e12,
-                         a2a_ms=a2a * 1e3, a2a_share=a2a / sec))
+                         comm_ms=comm * 1e3, comm_share=comm / sec))
         print(name, "prefill", f"{sec * 1e3:.2f} ms", flush=True)
     rows = [r for r in rows if not r.pop("discarded_first_run")]
     path = write_results("decode", rows, args.out_dir)
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "roofline_ms", "tbs", "of_copy_bw",
-                       "tflops", "a2a_share"])
+                       "tflops", "comm_share"])
     print(f"wrote {path}")
 
 
