@@ -182,7 +182,7 @@ VARIANTS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mixtral-8x7b")
     ap.add_argument("--layers", type=int, default=8, help="layers built (times are also scaled to the full model)")
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2 or expert=2,tensor=2")
     ap.add_argument("--out-dir", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     full = Config.preset(args.preset)
     c = full.replace(num_layers=args.layers)
@@ -255,6 +255,7 @@ def main() -> None:
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "roofline_ms", "tbs", "of_copy_bw",
                        "tflops", "comm_share"])
     print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The GPU benchmarks run end to end on the CPU at a tiny size, so a device run does not fail on a
+bug a CPU could have caught; their figures are not checked here (speed is measured, never asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import decode, profile
+
+TINY = ["--preset", "tiny", "--layers", "2", "--context", "16", "--steps", "1"]
+
+
+@pytest.mark.parametrize("mesh", ["expert=2,tensor=2,data=2", "tensor=8"])
+def test_decode_bench_on_a_mesh_writes_rows_with_communication(tmp_path, mesh):
+    rows = decode.main(TINY + ["--mesh", mesh, "--variants", "fp8", "--batches", "2", "--prefill-tokens", "32",
+                               "--out-dir", str(tmp_path)])
+    assert [r["job"] for r in rows] == ["decode", "prefill"]
+    written = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
+    assert len(written) == 2 and all(r["devices"] == 8 and r["comm_ms"] > 0 for r in written)
+    assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in written)
+
+
+def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
+    rows = profile.main(TINY + ["--variant", "bf16", "--batches", "2", "--prefill-tokens", "32",
+                                "--out-dir", str(tmp_path)])
+    assert [r["job"] for r in rows] == ["decode", "prefill"]
+    for r in rows:
+        assert r["matched_share"] > 0.5, r
+        stages = r["stages_ms"]
+        assert any(s.startswith("moe/") for s in stages) and any(s.startswith("attention") for s in stages)
