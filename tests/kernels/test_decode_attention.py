@@ -26,6 +26,7 @@ import pytest
 
 from pallas_kernels import decode_attention
 from pallas_kernels.decode_attention import DecodeAttentionConfig, default_config
+from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 TOLERANCES = {  # output dtype -> (atol, rtol, rel)
     jnp.dtype(jnp.bfloat16): (2e-2, 2e-2, 1e-2),
@@ -324,22 +325,9 @@ def test_kernel_lowers_for_h100(cache, scales, splits, window, monkeypatch):
 
     Runs on the CPU: catches primitives or casts the Triton lowering lacks before a GPU run.
     """
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-    from jax._src.pallas.triton import pallas_call_registration
-
     from pallas_kernels.decode_attention import triton as triton_backend
 
-    lower_triton = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
-    verified = []
-
-    def lower_and_verify(*args, **kwargs):
-        result = lower_triton(*args, **kwargs)
-        verified.append(result.module.operation.verify())
-        return result
-
-    monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module",
-                        lower_and_verify)
-    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    verified = verify_triton_modules(monkeypatch)
     dtype = {"bf16": jnp.bfloat16, "fp8": FP8, "f32": jnp.float32}[cache]
     batch, seq_len, kv_heads, head_dim = 4, 16384, 8, 128
     s = jax.ShapeDtypeStruct
@@ -354,8 +342,6 @@ def test_kernel_lowers_for_h100(cache, scales, splits, window, monkeypatch):
         return triton_backend.decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale,
                                                sm_scale=head_dim**-0.5, window=window, config=config)
 
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
-        traced = jax.jit(fn).trace(q, kv, kv, s((batch,), jnp.int32), scale, scale)
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h100(fn, q, kv, kv, s((batch,), jnp.int32), scale, scale)
     assert "jaxfire_decode_attention" in text
     assert verified == [True]

@@ -19,6 +19,7 @@ import pytest
 from pallas_kernels import grouped_matmul, grouped_matmul_swiglu
 from pallas_kernels.grouped_matmul import Config, mosaic, triton
 from pallas_kernels.grouped_matmul.tiling import row_tasks
+from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 BF16, FP8, F32 = jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32
 
@@ -297,23 +298,9 @@ def test_config_rejects_non_positive_blocks():
 def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
     """Mixtral-size problems lower through Pallas to Triton and Mosaic GPU for an H100, on the CPU.
 
-    Catches layout-inference, shared-memory-budget and Triton-lowering errors before a GPU run; the
-    Triton module is also run through the MLIR verifier, which XLA would otherwise apply only on a GPU.
+    See tests/kernels/lowering.py.
     """
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-    from jax._src.pallas.triton import pallas_call_registration
-
-    lower_triton = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
-    verified = []
-
-    def lower_and_verify(*args, **kwargs):
-        result = lower_triton(*args, **kwargs)
-        verified.append(result.module.operation.verify())
-        return result
-
-    monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-
-    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    verified = verify_triton_modules(monkeypatch)
     k, n, e = 4096, 2 * 14336 if swiglu else 14336, 8
     s = jax.ShapeDtypeStruct
     args = (s((t, k), dtype), s((e, n, k), dtype), s((e,), jnp.int32),
@@ -327,8 +314,7 @@ def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
         (triton.grouped_matmul, dataclasses.replace(cfg.triton_config(32, k, n_out, swiglu=swiglu), split_k=4)),
     ]
     for kernel, config in kernels:
-        fn = jax.jit(lambda *a: kernel(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config))
-        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
-            text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_h100(
+            lambda *a: kernel(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config), *args)
         assert "custom_call" in text
     assert verified == [True, True]
