@@ -29,6 +29,7 @@ def device_info() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # compiler switches change the figures
     }
 
 

@@ -127,7 +127,8 @@ def time_collectives(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat
             return b, o
         return jax.lax.fori_loop(0, layers, layer, (buf, out))
 
-    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec), check_vma=False))
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec), check_vma=False),
+                 compiler_options=S.COMPILER_OPTIONS)  # the collectives as the model compiles them
     place = lambda shape: jax.device_put(  # noqa: E731
         jax.random.normal(jax.random.key(5), shape, jnp.float32).astype(dtype), jax.sharding.NamedSharding(mesh, spec))
     bufs = (place((shards * n, a, c.hidden_size)), place((shards * local, c.hidden_size)))

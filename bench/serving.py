@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
     ap.add_argument("--prefills-per-step", type=int, help="prefill calls between decode steps (default: all)")
     ap.add_argument("--prefill-chunk", type=int, help="prefill long prompts this many tokens per step")
+    ap.add_argument("--decode-buckets", help="slot counts decode steps are compiled for, comma separated "
+                    "(default: powers of two up to --slots; 'slots' steps every slot every time)")
     ap.add_argument("--cutoff-stat", default="p90", choices=("mean", "median", "p90", "p99"),
                     help="the statistic each latency cut-off applies to")
     ap.add_argument("--seed", type=int, default=0)
@@ -250,8 +252,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     model, desc = build_model(args)
     max_len = args.max_len or args.prompt_len + args.output_len
+    buckets = None if args.decode_buckets is None else (
+        (args.slots,) if args.decode_buckets == "slots" else tuple(int(n) for n in args.decode_buckets.split(",")))
     engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
-                            prefill_chunk=args.prefill_chunk, detokenize=False)
+                            prefill_chunk=args.prefill_chunk, detokenize=False, decode_buckets=buckets)
     rng = np.random.default_rng(args.seed)
     prompts = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
     t0 = time.perf_counter()
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = []
         base = dict(desc, slots=args.slots, max_len=max_len, prompt_len=args.prompt_len,
                     output_len=args.output_len, num_prompts=args.num_requests, burstiness=1.0, seed=args.seed,
-                    prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk, warmup_s=warmup_s,
+                    prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk,
+                    decode_buckets=list(engine.decode_buckets), warmup_s=warmup_s,
                     **idle)
         with tqdm(total=args.num_requests * len(rates), desc="sweep", unit="req") as bar:
             for i, rate in enumerate(rates):
@@ -288,9 +293,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
                 steps = engine.counters["decode_steps"] - before.get("decode_steps", 0)
                 slot_steps = engine.counters["slot_steps"] - before.get("slot_steps", 0)
+                decode_rows = engine.counters["decode_rows"] - before.get("decode_rows", 0)
                 rows.append(dict(base, job="rate", request_rate=rate if math.isfinite(rate) else "inf",
                                  offered_rate=rate, **serving_metrics(requests, duration),
-                                 mean_running_batch=slot_steps / max(steps, 1), decode_steps=steps))
+                                 mean_running_batch=slot_steps / max(steps, 1),
+                                 mean_decode_rows=decode_rows / max(steps, 1), decode_steps=steps))
     finally:
         engine.close()
         jax.monitoring.unregister_event_duration_listener(listener)
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     path = write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in rows] + [summary],
                          out_dir)
     print_table(rows, ["request_rate", "request_throughput", "output_throughput", "mean_running_batch",
-                       "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
+                       "mean_decode_rows", "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
                        "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms"])
     print(f"zero load: ttft {idle['idle_ttft_ms']:.1f} ms, itl {idle['idle_median_itl_ms']:.2f} ms, "
           f"e2el {idle['idle_e2el_ms']:.1f} ms; compilations during the sweep: {len(compiles)}")
@@ -312,7 +319,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.no_plots:
         tag = args.tag or ("smoke" if args.smoke else "-".join(
             [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
-             f"gpu{desc['devices']}",
+             f"gpu{desc['devices']}" + "".join(f"-{k[0]}{v}" for k, v in (desc["mesh"] or {}).items() if v > 1),
              desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
             + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])))
         title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s),\n"

@@ -18,8 +18,9 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
    C, a longer prompt prefills C tokens per step into its own batch-1 cache (its slot reserved but
    idle) and moves into the shared cache with its last chunk, so no step stalls the running batch
    for more than one chunk;
-3. dispatches one decode step for all occupied slots (`model.decode_step` with an `active` mask, so
-   free slots are untouched) and samples each slot with its own temperature, top_p and seed;
+3. dispatches one decode step for all occupied slots (`model.decode_step` over the smallest slot bucket
+   holding them, with an `active` mask, so free slots are untouched) and samples each slot with its
+   own temperature, top_p and seed;
 4. reads back the tokens of the *previous* decode step and of this step's admissions, and emits them.
    Reading one step behind keeps the device busy while the host schedules and streams: a request that
    ends with EOS costs one wasted slot-step, never a wrong token. A request that reaches its token
@@ -32,7 +33,10 @@ and per slot its last token, stream position, seed, temperature and top_p (`[N]`
 programs, all of fixed shapes:
 - `_admit`, once per prefill bucket: prompt tokens `[1, T]` for T in `Engine.buckets` (powers of two
   from `min_bucket`, capped at and including `max_len`), all other arguments scalars;
-- `_decode`: active mask `[N]`; it returns the logits, which `_advance` samples;
+- `_decode`, once per slot bucket n in `Engine.slot_buckets` (powers of two up to N, and N): it steps
+  the first n slots (active mask `[n]`), so the projections and experts run on n rows, and returns the
+  logits `[n, V]`, which `_advance` samples. A step takes the smallest bucket holding every occupied
+  slot; slots are taken lowest first, so a lightly loaded engine runs small steps;
 - `_start` (a prefilled request's first token) and `_advance`, each greedy-only and sampling (a static
   flag the host sets from the requests' temperatures, so an all-greedy step skips the vocabulary sort
   without a device-side condition);
@@ -66,6 +70,7 @@ import numpy as np
 
 from jaxfire import model as M
 from jaxfire import quant, sampling
+from jaxfire import sharding as S
 from jaxfire.config import Config
 from jaxfire.errors import JaxfireError
 from jaxfire.kv_cache import KVCache, init_cache
@@ -277,7 +282,7 @@ def _prefill_into_slot(params: Params, state: SlotState, small: KVCache, tokens:
     """Prefills the (last part of a) prompt into its batch-1 cache and moves the cache row into `slot`
     of the shared cache; returns the prompt's last logits (`_start` samples the first token)."""
     # small: [1, T, G, K] per layer, tokens: [1, T or C] -> logits [1, V]
-    logits, small = M.prefill(params, small, tokens, count[None], config, runtime, fresh)  # [1, V]
+    logits, small = M.prefill_fn(params, small, tokens, count[None], config, runtime, fresh)  # [1, V]
     # Positions past the prompt keep whatever the slot held before: the length masks them.
     cache = jax.tree.map(lambda big, row: _put(big, row, slot), state.cache, small)  # lengths too
     return logits, dataclasses.replace(state, cache=cache)
@@ -294,7 +299,8 @@ def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime
     return init_cache(config, 1, length, quant.FP8 if big.is_fp8 else big.k[0].dtype, runtime.mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",),
+                   compiler_options=S.COMPILER_OPTIONS)
 def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, slot: jax.Array,
            config: Config, runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
     """A whole prompt: prefilled alone into a fresh batch-1 cache of its bucket, then into `slot`."""
@@ -303,17 +309,19 @@ def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array
     return _prefill_into_slot(params, state, small, tokens, count, slot, config, runtime, fresh=True)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "config", "runtime"))
+@functools.partial(jax.jit, static_argnames=("length", "config", "runtime"),
+                   compiler_options=S.COMPILER_OPTIONS)
 def _first_chunk(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, length: int,
                  config: Config, runtime: M.Runtime) -> KVCache:
     """The first chunk of a long prompt into a fresh batch-1 cache of `length` (its bucket) positions."""
     # tokens: [1, C] -> [1, T, G, K] per layer; the state is read for its cache dtype only (not donated)
-    _, small = M.prefill(params, _empty_row(state, length, config, runtime), tokens, count[None], config, runtime,
-                         fresh=True)
+    _, small = M.prefill_fn(params, _empty_row(state, length, config, runtime), tokens, count[None], config, runtime,
+                            fresh=True)
     return small
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",),
+                   compiler_options=S.COMPILER_OPTIONS)
 def _last_chunk(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
                 slot: jax.Array, config: Config, runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
     """The last chunk of a long prompt, then its move into `slot`."""
@@ -335,23 +343,32 @@ def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array
                                       top_p=_put(state.top_p, top_p[None], slot))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",),
+                   compiler_options=S.COMPILER_OPTIONS)
 def _decode(params: Params, state: SlotState, active: jax.Array, config: Config,
             runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
-    """One model step for every active slot; inactive slots keep their cache. Returns the logits
-    (`_advance` samples them)."""
-    # active: [N] bool -> logits [N, V] (meaningless where inactive)
-    logits, cache = M.decode_step(params, state.cache, state.tokens, config, active, runtime)  # [N, V]
+    """One model step for the first n slots (n = len(active), a slot bucket), of which the active ones
+    advance; all other slots keep their cache. Returns the logits (`_advance` samples them)."""
+    # active: [n] bool -> logits [n, V] (meaningless where inactive)
+    n = active.shape[0]
+    logits, cache = M.decode_step_fn(params, state.cache, state.tokens[:n], config, active, runtime)  # [n, V]
     return logits, dataclasses.replace(state, cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
 def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
-    """Samples every active slot's next token; inactive slots keep their token and stream position."""
-    # logits: [N, V], active: [N] bool -> next tokens [N] (meaningless where inactive)
-    nxt = _sample(logits, state.seeds, state.steps, state.temperature, state.top_p, sample)  # [N]
-    return nxt, dataclasses.replace(state, tokens=jnp.where(active, nxt, state.tokens),
-                                    steps=state.steps + active.astype(jnp.int32))
+    """Samples the next token of every active slot among the first n; the others keep their token and
+    stream position."""
+    # logits: [n, V], active: [n] bool -> next tokens [n] (meaningless where inactive)
+    n = active.shape[0]
+    nxt = _sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n], sample)  # [n]
+    tokens = state.tokens.at[:n].set(jnp.where(active, nxt, state.tokens[:n]))
+    return nxt, dataclasses.replace(state, tokens=tokens, steps=state.steps.at[:n].add(active.astype(jnp.int32)))
+
+
+def slot_buckets(slots: int) -> tuple[int, ...]:
+    """Decode steps run over the first n slots for n in these: powers of two below `slots`, then `slots`."""
+    return tuple(1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots) + (slots,)
 
 
 def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
@@ -372,6 +389,9 @@ class Engine:
     max_len: positions per slot; a request needs prompt + max_tokens of them (default: the model's
       positions, at most 4096).
     min_bucket: the shortest prefill length; prompts pad up to `buckets` (see the module docstring).
+    decode_buckets: the slot counts decode steps are compiled for (default `slot_buckets(slots)`); a
+      step runs over the smallest that holds every occupied slot. `(slots,)` compiles a single step
+      that always runs every slot.
     prefills_per_step: prefill calls (whole prompts or chunks) between two decode steps (None: as
       many as there are free slots and prefilling prompts). A 1024-token prefill stalls every running
       request for its duration; a limit bounds the stall.
@@ -382,7 +402,8 @@ class Engine:
     """
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
-                 prefills_per_step: int | None = None, prefill_chunk: int | None = None, detokenize: bool = True):
+                 prefills_per_step: int | None = None, prefill_chunk: int | None = None, detokenize: bool = True,
+                 decode_buckets: Sequence[int] | None = None):
         cfg = model.config
         if max_len is None:
             max_len = min(cfg.max_position_embeddings, 4096)
@@ -397,10 +418,16 @@ class Engine:
         self.slots = int(slots)
         self.max_len = int(max_len)
         self.buckets = prefill_buckets(self.max_len, int(min_bucket))
+        if decode_buckets is None:
+            decode_buckets = slot_buckets(self.slots)
+        if (not decode_buckets or not all(isinstance(n, (int, np.integer)) and 0 < n <= self.slots
+                                          for n in decode_buckets)):
+            raise EngineError(f"decode_buckets must be slot counts in [1, {self.slots}], got {decode_buckets!r}")
+        self.decode_buckets = tuple(sorted({int(n) for n in decode_buckets} | {self.slots}))
         self.prefills_per_step = prefills_per_step
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.detokenize = detokenize
-        self.counters = collections.Counter()  # decode_steps, slot_steps (occupied slot-steps), prefills
+        self.counters = collections.Counter()  # decode_steps, slot_steps (occupied slot-steps), decode_rows, prefills
         self._eos = frozenset(cfg.eos_token_ids)
         self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
                                   model.runtime.mesh)
@@ -593,9 +620,11 @@ class Engine:
                                                           config=cfg, runtime=p.runtime)
                         for sample in (False, True):
                             _, self._state = _start(self._state, logits, slot, *params, sample=sample)
-                for sample in (False, True, False):
-                    logits, self._state = _decode(p.params, self._state, idle, config=cfg, runtime=p.runtime)
-                    out, self._state = _advance(self._state, logits, idle, sample=sample)
+                for n in self.decode_buckets:
+                    for sample in (False, True, False):
+                        logits, self._state = _decode(p.params, self._state, idle[:n], config=cfg,
+                                                      runtime=p.runtime)
+                        out, self._state = _advance(self._state, logits, idle[:n], sample=sample)
                 jax.block_until_ready(out)
 
     def _chunked(self, n: int) -> bool:
@@ -664,7 +693,7 @@ class Engine:
         dispatched = None
         live = [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding]
         if live:
-            active = np.zeros((self.slots,), bool)
+            active = np.zeros((next(n for n in self.decode_buckets if n > live[-1]),), bool)
             active[live] = True
             logits, self._state = _decode(p.params, self._state, active, config=cfg, runtime=p.runtime)
             sample = any(self._slot_of[s].temperature > 0 for s in live)
@@ -672,6 +701,7 @@ class Engine:
             out.copy_to_host_async()
             self.counters["decode_steps"] += 1
             self.counters["slot_steps"] += len(live)
+            self.counters["decode_rows"] += len(active)  # slots stepped, idle ones in the bucket included
             snapshot = [(s, self._slot_of[s]) for s in live]
             for _, req in snapshot:
                 req._dispatched += 1

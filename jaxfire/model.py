@@ -101,6 +101,12 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
         with jax.named_scope("attend"):
             o = attend(q, k, v, positions, c.sliding_window)
     else:
+        # A call may step only the cache's first b sequences (`decode_step` over a slot prefix): the
+        # rest join as padding with count 0, which writes nothing and attends over nothing.
+        rows = cache.k.shape[0]
+        if b < rows:
+            pad = lambda a: jnp.pad(a, [(0, rows - b)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+            q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
         with jax.named_scope("cache_write"):
             cache = cache.write(k, v, positions, counts)
         impl = _resolve(runtime.decode_attention, c.head_dim)
@@ -114,6 +120,7 @@ def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, co
             else:
                 k_all, v_all = cache.read(q.dtype)
                 o = attend(q, k_all, v_all, positions, c.sliding_window)
+        o = o[:b]
     with jax.named_scope("out"):
         return dense(o.reshape(b, t, -1), p.wo, "wo"), cache
 
@@ -229,7 +236,8 @@ def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts,
     return x, layer_caches
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"))
+@functools.partial(jax.jit, static_argnames=("config", "runtime"),
+                   compiler_options=S.COMPILER_OPTIONS)
 def forward(params: Params, tokens: jax.Array, config: Config, runtime: Runtime = Runtime()) -> jax.Array:
     """Full-sequence logits without a cache."""
     # tokens: [B, T] -> [B, T, V] float32
@@ -238,8 +246,7 @@ def forward(params: Params, tokens: jax.Array, config: Config, runtime: Runtime 
     return _lm_head(params, h, config)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime", "fresh"), donate_argnames=("cache",))
-def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.Array, config: Config,
+def prefill_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.Array, config: Config,
             runtime: Runtime = Runtime(), fresh: bool = False) -> tuple[jax.Array, kvc.KVCache]:
     """Appends counts[b] tokens of tokens[b] to sequence b of the cache; returns each one's last logits.
 
@@ -257,13 +264,28 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.A
     return logits, kvc.KVCache.from_layers(layers, cache.lengths + counts)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("cache",))
-def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, config: Config,
+def decode_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, config: Config,
                 active: jax.Array | None = None, runtime: Runtime = Runtime()) -> tuple[jax.Array, kvc.KVCache]:
-    """One new token per sequence; inactive sequences (active[b] False) are left untouched."""
-    # tokens: [B] -> logits [B, V] float32
-    counts = jnp.ones_like(cache.lengths) if active is None else active.astype(jnp.int32)
-    positions = cache.lengths[:, None]  # [B, 1]
+    """One new token per sequence; inactive sequences (active[b] False) are left untouched.
+
+    `tokens` may cover only the cache's first n sequences (n <= its batch): the others are left
+    untouched too, and every weight-reading stage (projections, experts) runs on n rows, so a step of a
+    few live sequences in a large cache costs what a batch of n costs.
+    """
+    # tokens: [n], active: [n] -> logits [n, V] float32
+    n, rows = tokens.shape[0], cache.lengths.shape[0]
+    if n > rows:
+        raise ValueError(f"decode_step got {n} tokens for a cache of {rows} sequences")
+    counts = jnp.ones((n,), jnp.int32) if active is None else active.astype(jnp.int32)  # [n]
+    positions = cache.lengths[:n, None]  # [n, 1]
     h, layers = _trunk(params, tokens[:, None], positions, cache, counts, config, runtime)
     logits = _lm_head(params, h[:, 0], config)
-    return logits, kvc.KVCache.from_layers(layers, cache.lengths + counts)
+    return logits, kvc.KVCache.from_layers(layers, cache.lengths.at[:n].add(counts))
+
+
+# The jitted programs. Compiler options can only be set on the outermost jit, so programs that
+# prefill or decode inside their own jit (the engine's) call `prefill_fn` / `decode_step_fn`.
+prefill = jax.jit(prefill_fn, static_argnames=("config", "runtime", "fresh"), donate_argnames=("cache",),
+                  compiler_options=S.COMPILER_OPTIONS)
+decode_step = jax.jit(decode_step_fn, static_argnames=("config", "runtime"), donate_argnames=("cache",),
+                      compiler_options=S.COMPILER_OPTIONS)

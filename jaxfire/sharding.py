@@ -42,6 +42,15 @@ RULES: dict[str, tuple[str, ...] | None] = {
 }
 
 
+# Compiler options of every program that runs the model. XLA's one-shot all-reduce kernel (off by
+# default in jax 0.11) has each device read its peers' partial sums over NVLink in one kernel, where
+# NCCL runs a ring: small all-reduces (a decode step's psums over "tensor") take a fraction of the
+# time. On 2 H100s (tensor=2, FP8, bench/results/decode.jsonl) a decode step went 14.8 -> 12.2 ms at
+# batch 1, 13.7 -> 13.3 at 8 and 15.8 -> 15.4 at 32. Large all-reduces, other platforms and one
+# device are unaffected.
+COMPILER_OPTIONS = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True}
+
+
 class MeshError(JaxfireError):
     pass
 

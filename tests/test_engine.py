@@ -73,6 +73,7 @@ def test_requests_at_random_times_match_generate_alone(model):
         for t in threads:
             t.join()
         assert engine.counters["prefills"] == len(jobs) > engine.slots
+        assert engine.decode_buckets == (1, 2, 3)
         assert engine.free_slots == engine.slots
 
     for request, want, events, (prompt, n) in zip(results, expected, streamed, jobs):
@@ -145,6 +146,20 @@ def test_cancelling_frees_the_slot(model):
     assert never.metrics.scheduled is None and never.tokens == [] and list(never) == []
     assert short.tokens == alone(model, [12, 13, 14, 15], 14)
     assert engine.free_slots == 1 and not engine.busy
+    engine.close()
+
+
+def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
+    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    lone = engine.submit([5, 6, 7], max_tokens=6, ignore_eos=True)
+    drive(engine, [lone])
+    assert engine.counters["decode_rows"] == engine.counters["decode_steps"] == 5  # slot 0 alone: 1 row
+    engine.counters.clear()
+    pair = [engine.submit([8, 9], max_tokens=17, ignore_eos=True), engine.submit([10, 11, 12], max_tokens=17)]
+    drive(engine, pair)
+    assert [r._slot for r in pair] == [None, None] and engine.counters["decode_rows"] == 2 * 16
+    assert lone.tokens == alone(model, [5, 6, 7], 6)
+    assert pair[1].tokens == alone(model, [10, 11, 12], 17)
     engine.close()
 
 

@@ -95,6 +95,28 @@ def test_inactive_sequences_are_untouched(setup):
         assert not np.array_equal(np.asarray(a)[1, 3:6], b[1, 3:6])
 
 
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_decode_step_over_a_slot_prefix_equals_the_full_batch(attention):
+    cfg, params = make("mqa_window")
+    rt = M.Runtime(decode_attention=attention)
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (4, 6)).astype(np.int32)
+    cache = init_cache(cfg, 4, 12, jnp.float32)
+    _, cache = M.prefill(params, cache, jnp.asarray(tokens), jnp.array([6, 2, 5, 3], jnp.int32), cfg, rt)
+    step = jnp.asarray([7, 8, 9, 10], jnp.int32)
+    cache_before = jax.tree.map(np.asarray, cache)
+    whole, full = M.decode_step(params, jax.tree.map(jnp.copy, cache), step, cfg,
+                                jnp.array([True, False, True, False]), rt)
+    part, prefix = M.decode_step(params, cache, step[:3], cfg, jnp.array([True, False, True]), rt)
+    assert part.shape == (3, cfg.vocab_size)
+    np.testing.assert_allclose(part[::2], whole[:3:2], rtol=1e-5, atol=1e-5)
+    for a, b, before in zip(prefix.k + prefix.v, full.k + full.v, cache_before.k + cache_before.v):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(a)[3], np.asarray(before)[3])  # past the prefix: untouched
+    np.testing.assert_array_equal(prefix.lengths, [7, 2, 6, 3])
+    with pytest.raises(ValueError, match="5 tokens for a cache of 4 sequences"):
+        M.decode_step(params, prefix, jnp.zeros((5,), jnp.int32), cfg)
+
+
 def test_bf16_model_tracks_float32(setup):
     cfg, params = setup
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 10)), jnp.int32)

@@ -77,6 +77,28 @@ def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name):
     assert (np.asarray(sharded)[~np.asarray(valid)] == 0).all()
 
 
+@pytest.mark.parametrize("mesh_name", ["expert2", "tensor2", "data2_expert4"])
+def test_decode_step_over_a_slot_prefix_on_a_mesh(reference, mesh_name):
+    """The engine's small decode steps (the first n of the cache's sequences) on a sharded cache."""
+    from jaxfire import model as M
+    from jaxfire.kv_cache import init_cache
+
+    ckpt, single = reference
+    model = jaxfire.load(ckpt, dtype="float32", mesh=mesh_of(MESHES[mesh_name]))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 97, (8, 5)), jnp.int32)
+    counts = jnp.array([5, 3, 4, 2, 5, 1, 3, 4], jnp.int32)
+    out = []
+    for m in (single, model):
+        cache = init_cache(m.config, 8, 8, jnp.float32, m.runtime.mesh)
+        _, cache = M.prefill(m.params, cache, tokens, counts, m.config, m.runtime)
+        logits, cache = M.decode_step(m.params, cache, tokens[:3, 0], m.config, jnp.array([True, True, False]),
+                                      m.runtime)
+        out.append((logits, cache))
+    np.testing.assert_allclose(out[1][0][:2], out[0][0][:2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[1][1].lengths, [6, 4, 4, 2, 5, 1, 3, 4])
+    np.testing.assert_allclose(out[1][1].k[1], out[0][1].k[1], rtol=1e-5, atol=1e-5)
+
+
 def test_expert_width_the_tensor_axis_does_not_divide_stays_whole():
     """F = 36 over a tensor axis of 8: the experts stay whole on each device, which all compute the
     same output (nothing is added twice)."""
