@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -204,6 +205,12 @@ def plot(rows: list[dict[str, Any]], out_dir: pathlib.Path, tag: str, title: str
     return paths
 
 
+def _device_tag(dev) -> str:
+    """h100, h200, ... from the device kind (figures from different cards must not share a file name)."""
+    found = re.search(r"\b([A-Z]\d{2,3})\b", getattr(dev, "device_kind", ""))
+    return found.group(1).lower() if found else dev.platform
+
+
 def parse_rates(text: str) -> list[float]:
     rates = [float(r) for r in text.split(",") if r]
     if not rates or any(r <= 0 for r in rates):
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
     ap.add_argument("--prefills-per-step", type=int, help="prefill calls between decode steps (default: all)")
     ap.add_argument("--prefill-chunk", type=int, help="prefill long prompts this many tokens per step")
+    ap.add_argument("--no-mix-decode", action="store_true",
+                    help="run decode steps apart from prefills (default: a step's decode rides along its prefill)")
     ap.add_argument("--decode-buckets", help="slot counts decode steps are compiled for, comma separated "
                     "(default: powers of two up to --slots; 'slots' steps every slot every time)")
     ap.add_argument("--cutoff-stat", default="p90", choices=("mean", "median", "p90", "p99"),
@@ -255,7 +264,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     buckets = None if args.decode_buckets is None else (
         (args.slots,) if args.decode_buckets == "slots" else tuple(int(n) for n in args.decode_buckets.split(",")))
     engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
-                            prefill_chunk=args.prefill_chunk, detokenize=False, decode_buckets=buckets)
+                            prefill_chunk=args.prefill_chunk, detokenize=False, decode_buckets=buckets,
+                            mix_decode=not args.no_mix_decode)
     rng = np.random.default_rng(args.seed)
     prompts = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
     t0 = time.perf_counter()
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         base = dict(desc, slots=args.slots, max_len=max_len, prompt_len=args.prompt_len,
                     output_len=args.output_len, num_prompts=args.num_requests, burstiness=1.0, seed=args.seed,
                     prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk,
-                    decode_buckets=list(engine.decode_buckets), warmup_s=warmup_s,
+                    decode_buckets=list(engine.decode_buckets), mix_decode=engine.mix_decode, warmup_s=warmup_s,
                     **idle)
         with tqdm(total=args.num_requests * len(rates), desc="sweep", unit="req") as bar:
             for i, rate in enumerate(rates):
@@ -294,10 +304,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 steps = engine.counters["decode_steps"] - before.get("decode_steps", 0)
                 slot_steps = engine.counters["slot_steps"] - before.get("slot_steps", 0)
                 decode_rows = engine.counters["decode_rows"] - before.get("decode_rows", 0)
+                mixed = engine.counters["mixed_steps"] - before.get("mixed_steps", 0)
                 rows.append(dict(base, job="rate", request_rate=rate if math.isfinite(rate) else "inf",
                                  offered_rate=rate, **serving_metrics(requests, duration),
                                  mean_running_batch=slot_steps / max(steps, 1),
-                                 mean_decode_rows=decode_rows / max(steps, 1), decode_steps=steps))
+                                 mean_decode_rows=decode_rows / max(steps, 1), decode_steps=steps,
+                                 mixed_steps=mixed))
     finally:
         engine.close()
         jax.monitoring.unregister_event_duration_listener(listener)
@@ -319,9 +331,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.no_plots:
         tag = args.tag or ("smoke" if args.smoke else "-".join(
             [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
-             f"gpu{desc['devices']}" + "".join(f"-{k[0]}{v}" for k, v in (desc["mesh"] or {}).items() if v > 1),
+             _device_tag(dev) + f"x{desc['devices']}"
+             + "".join(f"-{k[0]}{v}" for k, v in (desc["mesh"] or {}).items() if v > 1),
              desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
-            + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])))
+            + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])
+            + (["nomix"] if args.no_mix_decode else [])))
         title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s),\n"
                  f"{desc['weights']} weights, KV {desc['kv_cache']}, "
                  f"{args.slots} slots{f', chunks of {args.prefill_chunk}' if args.prefill_chunk else ''}; "

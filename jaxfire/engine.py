@@ -20,7 +20,10 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
    for more than one chunk;
 3. dispatches one decode step for all occupied slots (`model.decode_step` over the smallest slot bucket
    holding them, with an `active` mask, so free slots are untouched) and samples each slot with its
-   own temperature, top_p and seed;
+   own temperature, top_p and seed. With `mix_decode` (the default), a step that prefills runs this
+   decode step inside its first prefill call instead (`model.mixed_step`: one pass over the weights
+   for both), for the slots that were decoding when the step began; a newcomer decodes from the next
+   step;
 4. reads back the tokens of the *previous* decode step and of this step's admissions, and emits them.
    Reading one step behind keeps the device busy while the host schedules and streams: a request that
    ends with EOS costs one wasted slot-step, never a wrong token. A request that reaches its token
@@ -31,17 +34,18 @@ Shapes, and why serving never recompiles after `warmup()`
 The engine state is one pytree (`SlotState`) of fixed shapes: the cache `[N, S, G, K]` per layer,
 and per slot its last token, stream position, seed, temperature and top_p (`[N]` each). The jitted
 programs, all of fixed shapes:
-- `_admit`, once per prefill bucket: prompt tokens `[1, T]` for T in `Engine.buckets` (powers of two
-  from `min_bucket`, capped at and including `max_len`), all other arguments scalars;
-- `_decode`, once per slot bucket n in `Engine.slot_buckets` (powers of two up to N, and N): it steps
+- `_prefill_piece`, once per prefill bucket: prompt tokens `[1, T]` for T in `Engine.buckets` (powers
+  of two from `min_bucket`, capped at and including `max_len`), all other arguments scalars; with
+  `prefill_chunk` C, for each bucket T that prompts longer than C reach, its first, middle and last
+  chunk (tokens `[1, C]`, a `[1, T]` cache); each alone and, with `mix_decode`, carrying a decode
+  step of all N slots (active mask `[N]`);
+- `_decode`, once per slot bucket n in `Engine.decode_buckets` (powers of two up to N, and N): it steps
   the first n slots (active mask `[n]`), so the projections and experts run on n rows, and returns the
   logits `[n, V]`, which `_advance` samples. A step takes the smallest bucket holding every occupied
   slot; slots are taken lowest first, so a lightly loaded engine runs small steps;
 - `_start` (a prefilled request's first token) and `_advance`, each greedy-only and sampling (a static
   flag the host sets from the requests' temperatures, so an all-greedy step skips the vocabulary sort
   without a device-side condition);
-- with `prefill_chunk` C, per bucket T that prompts longer than C reach: `_first_chunk`,
-  `model.prefill` and `_last_chunk` over chunk tokens `[1, C]` and a `[1, T]` cache.
 `warmup()` compiles them all before traffic; serving then never compiles.
 
 Sampling streams
@@ -276,18 +280,6 @@ def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: 
     return jax.vmap(one)(logits, keys, temperature, top_p)
 
 
-def _prefill_into_slot(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
-                       slot: jax.Array, config: Config, runtime: M.Runtime,
-                       fresh: bool) -> tuple[jax.Array, SlotState]:
-    """Prefills the (last part of a) prompt into its batch-1 cache and moves the cache row into `slot`
-    of the shared cache; returns the prompt's last logits (`_start` samples the first token)."""
-    # small: [1, T, G, K] per layer, tokens: [1, T or C] -> logits [1, V]
-    logits, small = M.prefill_fn(params, small, tokens, count[None], config, runtime, fresh)  # [1, V]
-    # Positions past the prompt keep whatever the slot held before: the length masks them.
-    cache = jax.tree.map(lambda big, row: _put(big, row, slot), state.cache, small)  # lengths too
-    return logits, dataclasses.replace(state, cache=cache)
-
-
 def _put(per_slot: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
     """Writes a batch-1 row into `slot` of a slot-major array."""
     # per_slot: [N, ...], row: [1, ...]
@@ -299,34 +291,42 @@ def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime
     return init_cache(config, 1, length, quant.FP8 if big.is_fp8 else big.k[0].dtype, runtime.mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",),
-                   compiler_options=S.COMPILER_OPTIONS)
-def _admit(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, slot: jax.Array,
-           config: Config, runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
-    """A whole prompt: prefilled alone into a fresh batch-1 cache of its bucket, then into `slot`."""
-    # tokens: [1, T] -> logits [1, V]
-    small = _empty_row(state, tokens.shape[1], config, runtime)  # [1, T, G, K]
-    return _prefill_into_slot(params, state, small, tokens, count, slot, config, runtime, fresh=True)
+def _prefill_piece_fn(params: Params, state: SlotState, small: KVCache | None, tokens: jax.Array, count: jax.Array,
+                   slot: jax.Array, active: jax.Array | None, length: int | None, first: bool, last: bool,
+                   config: Config, runtime: M.Runtime):
+    """One prefill call of a request: its whole prompt (first and last) or one chunk of it.
+
+    The piece goes into the request's own batch-1 cache (`first`: a fresh one of `length` positions,
+    the prompt's bucket); with `last`, that cache row then moves into `slot` of the shared cache.
+    With `active` [N], the same pass also runs a decode step of the active slots (`model.mixed_step`),
+    whose logits `_advance` samples. Returns (prompt logits [1, V], step logits [N, V] or None, state,
+    the batch-1 cache, or None once it has moved).
+    """
+    # tokens: [1, T or C], small: [1, T, G, K] per layer
+    if first:
+        small = _empty_row(state, length, config, runtime)
+    cache, step_logits = state.cache, None
+    if active is None:
+        logits, small = M.prefill_fn(params, small, tokens, count[None], config, runtime, first)  # [1, V]
+    else:
+        (step_logits, logits), cache, small = M.mixed_step_fn(params, cache, state.tokens, active, small, tokens,
+                                                              count[None], config, runtime, first)
+    if last:
+        # Positions past the prompt keep whatever the slot held before: the length masks them.
+        cache, small = jax.tree.map(lambda big, row: _put(big, row, slot), cache, small), None  # lengths too
+    return logits, step_logits, dataclasses.replace(state, cache=cache), small
 
 
-@functools.partial(jax.jit, static_argnames=("length", "config", "runtime"),
-                   compiler_options=S.COMPILER_OPTIONS)
-def _first_chunk(params: Params, state: SlotState, tokens: jax.Array, count: jax.Array, length: int,
-                 config: Config, runtime: M.Runtime) -> KVCache:
-    """The first chunk of a long prompt into a fresh batch-1 cache of `length` (its bucket) positions."""
-    # tokens: [1, C] -> [1, T, G, K] per layer; the state is read for its cache dtype only (not donated)
-    _, small = M.prefill_fn(params, _empty_row(state, length, config, runtime), tokens, count[None], config, runtime,
-                            fresh=True)
-    return small
+_PIECE_STATIC = ("length", "first", "last", "config", "runtime")
+# A last piece's batch-1 cache moves into the shared one and is not returned: nothing to donate it to.
+_prefill_more = jax.jit(_prefill_piece_fn, static_argnames=_PIECE_STATIC, donate_argnames=("state", "small"),
+                        compiler_options=S.COMPILER_OPTIONS)
+_prefill_last = jax.jit(_prefill_piece_fn, static_argnames=_PIECE_STATIC, donate_argnames=("state",),
+                        compiler_options=S.COMPILER_OPTIONS)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",),
-                   compiler_options=S.COMPILER_OPTIONS)
-def _last_chunk(params: Params, state: SlotState, small: KVCache, tokens: jax.Array, count: jax.Array,
-                slot: jax.Array, config: Config, runtime: M.Runtime) -> tuple[jax.Array, SlotState]:
-    """The last chunk of a long prompt, then its move into `slot`."""
-    # small: [1, T, G, K] per layer, tokens: [1, C] -> logits [1, V]
-    return _prefill_into_slot(params, state, small, tokens, count, slot, config, runtime, fresh=False)
+def _prefill_piece(*args, last: bool, **kwargs):
+    return (_prefill_last if last else _prefill_more)(*args, last=last, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
@@ -399,11 +399,14 @@ class Engine:
       steps, into their own batch-1 cache (None: whole prompts at once). Bounds a newcomer's stall of
       the running batch to one chunk's prefill, at the cost of its own time to first token.
     detokenize: whether events carry text (needs the model's tokenizer); off saves host time.
+    mix_decode: a step that prefills runs its decode step of the running slots inside its first
+      prefill call (`model.mixed_step`): the weights are read once for both, so a newcomer's prefill
+      costs the running requests one slower step instead of a stall and a step.
     """
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
                  prefills_per_step: int | None = None, prefill_chunk: int | None = None, detokenize: bool = True,
-                 decode_buckets: Sequence[int] | None = None):
+                 decode_buckets: Sequence[int] | None = None, mix_decode: bool = True):
         cfg = model.config
         if max_len is None:
             max_len = min(cfg.max_position_embeddings, 4096)
@@ -427,6 +430,7 @@ class Engine:
         self.prefills_per_step = prefills_per_step
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.detokenize = detokenize
+        self.mix_decode = bool(mix_decode)
         self.counters = collections.Counter()  # decode_steps, slot_steps (occupied slot-steps), decode_rows, prefills
         self._eos = frozenset(cfg.eos_token_ids)
         self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
@@ -601,25 +605,30 @@ class Engine:
             slot, one = np.int32(0), np.int32(1)
             params = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p
             idle = np.zeros((self.slots,), bool)
+            carries = (None, idle) if self.mix_decode else (None,)  # alone, and carrying a decode step
+
+            def piece(small, t, width, first, last, active):
+                logits, step_logits, self._state, small = _prefill_piece(
+                    p.params, self._state, small, self._padded([], width), one, slot, active,
+                    length=t if first else None, first=first, last=last, config=cfg, runtime=p.runtime)
+                if active is not None:
+                    _, self._state = _advance(self._state, step_logits, active, sample=False)
+                if last:
+                    for sample in (False, True):
+                        _, self._state = _start(self._state, logits, slot, *params, sample=sample)
+                return small
+
             # Every order of the steps, twice: on a mesh a step may return the state in other shardings
             # than it came in (jit keys on them); the repeats compile for the layouts serving sees.
             for _ in range(2):
-                for t in [b for b in whole for _ in range(2)]:
-                    logits, self._state = _admit(p.params, self._state, self._padded([], t), one, slot, config=cfg,
-                                                 runtime=p.runtime)
-                    for sample in (False, True):
-                        _, self._state = _start(self._state, logits, slot, *params, sample=sample)
-                for t in chunked:
-                    tokens = self._padded([], self.prefill_chunk)
-                    for middle in (0, 2):
-                        small = _first_chunk(p.params, self._state, tokens, one, length=t, config=cfg,
-                                             runtime=p.runtime)
-                        for _ in range(middle):
-                            _, small = M.prefill(p.params, small, tokens, one[None], cfg, p.runtime)
-                        logits, self._state = _last_chunk(p.params, self._state, small, tokens, one, slot,
-                                                          config=cfg, runtime=p.runtime)
-                        for sample in (False, True):
-                            _, self._state = _start(self._state, logits, slot, *params, sample=sample)
+                for active in carries:
+                    for t in [b for b in whole for _ in range(2)]:
+                        piece(None, t, t, True, True, active)
+                    for t in chunked:
+                        small = piece(None, t, self.prefill_chunk, True, False, active)
+                        for _ in range(2):
+                            small = piece(small, t, self.prefill_chunk, False, False, active)
+                        piece(small, t, self.prefill_chunk, False, True, active)
                 for n in self.decode_buckets:
                     for sample in (False, True, False):
                         logits, self._state = _decode(p.params, self._state, idle[:n], config=cfg,
@@ -668,6 +677,9 @@ class Engine:
                     self._waiting.remove(req)
                 self._finish(req, "cancelled", time.perf_counter())
 
+        # With mix_decode, the slots decoding when the step starts ride along its first prefill call.
+        self._carry = [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding and self.mix_decode]
+        self._carried = None
         admitted = []
         budget = math.inf if self.prefills_per_step is None else self.prefills_per_step
         for req in list(self._prefilling):  # chunked prompts already holding a slot go first
@@ -690,24 +702,13 @@ class Engine:
             else:
                 admitted.append((req, first))
 
-        dispatched = None
+        dispatched = self._carried
         live = [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding]
-        if live:
+        if dispatched is None and live:
             active = np.zeros((next(n for n in self.decode_buckets if n > live[-1]),), bool)
             active[live] = True
             logits, self._state = _decode(p.params, self._state, active, config=cfg, runtime=p.runtime)
-            sample = any(self._slot_of[s].temperature > 0 for s in live)
-            out, self._state = _advance(self._state, logits, active, sample=sample)
-            out.copy_to_host_async()
-            self.counters["decode_steps"] += 1
-            self.counters["slot_steps"] += len(live)
-            self.counters["decode_rows"] += len(active)  # slots stepped, idle ones in the bucket included
-            snapshot = [(s, self._slot_of[s]) for s in live]
-            for _, req in snapshot:
-                req._dispatched += 1
-                if req._dispatched >= req.max_tokens:
-                    self._release(req)
-            dispatched = (out, snapshot)
+            dispatched = self._sample_step(logits, active, live)
 
         if self._in_flight is not None:
             out, snapshot = self._in_flight
@@ -721,29 +722,44 @@ class Engine:
         self._in_flight = dispatched
         return events
 
+    def _sample_step(self, logits: jax.Array, active: np.ndarray, live: list[int]):
+        """Samples a dispatched decode step of the `live` slots; returns what the host reads back a step later."""
+        sample = any(self._slot_of[s].temperature > 0 for s in live)
+        out, self._state = _advance(self._state, logits, active, sample=sample)
+        out.copy_to_host_async()
+        self.counters["decode_steps"] += 1
+        self.counters["slot_steps"] += len(live)
+        self.counters["decode_rows"] += len(active)  # slots stepped, idle ones in the bucket included
+        snapshot = [(s, self._slot_of[s]) for s in live]
+        for _, req in snapshot:
+            req._dispatched += 1
+            if req._dispatched >= req.max_tokens:
+                self._release(req)
+        return out, snapshot
+
     def _prefill(self, req: Request) -> jax.Array | None:
-        """Dispatches a slot-holding request's next prefill call: its whole prompt, or its next chunk.
-        Returns its first token once the prompt is all in; its slot decodes from then on."""
+        """Dispatches a slot-holding request's next prefill call: its whole prompt, or its next chunk,
+        carrying this step's decode of the running slots if none has run yet (`mix_decode`). Returns its
+        first token once the prompt is all in; its slot decodes from then on."""
         p, cfg, n = self.model, self.config, len(req.prompt)
         slot = np.int32(req._slot)
-        if not self._chunked(n):
-            logits, self._state = _admit(p.params, self._state, self._padded(req.prompt, self._bucket(n)),
-                                         np.int32(n), slot, config=cfg, runtime=p.runtime)
-        else:
-            lo = req._prefilled
-            piece = req.prompt[lo:lo + self.prefill_chunk]
-            tokens, count = self._padded(piece, self.prefill_chunk), np.int32(len(piece))
-            req._prefilled += len(piece)
-            if req._prefilled < n:
-                if lo == 0:
-                    req._small = _first_chunk(p.params, self._state, tokens, count, length=self._bucket(n),
-                                              config=cfg, runtime=p.runtime)
-                else:
-                    _, req._small = M.prefill(p.params, req._small, tokens, count[None], cfg, p.runtime)
-                return None
-            logits, self._state = _last_chunk(p.params, self._state, req._small, tokens, count, slot, config=cfg,
-                                              runtime=p.runtime)
-            req._small = None
+        lo = req._prefilled
+        piece = req.prompt[lo:lo + self.prefill_chunk] if self._chunked(n) else req.prompt
+        req._prefilled += len(piece)
+        first, last = lo == 0, req._prefilled >= n
+        tokens = self._padded(piece, self.prefill_chunk if self._chunked(n) else self._bucket(n))
+        active = None
+        if self._carry and self._carried is None:
+            active = np.zeros((self.slots,), bool)
+            active[self._carry] = True
+        logits, step_logits, self._state, req._small = _prefill_piece(
+            p.params, self._state, req._small, tokens, np.int32(len(piece)), slot, active,
+            length=self._bucket(n) if first else None, first=first, last=last, config=cfg, runtime=p.runtime)
+        if active is not None:
+            self._carried = self._sample_step(step_logits, active, self._carry)
+            self.counters["mixed_steps"] += 1
+        if not last:
+            return None
         first, self._state = _start(self._state, logits, slot, np.uint32(req.seed), np.float32(req.temperature),
                                     np.float32(req.top_p), sample=req.temperature > 0)
         first.copy_to_host_async()

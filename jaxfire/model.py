@@ -84,45 +84,91 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, window: i
     return o.reshape(b, t, h, d).astype(q.dtype)
 
 
-def attention_block(layer: Layer, x, positions, cache: kvc.LayerCache | None, counts, config: Config,
-                    runtime: Runtime, fresh: bool = False):
-    """Self-attention of x at `positions`; with a cache, writes the new keys/values and attends over it
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Sequences that one forward pass advances together, beside other segments.
+
+    tokens [B, T] go at `positions` [B, T] of their own `cache` (None: no cache, the full forward
+    pass); counts[b] of row b are real (None: all), the rest are padding that writes nothing and
+    reaches no expert. `fresh` promises every sequence starts empty (new prompts). The projections
+    and experts of all segments run as one set of token rows, so a prompt's prefill and a decode step
+    of other sequences read each weight once between them; attention runs per segment.
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    cache: kvc.KVCache | None = None
+    counts: jax.Array | None = None
+    fresh: bool = False
+
+
+def _join(xs: list[jax.Array]) -> jax.Array:
+    """Segments' [B_i, T_i, F] arrays as one [1, sum B_i T_i, F] row set (a single segment as it is)."""
+    return xs[0] if len(xs) == 1 else jnp.concatenate([x.reshape(1, -1, x.shape[-1]) for x in xs], axis=1)
+
+
+def _split(y: jax.Array, shapes: list[tuple[int, int]]) -> list[jax.Array]:
+    """Inverse of `_join`: [1, sum B_i T_i, F] back to the segments' [B_i, T_i, F]."""
+    if len(shapes) == 1:
+        return [y]
+    out, start = [], 0
+    for b, t in shapes:
+        out.append(y[0, start:start + b * t].reshape(b, t, -1))
+        start += b * t
+    return out
+
+
+def attention_block(layer: Layer, xs: list[jax.Array], segments: list[Segment], caches: list, config: Config,
+                    runtime: Runtime) -> tuple[list[jax.Array], list]:
+    """Self-attention of each segment's x; with a cache, writes the new keys/values and attends over it
     (or, `fresh`, with every sequence starting at position 0, over the new keys/values alone)."""
-    # x: [B, T, D], positions: [B, T]
-    b, t, _ = x.shape
+    # xs: per segment [B, T, D] -> per segment [B, T, D]
     c, p = config, layer.attn
     dense = _projection(runtime, describe_layer(config).attn)
+    shapes = [x.shape[:2] for x in xs]
+    x = _join(xs)
     with jax.named_scope("qkv"):
-        q = dense(x, p.wq, "wq").reshape(b, t, c.num_heads, c.head_dim)
-        k = dense(x, p.wk, "wk").reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = dense(x, p.wv, "wv").reshape(b, t, c.num_kv_heads, c.head_dim)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q, k, v = (_split(dense(x, w, name), shapes) for w, name in ((p.wq, "wq"), (p.wk, "wk"), (p.wv, "wv")))
+    outs, new_caches = [], []
+    for (b, t), seg, cache, qs, ks, vs in zip(shapes, segments, caches, q, k, v):
+        with jax.named_scope("qkv"):
+            qs = rope(qs.reshape(b, t, c.num_heads, c.head_dim), seg.positions, c.rope_theta)
+            ks = rope(ks.reshape(b, t, c.num_kv_heads, c.head_dim), seg.positions, c.rope_theta)
+            vs = vs.reshape(b, t, c.num_kv_heads, c.head_dim)
+        o, cache = _attend(qs, ks, vs, seg, cache, config, runtime)
+        outs.append(o.reshape(b, t, -1))
+        new_caches.append(cache)
+    with jax.named_scope("out"):
+        return _split(dense(_join(outs), p.wo, "wo"), shapes), new_caches
+
+
+def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config, runtime: Runtime):
+    # q: [B, T, H, K], k/v: [B, T, G, K] -> [B, T, H, K]
+    b, t = q.shape[:2]
+    c, positions, counts = config, seg.positions, seg.counts
     if cache is None:
         with jax.named_scope("attend"):
-            o = attend(q, k, v, positions, c.sliding_window)
-    else:
-        # A call may step only the cache's first b sequences (`decode_step` over a slot prefix): the
-        # rest join as padding with count 0, which writes nothing and attends over nothing.
-        rows = cache.k.shape[0]
-        if b < rows:
-            pad = lambda a: jnp.pad(a, [(0, rows - b)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
-            q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
-        with jax.named_scope("cache_write"):
-            cache = cache.write(k, v, positions, counts)
-        impl = _resolve(runtime.decode_attention, c.head_dim)
-        with jax.named_scope("attend"):
-            if t == 1 and impl != "xla":
-                # Sequences not stepped (count 0) attend over nothing: the kernel skips their cache.
-                lengths = jnp.where(counts > 0, positions[:, 0] + counts, 0)
-                o = _decode_attention(q[:, 0], cache, lengths, c.sliding_window, impl, runtime.mesh)[:, None]
-            elif fresh and (prompt_impl := _prompt_impl(runtime.prefill_attention, q.dtype)) != "einsum":
-                o = _prompt_attention(q, k, v, counts, c.sliding_window, prompt_impl)
-            else:
-                k_all, v_all = cache.read(q.dtype)
-                o = attend(q, k_all, v_all, positions, c.sliding_window)
-        o = o[:b]
-    with jax.named_scope("out"):
-        return dense(o.reshape(b, t, -1), p.wo, "wo"), cache
+            return attend(q, k, v, positions, c.sliding_window), None
+    # A call may step only the cache's first b sequences (`decode_step` over a slot prefix): the
+    # rest join as padding with count 0, which writes nothing and attends over nothing.
+    rows = cache.k.shape[0]
+    if b < rows:
+        pad = lambda a: jnp.pad(a, [(0, rows - b)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+        q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
+    with jax.named_scope("cache_write"):
+        cache = cache.write(k, v, positions, counts)
+    impl = _resolve(runtime.decode_attention, c.head_dim)
+    with jax.named_scope("attend"):
+        if t == 1 and impl != "xla":
+            # Sequences not stepped (count 0) attend over nothing: the kernel skips their cache.
+            lengths = jnp.where(counts > 0, positions[:, 0] + counts, 0)
+            o = _decode_attention(q[:, 0], cache, lengths, c.sliding_window, impl, runtime.mesh)[:, None]
+        elif seg.fresh and (prompt_impl := _prompt_impl(runtime.prefill_attention, q.dtype)) != "einsum":
+            o = _prompt_attention(q, k, v, counts, c.sliding_window, prompt_impl)
+        else:
+            k_all, v_all = cache.read(q.dtype)
+            o = attend(q, k_all, v_all, positions, c.sliding_window)
+    return o[:b], cache
 
 
 def _projection(runtime: Runtime, specs: Attention):
@@ -201,19 +247,26 @@ def _decode_attention(q, cache: kvc.LayerCache, lengths, window, implementation,
                          out_specs=q_spec, check_vma=False)(*args)
 
 
-def decoder_layer(layer: Layer, x, positions, cache, counts, config: Config, runtime: Runtime,
-                  fresh: bool = False):
+def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], caches: list, config: Config,
+                  runtime: Runtime) -> tuple[list[jax.Array], list]:
+    # xs: per segment [B, T, D]
     with jax.named_scope("attention"):
-        h, cache = attention_block(layer, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
-                                   cache, counts, config, runtime, fresh)
-    x = x + h
+        hs, caches = attention_block(layer, [rms_norm(x, layer.attn_norm, config.rms_norm_eps) for x in xs],
+                                     segments, caches, config, runtime)
+    xs = [x + h for x, h in zip(xs, hs)]
     with jax.named_scope("moe"):
-        y = rms_norm(x, layer.moe_norm, config.rms_norm_eps)
+        y = _join([rms_norm(x, layer.moe_norm, config.rms_norm_eps) for x in xs])
         # Only the tokens a call appends (counts[b] of row b) go to the experts.
-        valid = None if counts is None else (jnp.arange(x.shape[1])[None, :] < counts[:, None]).reshape(-1)
+        valid = None
+        if any(seg.counts is not None for seg in segments):
+            valid = jnp.concatenate([
+                (jnp.ones(x.shape[:2], bool) if seg.counts is None
+                 else jnp.arange(x.shape[1])[None, :] < seg.counts[:, None]).reshape(-1)
+                for x, seg in zip(xs, segments)])  # [sum B T]
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
                           runtime.grouped_matmul, runtime.mesh, valid)
-    return x + y.reshape(x.shape), cache
+        ys = _split(y.reshape(1, -1, y.shape[-1]) if len(xs) > 1 else y.reshape(xs[0].shape), [x.shape[:2] for x in xs])
+    return [x + y for x, y in zip(xs, ys)], caches
 
 
 def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
@@ -223,17 +276,18 @@ def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
         return quant.dense(h, head).astype(jnp.float32)
 
 
-def _trunk(params: Params, tokens, positions, cache: kvc.KVCache | None, counts, config, runtime, fresh=False):
-    """Embedding and decoder layers; returns the hidden states and the updated layer caches."""
+def _trunk(params: Params, segments: list[Segment], config, runtime) -> tuple[list[jax.Array], list]:
+    """Embedding and decoder layers; returns each segment's hidden states and updated layer caches."""
     with jax.named_scope("embed"):
-        x = params.embed[tokens]  # [B, T, D]
+        xs = [params.embed[seg.tokens] for seg in segments]  # per segment [B, T, D]
     layer_caches = []
     for i, layer in enumerate(params.layers):
+        caches = [None if seg.cache is None else seg.cache.layer(i) for seg in segments]
         with jax.named_scope(f"layer_{i}"):
-            x, layer_cache = decoder_layer(layer, x, positions, None if cache is None else cache.layer(i), counts,
-                                           config, runtime, fresh)
-        layer_caches.append(layer_cache)
-    return x, layer_caches
+            xs, caches = decoder_layer(layer, xs, segments, caches, config, runtime)
+        layer_caches.append(caches)
+    # per segment: its L layer caches
+    return xs, [list(per_segment) for per_segment in zip(*layer_caches)]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"),
@@ -242,12 +296,37 @@ def forward(params: Params, tokens: jax.Array, config: Config, runtime: Runtime 
     """Full-sequence logits without a cache."""
     # tokens: [B, T] -> [B, T, V] float32
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    h, _ = _trunk(params, tokens, positions, None, None, config, runtime)
+    (h,), _ = _trunk(params, [Segment(tokens, positions)], config, runtime)
     return _lm_head(params, h, config)
 
 
+def _prompt_segment(cache: kvc.KVCache, tokens: jax.Array, counts: jax.Array, fresh: bool) -> Segment:
+    # tokens: [B, T], counts: [B]
+    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
+    return Segment(tokens, positions, cache, counts, fresh)
+
+
+def _step_segment(cache: kvc.KVCache, tokens: jax.Array, active: jax.Array | None) -> Segment:
+    # tokens: [n] for the cache's first n sequences, active: [n]
+    n, rows = tokens.shape[0], cache.lengths.shape[0]
+    if n > rows:
+        raise ValueError(f"decode_step got {n} tokens for a cache of {rows} sequences")
+    counts = jnp.ones((n,), jnp.int32) if active is None else active.astype(jnp.int32)  # [n]
+    return Segment(tokens[:, None], cache.lengths[:n, None], cache, counts)
+
+
+def _last_hidden(h: jax.Array, counts: jax.Array) -> jax.Array:
+    # h: [B, T, D], counts: [B] -> each row's last real token [B, D]
+    return jnp.take_along_axis(h, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
+
+
+def _appended(seg: Segment, layers: list) -> kvc.KVCache:
+    n = seg.counts.shape[0]
+    return kvc.KVCache.from_layers(layers, seg.cache.lengths.at[:n].add(seg.counts))
+
+
 def prefill_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: jax.Array, config: Config,
-            runtime: Runtime = Runtime(), fresh: bool = False) -> tuple[jax.Array, kvc.KVCache]:
+               runtime: Runtime = Runtime(), fresh: bool = False) -> tuple[jax.Array, kvc.KVCache]:
     """Appends counts[b] tokens of tokens[b] to sequence b of the cache; returns each one's last logits.
 
     Sequences with counts[b] == 0 are left untouched (their logits are meaningless), so the same call
@@ -256,16 +335,13 @@ def prefill_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: ja
     the prompts alone (`Runtime.prefill_attention`), without reading the cache.
     """
     # tokens: [B, T], counts: [B] -> logits [B, V] float32
-    t = tokens.shape[1]
-    positions = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    h, layers = _trunk(params, tokens, positions, cache, counts, config, runtime, fresh)
-    last = jnp.take_along_axis(h, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = _lm_head(params, last, config)
-    return logits, kvc.KVCache.from_layers(layers, cache.lengths + counts)
+    seg = _prompt_segment(cache, tokens, counts, fresh)
+    (h,), (layers,) = _trunk(params, [seg], config, runtime)
+    return _lm_head(params, _last_hidden(h, counts), config), _appended(seg, layers)
 
 
 def decode_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, config: Config,
-                active: jax.Array | None = None, runtime: Runtime = Runtime()) -> tuple[jax.Array, kvc.KVCache]:
+                   active: jax.Array | None = None, runtime: Runtime = Runtime()) -> tuple[jax.Array, kvc.KVCache]:
     """One new token per sequence; inactive sequences (active[b] False) are left untouched.
 
     `tokens` may cover only the cache's first n sequences (n <= its batch): the others are left
@@ -273,19 +349,34 @@ def decode_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, config
     few live sequences in a large cache costs what a batch of n costs.
     """
     # tokens: [n], active: [n] -> logits [n, V] float32
-    n, rows = tokens.shape[0], cache.lengths.shape[0]
-    if n > rows:
-        raise ValueError(f"decode_step got {n} tokens for a cache of {rows} sequences")
-    counts = jnp.ones((n,), jnp.int32) if active is None else active.astype(jnp.int32)  # [n]
-    positions = cache.lengths[:n, None]  # [n, 1]
-    h, layers = _trunk(params, tokens[:, None], positions, cache, counts, config, runtime)
-    logits = _lm_head(params, h[:, 0], config)
-    return logits, kvc.KVCache.from_layers(layers, cache.lengths.at[:n].add(counts))
+    seg = _step_segment(cache, tokens, active)
+    (h,), (layers,) = _trunk(params, [seg], config, runtime)
+    return _lm_head(params, h[:, 0], config), _appended(seg, layers)
 
 
-# The jitted programs. Compiler options can only be set on the outermost jit, so programs that
-# prefill or decode inside their own jit (the engine's) call `prefill_fn` / `decode_step_fn`.
+def mixed_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, active: jax.Array | None,
+                  prompt_cache: kvc.KVCache, prompt_tokens: jax.Array, prompt_counts: jax.Array, config: Config,
+                  runtime: Runtime = Runtime(), fresh: bool = False):
+    """`decode_step` of the running sequences and `prefill` of prompts (in their own cache) in one pass.
+
+    The two share every weight read: a decode step rides along a prefill for the cost of a few more
+    token rows. Returns (step logits [n, V], prompt logits [B, V]), the cache, the prompt cache; each
+    equals what `decode_step` and `prefill` would give alone.
+    """
+    # tokens: [n], active: [n], prompt_tokens: [B, T], prompt_counts: [B]
+    step = _step_segment(cache, tokens, active)
+    prompt = _prompt_segment(prompt_cache, prompt_tokens, prompt_counts, fresh)
+    (h_step, h_prompt), (step_layers, prompt_layers) = _trunk(params, [step, prompt], config, runtime)
+    n = tokens.shape[0]
+    logits = _lm_head(params, jnp.concatenate([h_step[:, 0], _last_hidden(h_prompt, prompt_counts)]), config)
+    return (logits[:n], logits[n:]), _appended(step, step_layers), _appended(prompt, prompt_layers)
+
+
+# The jitted programs. Compiler options can only be set on the outermost jit, so programs that run
+# these inside their own jit (the engine's) call the `*_fn` functions.
 prefill = jax.jit(prefill_fn, static_argnames=("config", "runtime", "fresh"), donate_argnames=("cache",),
                   compiler_options=S.COMPILER_OPTIONS)
 decode_step = jax.jit(decode_step_fn, static_argnames=("config", "runtime"), donate_argnames=("cache",),
                       compiler_options=S.COMPILER_OPTIONS)
+mixed_step = jax.jit(mixed_step_fn, static_argnames=("config", "runtime", "fresh"),
+                     donate_argnames=("cache", "prompt_cache"), compiler_options=S.COMPILER_OPTIONS)

@@ -74,6 +74,7 @@ def test_requests_at_random_times_match_generate_alone(model):
             t.join()
         assert engine.counters["prefills"] == len(jobs) > engine.slots
         assert engine.decode_buckets == (1, 2, 3)
+        assert engine.counters["mixed_steps"] > 0  # decode steps rode along newcomers' prefills
         assert engine.free_slots == engine.slots
 
     for request, want, events, (prompt, n) in zip(results, expected, streamed, jobs):
@@ -163,12 +164,13 @@ def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
     engine.close()
 
 
-def test_per_request_sampling_parameters(model):
+@pytest.mark.parametrize("mix_decode", [True, False])
+def test_per_request_sampling_parameters(model, mix_decode):
     rng = np.random.default_rng(3)
     a, b, c = (random_prompt(rng, model, 4, 12) for _ in range(3))
     n = 20
     hot = dict(temperature=0.9, top_p=0.95)
-    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN, mix_decode=mix_decode)
     greedy = engine.submit(a, max_tokens=n)
     sampled = engine.submit(b, max_tokens=n, seed=7, **hot)
     for _ in range(3):
@@ -179,6 +181,7 @@ def test_per_request_sampling_parameters(model):
     drive(engine, [greedy, sampled])
     nucleus = engine.submit(a, max_tokens=n, temperature=1.0, top_p=1e-6, seed=1)  # top-p keeps the top token
     drive(engine, [again, other_seed, nucleus])
+    assert (engine.counters["mixed_steps"] > 0) == mix_decode
     engine.close()
 
     assert sampled.tokens == again.tokens == alone(model, b, n, seed=7, **hot)

@@ -117,6 +117,31 @@ def test_decode_step_over_a_slot_prefix_equals_the_full_batch(attention):
         M.decode_step(params, prefix, jnp.zeros((5,), jnp.int32), cfg)
 
 
+@pytest.mark.parametrize("name, attention", [("gqa", "xla"), ("mqa_window", "pallas")])
+def test_mixed_step_equals_decode_step_and_prefill_apart(name, attention):
+    cfg, params = make(name)
+    rt = M.Runtime(decode_attention=attention)
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, cfg.vocab_size, (3, 5)).astype(np.int32)
+    cache = init_cache(cfg, 3, 12, jnp.float32)
+    _, cache = M.prefill(params, cache, jnp.asarray(tokens), jnp.array([5, 2, 4], jnp.int32), cfg, rt)
+    step, active = jnp.asarray(tokens[:, 0]), jnp.array([True, False, True])
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 8)), jnp.int32)
+    count = jnp.array([6], jnp.int32)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    (step_logits, prompt_logits), mixed_cache, mixed_prompt = M.mixed_step(
+        params, copy(cache), step, active, init_cache(cfg, 1, 8, jnp.float32), prompt, count, cfg, rt, fresh=True)
+    want_step, want_cache = M.decode_step(params, copy(cache), step, cfg, active, rt)
+    want_prompt, want_prompt_cache = M.prefill(params, init_cache(cfg, 1, 8, jnp.float32), prompt, count, cfg, rt,
+                                               fresh=True)
+    np.testing.assert_allclose(step_logits[::2], want_step[::2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(prompt_logits, want_prompt, rtol=1e-5, atol=1e-5)
+    for got, want in ((mixed_cache, want_cache), (mixed_prompt, want_prompt_cache)):
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        for a, b in zip(got.k + got.v, want.k + want.v):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_model_tracks_float32(setup):
     cfg, params = setup
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
