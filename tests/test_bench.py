@@ -19,6 +19,7 @@ def test_decode_bench_on_a_mesh_writes_rows_with_communication(tmp_path, mesh):
     written = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
     assert len(written) == 2 and all(r["devices"] == 8 and r["comm_ms"] > 0 for r in written)
     assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in written)
+    assert written[0]["device_ms"] > 0 and "device_ms" not in written[1]  # decode also timed in one program
 
 
 def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
