@@ -159,14 +159,20 @@ def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, p
         dest = flat[order] // local_experts  # [A]; N for a token routed nowhere: never sent
         counts = jnp.bincount(dest, length=n)
         slot = jnp.arange(a) - (jnp.cumsum(counts) - counts)[jnp.minimum(dest, n - 1)]  # within its block
-        send = jnp.zeros((n, a, x.shape[1]), x.dtype).at[dest, slot].set(x[order // top_k], mode="drop")
-        # Local expert id of each row sent; `local_experts` marks an empty row.
-        send_ids = jnp.full((n, a), local_experts, jnp.int32).at[dest, slot].set(flat[order] % local_experts,
-                                                                                 mode="drop")
-        recv = jax.lax.all_to_all(send, "expert", 0, 0)  # [N, A, D]: row blocks from each source device
-        recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)  # [N*A]
+        # Each row travels with its local expert id in one more column (small integers are exact in
+        # any float dtype), so one all_to_all carries both; `local_experts` marks an empty row.
+        d = x.shape[1]
+        exact = 2 ** (jnp.finfo(x.dtype).nmant + 1)
+        if local_experts > exact:
+            raise ValueError(f"{local_experts} experts per device: expert parallelism sends expert ids as {x.dtype}, "
+                             f"which holds integers exactly only up to {exact}; use a longer expert axis")
+        ids = (flat[order] % local_experts).astype(x.dtype)[:, None]  # [A, 1]
+        send = jnp.zeros((n, a, d + 1), x.dtype).at[:, :, d].set(local_experts)
+        send = send.at[dest, slot].set(jnp.concatenate([x[order // top_k], ids], axis=1), mode="drop")
+        recv = jax.lax.all_to_all(send, "expert", 0, 0)  # [N, A, D+1]: row blocks from each source device
+        recv_ids = recv[:, :, d].reshape(-1).astype(jnp.int32)  # [N*A]
     with jax.named_scope("experts"):
-        rows = recv.reshape(n * a, -1)
+        rows = recv[:, :, :d].reshape(n * a, d)
         local_order = jnp.argsort(recv_ids, stable=True)  # empty rows sort last, past every group
         group_sizes = jnp.bincount(recv_ids, length=local_experts).astype(jnp.int32)
         ys = experts_ffn(p, rows[local_order], group_sizes, policy, implementation)

@@ -99,6 +99,21 @@ def test_decode_step_over_a_slot_prefix_on_a_mesh(reference, mesh_name):
     np.testing.assert_allclose(out[1][1].k[1], out[0][1].k[1], rtol=1e-5, atol=1e-5)
 
 
+def test_too_many_experts_per_device_for_the_id_column_are_refused():
+    """Rows travel with their local expert id in a column of the activation dtype: bf16 counts to 256."""
+    from jaxfire.params import MoE
+
+    e, d, f = 2 * 258, 16, 8
+    mesh = mesh_of(MESHES["expert2"])
+    keys = jax.random.split(jax.random.key(0), 4)
+    p = MoE(router=jax.random.normal(keys[0], (e, d), jnp.bfloat16),
+            w_gate_up=jax.random.normal(keys[1], (e, 2, f, d), jnp.bfloat16),
+            w_down=jax.random.normal(keys[2], (e, d, f), jnp.bfloat16))
+    x = jax.random.normal(keys[3], (4, d), jnp.bfloat16)
+    with pytest.raises(ValueError, match="258 experts per device.*only up to 256"):
+        moe.moe_block(p, x, 2, mesh=mesh)
+
+
 def test_expert_width_the_tensor_axis_does_not_divide_stays_whole():
     """F = 36 over a tensor axis of 8: the experts stay whole on each device, which all compute the
     same output (nothing is added twice)."""
