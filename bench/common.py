@@ -78,13 +78,12 @@ def parse_mesh(text: str | None):
     """A `--mesh` argument ("expert=2" or "expert=2,tensor=2") as a device mesh; None when empty."""
     if not text:
         return None
-    import jaxfire
+    from jaxfire.sharding import MeshError, mesh_from_spec
 
     try:
-        axes = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
-    except ValueError:
-        raise SystemExit(f"--mesh takes axis=size pairs separated by commas (e.g. expert=2), got {text!r}") from None
-    return jaxfire.make_mesh(**axes)
+        return mesh_from_spec(text)
+    except MeshError as e:
+        raise SystemExit(f"--mesh: {e}") from None
 
 
 def write_results(name: str, rows: list[dict[str, Any]], out_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", help="bfloat16 | float32 | fp8 (default: the compute dtype)")
     p.add_argument("--slots", type=int,
                    help="prompts decoded at once (default: all); the rest wait for a free slot")
+    p.add_argument("--mesh", help="spread the model over the devices: mesh axis sizes, e.g. tensor=2 or "
+                   "expert=4,tensor=2 (default: one device)")
     return p
 
 
@@ -50,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [args.prompt]
 
     import jaxfire  # deferred so that usage errors come back fast
+    from jaxfire.sharding import mesh_from_spec
 
     try:
+        mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
         model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token,
-                             kv_cache_dtype=args.kv_cache_dtype)
+                             kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
         if model.tokenizer is None:
             raise jaxfire.JaxfireError(f"{model.path} has no tokenizer, so text prompts cannot be encoded")
         ids = [model.tokenizer.encode(p) for p in prompts]

@@ -83,6 +83,24 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, *, expert: int | None
     return Mesh(grid, AXES)
 
 
+def mesh_from_spec(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """`make_mesh` from axis sizes written as text, as the command lines take them: "tensor=2",
+    "expert=4,tensor=2"."""
+    axes: dict[str, int] = {}
+    for pair in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, size = pair.partition("=")
+        name = name.strip()
+        if name not in AXES:
+            raise MeshError(f"mesh axis {name!r} in {text!r} is not one of {', '.join(AXES)}")
+        try:
+            axes[name] = int(size)
+        except ValueError:
+            raise MeshError(f"mesh axis sizes are written axis=size (e.g. tensor=2), got {pair!r}") from None
+    if not axes:
+        raise MeshError(f"no mesh axes in {text!r}: write axis=size pairs, e.g. tensor=2")
+    return make_mesh(devices, **axes)
+
+
 def partition_spec(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
                    blocks: Sequence[int] | None = None) -> PartitionSpec:
     """The PartitionSpec of an array with these logical axes; axes that do not divide are replicated.

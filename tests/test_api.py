@@ -124,6 +124,23 @@ def test_cli_usage_errors(args, message):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_cli_runs_on_a_mesh_with_the_same_tokens():
+    args = ("--prompt", "def add(a, b):", "--max-new-tokens", "6", "--dtype", "float32")
+    one, mesh = run_cli(*args), run_cli(*args, "--mesh", "expert=2,tensor=2")
+    assert one.returncode == 0 and mesh.returncode == 0, mesh.stderr
+    assert mesh.stdout == one.stdout
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("pipeline=2", "mesh axis 'pipeline' in 'pipeline=2' is not one of data, expert, tensor"),
+    ("tensor=two", "written axis=size"),
+    ("expert=3", "do not divide the 8 devices"),
+])
+def test_cli_bad_mesh_is_one_line(spec, message):
+    out = run_cli("--prompt", "x", "--mesh", spec)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr
+
+
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     out = run_cli("--checkpoint", str(tmp_path), "--prompt", "x")
     assert out.returncode == 1 and "Traceback" not in out.stderr
