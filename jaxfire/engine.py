@@ -292,8 +292,8 @@ def _empty_row(state: SlotState, length: int, config: Config, runtime: M.Runtime
 
 
 def _prefill_piece_fn(params: Params, state: SlotState, small: KVCache | None, tokens: jax.Array, count: jax.Array,
-                   slot: jax.Array, active: jax.Array | None, length: int | None, first: bool, last: bool,
-                   config: Config, runtime: M.Runtime):
+                      slot: jax.Array, active: jax.Array | None, length: int | None, first: bool, last: bool,
+                      config: Config, runtime: M.Runtime):
     """One prefill call of a request: its whole prompt (first and last) or one chunk of it.
 
     The piece goes into the request's own batch-1 cache (`first`: a fresh one of `length` positions,
@@ -431,7 +431,9 @@ class Engine:
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.detokenize = detokenize
         self.mix_decode = bool(mix_decode)
-        self.counters = collections.Counter()  # decode_steps, slot_steps (occupied slot-steps), decode_rows, prefills
+        # decode_steps (mixed_steps of them inside a prefill call), slot_steps (occupied slot-steps),
+        # decode_rows (slots stepped, idle ones in a bucket included), prefills
+        self.counters = collections.Counter()
         self._eos = frozenset(cfg.eos_token_ids)
         self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
                                   model.runtime.mesh)
@@ -449,6 +451,8 @@ class Engine:
         self._free = list(range(self.slots))  # a heap: the lowest free slot is taken first
         self._prefilling: collections.deque[Request] = collections.deque()  # chunked, holding a slot
         self._in_flight: tuple[jax.Array, list[tuple[int, Request]]] | None = None
+        self._carry: list[int] = []  # this step's decoding slots, whose step may ride along a prefill
+        self._carried: tuple[jax.Array, list[tuple[int, Request]]] | None = None  # that step, once dispatched
 
     # ----- submission (any thread) -----
 
@@ -729,7 +733,7 @@ class Engine:
         out.copy_to_host_async()
         self.counters["decode_steps"] += 1
         self.counters["slot_steps"] += len(live)
-        self.counters["decode_rows"] += len(active)  # slots stepped, idle ones in the bucket included
+        self.counters["decode_rows"] += len(active)
         snapshot = [(s, self._slot_of[s]) for s in live]
         for _, req in snapshot:
             req._dispatched += 1
@@ -746,7 +750,7 @@ class Engine:
         lo = req._prefilled
         piece = req.prompt[lo:lo + self.prefill_chunk] if self._chunked(n) else req.prompt
         req._prefilled += len(piece)
-        first, last = lo == 0, req._prefilled >= n
+        is_first, is_last = lo == 0, req._prefilled >= n
         tokens = self._padded(piece, self.prefill_chunk if self._chunked(n) else self._bucket(n))
         active = None
         if self._carry and self._carried is None:
@@ -754,20 +758,20 @@ class Engine:
             active[self._carry] = True
         logits, step_logits, self._state, req._small = _prefill_piece(
             p.params, self._state, req._small, tokens, np.int32(len(piece)), slot, active,
-            length=self._bucket(n) if first else None, first=first, last=last, config=cfg, runtime=p.runtime)
+            length=self._bucket(n) if is_first else None, first=is_first, last=is_last, config=cfg, runtime=p.runtime)
         if active is not None:
             self._carried = self._sample_step(step_logits, active, self._carry)
             self.counters["mixed_steps"] += 1
-        if not last:
+        if not is_last:
             return None
-        first, self._state = _start(self._state, logits, slot, np.uint32(req.seed), np.float32(req.temperature),
+        token, self._state = _start(self._state, logits, slot, np.uint32(req.seed), np.float32(req.temperature),
                                     np.float32(req.top_p), sample=req.temperature > 0)
-        first.copy_to_host_async()
+        token.copy_to_host_async()
         self.counters["prefills"] += 1
         req._decoding, req._dispatched = True, 1
         if req._dispatched >= req.max_tokens:
             self._release(req)
-        return first
+        return token
 
     def _release(self, req: Request) -> None:
         if req._slot is not None and self._slot_of[req._slot] is req:

@@ -1,4 +1,5 @@
-"""Mixtral as pure functions over the params pytree: the full forward pass, `prefill` and `decode_step`.
+"""Mixtral as pure functions over the params pytree: the full forward pass, `prefill`, `decode_step`, and
+`mixed_step` (a decode step and a prefill sharing one pass over the weights).
 
 Dimensions: B batch, T tokens, S cache positions, D model width, H query heads, G key/value heads,
 R = H / G query heads per key/value head, K head dim, V vocab.
@@ -108,12 +109,11 @@ def _join(xs: list[jax.Array]) -> jax.Array:
 
 
 def _split(y: jax.Array, shapes: list[tuple[int, int]]) -> list[jax.Array]:
-    """Inverse of `_join`: [1, sum B_i T_i, F] back to the segments' [B_i, T_i, F]."""
-    if len(shapes) == 1:
-        return [y]
+    """Inverse of `_join`: y's rows (any leading shape) back to the segments' [B_i, T_i, F]."""
+    y = y.reshape(-1, y.shape[-1])  # [sum B_i T_i, F]
     out, start = [], 0
     for b, t in shapes:
-        out.append(y[0, start:start + b * t].reshape(b, t, -1))
+        out.append(y[start:start + b * t].reshape(b, t, -1))
         start += b * t
     return out
 
@@ -259,14 +259,18 @@ def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], ca
         # Only the tokens a call appends (counts[b] of row b) go to the experts.
         valid = None
         if any(seg.counts is not None for seg in segments):
-            valid = jnp.concatenate([
-                (jnp.ones(x.shape[:2], bool) if seg.counts is None
-                 else jnp.arange(x.shape[1])[None, :] < seg.counts[:, None]).reshape(-1)
-                for x, seg in zip(xs, segments)])  # [sum B T]
+            valid = jnp.concatenate([_appended_tokens(x.shape[:2], seg.counts) for x, seg in zip(xs, segments)])
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
                           runtime.grouped_matmul, runtime.mesh, valid)
-        ys = _split(y.reshape(1, -1, y.shape[-1]) if len(xs) > 1 else y.reshape(xs[0].shape), [x.shape[:2] for x in xs])
-    return [x + y for x, y in zip(xs, ys)], caches
+    return [x + y for x, y in zip(xs, _split(y, [x.shape[:2] for x in xs]))], caches
+
+
+def _appended_tokens(shape: tuple[int, int], counts: jax.Array | None) -> jax.Array:
+    """Which of a segment's [B, T] token rows are real (the first counts[b] of row b), flattened."""
+    b, t = shape
+    if counts is None:
+        return jnp.ones((b * t,), bool)
+    return (jnp.arange(t)[None, :] < counts[:, None]).reshape(-1)  # [B T]
 
 
 def _lm_head(params: Params, h: jax.Array, config: Config) -> jax.Array:
@@ -320,7 +324,7 @@ def _last_hidden(h: jax.Array, counts: jax.Array) -> jax.Array:
     return jnp.take_along_axis(h, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
 
 
-def _appended(seg: Segment, layers: list) -> kvc.KVCache:
+def _grown_cache(seg: Segment, layers: list) -> kvc.KVCache:
     n = seg.counts.shape[0]
     return kvc.KVCache.from_layers(layers, seg.cache.lengths.at[:n].add(seg.counts))
 
@@ -337,7 +341,7 @@ def prefill_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, counts: ja
     # tokens: [B, T], counts: [B] -> logits [B, V] float32
     seg = _prompt_segment(cache, tokens, counts, fresh)
     (h,), (layers,) = _trunk(params, [seg], config, runtime)
-    return _lm_head(params, _last_hidden(h, counts), config), _appended(seg, layers)
+    return _lm_head(params, _last_hidden(h, counts), config), _grown_cache(seg, layers)
 
 
 def decode_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, config: Config,
@@ -351,7 +355,7 @@ def decode_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, config
     # tokens: [n], active: [n] -> logits [n, V] float32
     seg = _step_segment(cache, tokens, active)
     (h,), (layers,) = _trunk(params, [seg], config, runtime)
-    return _lm_head(params, h[:, 0], config), _appended(seg, layers)
+    return _lm_head(params, h[:, 0], config), _grown_cache(seg, layers)
 
 
 def mixed_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, active: jax.Array | None,
@@ -369,7 +373,7 @@ def mixed_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, active:
     (h_step, h_prompt), (step_layers, prompt_layers) = _trunk(params, [step, prompt], config, runtime)
     n = tokens.shape[0]
     logits = _lm_head(params, jnp.concatenate([h_step[:, 0], _last_hidden(h_prompt, prompt_counts)]), config)
-    return (logits[:n], logits[n:]), _appended(step, step_layers), _appended(prompt, prompt_layers)
+    return (logits[:n], logits[n:]), _grown_cache(step, step_layers), _grown_cache(prompt, prompt_layers)
 
 
 # The jitted programs. Compiler options can only be set on the outermost jit, so programs that run
