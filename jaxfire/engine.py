@@ -20,11 +20,12 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
    for more than one chunk;
 3. dispatches one decode step for all occupied slots (`model.decode_step` over the smallest slot bucket
    holding them, with an `active` mask, so free slots are untouched) and samples each slot with its
-   own temperature, top_p and seed. With `mix_decode` (the default), a step that prefills runs this
-   decode step inside its first prefill call instead (`model.mixed_step`: one pass over the weights
-   for both), for the slots that were decoding when the step began; a newcomer decodes from the next
-   step;
-4. reads back the tokens of the *previous* decode step and of this step's admissions, and emits them.
+   own temperature, top_p and seed. With `mix_decode` (the default), every prefill call of step 2
+   carries a decode step of the slots decoding at that moment instead (`model.mixed_step`: one pass
+   over the weights for both), so the running requests advance a token with each newcomer's prefill
+   rather than stall for it; only a step without prefills dispatches a decode step of its own;
+4. reads back the tokens of the *previous* step's decode steps and of this step's admissions, and emits
+   them.
    Reading one step behind keeps the device busy while the host schedules and streams: a request that
    ends with EOS costs one wasted slot-step, never a wrong token. A request that reaches its token
    limit frees its slot as soon as its last step is dispatched.
@@ -399,9 +400,9 @@ class Engine:
       steps, into their own batch-1 cache (None: whole prompts at once). Bounds a newcomer's stall of
       the running batch to one chunk's prefill, at the cost of its own time to first token.
     detokenize: whether events carry text (needs the model's tokenizer); off saves host time.
-    mix_decode: a step that prefills runs its decode step of the running slots inside its first
-      prefill call (`model.mixed_step`): the weights are read once for both, so a newcomer's prefill
-      costs the running requests one slower step instead of a stall and a step.
+    mix_decode: every prefill call carries a decode step of the running slots (`model.mixed_step`):
+      the weights are read once for both, so a newcomer's prefill gives the running requests a token
+      (one slow step) instead of a stall followed by a step.
     """
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
@@ -450,9 +451,9 @@ class Engine:
         self._slot_of: list[Request | None] = [None] * self.slots
         self._free = list(range(self.slots))  # a heap: the lowest free slot is taken first
         self._prefilling: collections.deque[Request] = collections.deque()  # chunked, holding a slot
-        self._in_flight: tuple[jax.Array, list[tuple[int, Request]]] | None = None
-        self._carry: list[int] = []  # this step's decoding slots, whose step may ride along a prefill
-        self._carried: tuple[jax.Array, list[tuple[int, Request]]] | None = None  # that step, once dispatched
+        # Decode steps dispatched and not yet read back: each its sampled tokens [n] and (slot, request)s.
+        self._in_flight: list[tuple[jax.Array, list[tuple[int, Request]]]] = []
+        self._dispatched_now: list[tuple[jax.Array, list[tuple[int, Request]]]] = []  # by this step so far
 
     # ----- submission (any thread) -----
 
@@ -566,7 +567,7 @@ class Engine:
             for req in pending:
                 self._finish(req, "cancelled", time.perf_counter())
             self._state = None
-            self._in_flight = None
+            self._in_flight = []
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -577,7 +578,7 @@ class Engine:
     # ----- scheduling -----
 
     def _busy(self) -> bool:
-        return (bool(self._waiting) or bool(self._prefilling) or self._in_flight is not None
+        return (bool(self._waiting) or bool(self._prefilling) or bool(self._in_flight)
                 or any(r is not None for r in self._slot_of))
 
     @property
@@ -681,9 +682,7 @@ class Engine:
                     self._waiting.remove(req)
                 self._finish(req, "cancelled", time.perf_counter())
 
-        # With mix_decode, the slots decoding when the step starts ride along its first prefill call.
-        self._carry = [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding and self.mix_decode]
-        self._carried = None
+        self._dispatched_now = []
         admitted = []
         budget = math.inf if self.prefills_per_step is None else self.prefills_per_step
         for req in list(self._prefilling):  # chunked prompts already holding a slot go first
@@ -706,16 +705,14 @@ class Engine:
             else:
                 admitted.append((req, first))
 
-        dispatched = self._carried
-        live = [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding]
-        if dispatched is None and live:
+        live = self._decoding_slots()
+        if not self._dispatched_now and live:  # no prefill call carried a decode step
             active = np.zeros((next(n for n in self.decode_buckets if n > live[-1]),), bool)
             active[live] = True
             logits, self._state = _decode(p.params, self._state, active, config=cfg, runtime=p.runtime)
-            dispatched = self._sample_step(logits, active, live)
+            self._sample_step(logits, active, live)
 
-        if self._in_flight is not None:
-            out, snapshot = self._in_flight
+        for out, snapshot in self._in_flight:
             host = np.asarray(out)
             now = time.perf_counter()
             for s, req in snapshot:
@@ -723,11 +720,14 @@ class Engine:
         for req, first in admitted:
             token = int(np.asarray(first)[0])
             self._emit(req, token, time.perf_counter(), events)
-        self._in_flight = dispatched
+        self._in_flight, self._dispatched_now = self._dispatched_now, []
         return events
 
-    def _sample_step(self, logits: jax.Array, active: np.ndarray, live: list[int]):
-        """Samples a dispatched decode step of the `live` slots; returns what the host reads back a step later."""
+    def _decoding_slots(self) -> list[int]:
+        return [s for s, r in enumerate(self._slot_of) if r is not None and r._decoding]
+
+    def _sample_step(self, logits: jax.Array, active: np.ndarray, live: list[int]) -> None:
+        """Samples a dispatched decode step of the `live` slots; the host reads the tokens back a step later."""
         sample = any(self._slot_of[s].temperature > 0 for s in live)
         out, self._state = _advance(self._state, logits, active, sample=sample)
         out.copy_to_host_async()
@@ -739,12 +739,12 @@ class Engine:
             req._dispatched += 1
             if req._dispatched >= req.max_tokens:
                 self._release(req)
-        return out, snapshot
+        self._dispatched_now.append((out, snapshot))
 
     def _prefill(self, req: Request) -> jax.Array | None:
         """Dispatches a slot-holding request's next prefill call: its whole prompt, or its next chunk,
-        carrying this step's decode of the running slots if none has run yet (`mix_decode`). Returns its
-        first token once the prompt is all in; its slot decodes from then on."""
+        carrying a decode step of the slots decoding now (`mix_decode`). Returns its first token once the
+        prompt is all in; its slot decodes from then on."""
         p, cfg, n = self.model, self.config, len(req.prompt)
         slot = np.int32(req._slot)
         lo = req._prefilled
@@ -752,15 +752,16 @@ class Engine:
         req._prefilled += len(piece)
         is_first, is_last = lo == 0, req._prefilled >= n
         tokens = self._padded(piece, self.prefill_chunk if self._chunked(n) else self._bucket(n))
+        live = self._decoding_slots() if self.mix_decode else []
         active = None
-        if self._carry and self._carried is None:
+        if live:
             active = np.zeros((self.slots,), bool)
-            active[self._carry] = True
+            active[live] = True
         logits, step_logits, self._state, req._small = _prefill_piece(
             p.params, self._state, req._small, tokens, np.int32(len(piece)), slot, active,
             length=self._bucket(n) if is_first else None, first=is_first, last=is_last, config=cfg, runtime=p.runtime)
         if active is not None:
-            self._carried = self._sample_step(step_logits, active, self._carry)
+            self._sample_step(step_logits, active, live)
             self.counters["mixed_steps"] += 1
         if not is_last:
             return None
@@ -830,4 +831,4 @@ class Engine:
                 self._finish(req, "error", now)
         self._waiting.clear()
         self._prefilling.clear()
-        self._in_flight = None
+        self._in_flight = []

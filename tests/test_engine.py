@@ -151,7 +151,7 @@ def test_cancelling_frees_the_slot(model):
 
 
 def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
-    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN, mix_decode=False)  # only decode steps step slots
     lone = engine.submit([5, 6, 7], max_tokens=6, ignore_eos=True)
     drive(engine, [lone])
     assert engine.counters["decode_rows"] == engine.counters["decode_steps"] == 5  # slot 0 alone: 1 row
@@ -162,6 +162,26 @@ def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
     assert lone.tokens == alone(model, [5, 6, 7], 6)
     assert pair[1].tokens == alone(model, [10, 11, 12], 17)
     engine.close()
+
+
+def test_every_prefill_call_carries_a_decode_step_of_the_running_slots(model):
+    rng = np.random.default_rng(7)
+    jobs = [(random_prompt(rng, model, 3, 12), 18) for _ in range(3)]
+    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    running = engine.submit(jobs[0][0], max_tokens=18, ignore_eos=True)
+    while len(running.tokens) < 2:
+        engine.step()
+    before = dict(engine.counters)
+    newcomers = [engine.submit(p, max_tokens=n, ignore_eos=True) for p, n in jobs[1:]]
+    engine.step()  # two prefills: the first carries `running`, the second `running` and the first newcomer
+    assert engine.counters["mixed_steps"] - before.get("mixed_steps", 0) == 2
+    assert engine.counters["slot_steps"] - before["slot_steps"] == 3
+    assert engine.counters["decode_steps"] - before["decode_steps"] == 2
+    drive(engine, [running] + newcomers)
+    engine.close()
+    for request, (prompt, n) in zip([running] + newcomers, jobs):
+        want = alone(model, prompt, n)  # ends at EOS, where these requests go on
+        assert len(request.tokens) == n and request.tokens[:len(want)] == want
 
 
 @pytest.mark.parametrize("mix_decode", [True, False])
