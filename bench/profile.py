@@ -11,6 +11,11 @@ annotation, or the kernel's own name for XLA's fusions), and each instruction to
 `jax.named_scope` path in its metadata. Collectives (all_to_all, all-reduce, ...) form a stage of
 their own, "communication". One row per measured job goes to bench/results/profile.jsonl: wall time
 per step, device busy time, idle time, the stages and the ten costliest kernels.
+
+While the profiler traces, XLA runs programs without CUDA graphs (its default), so a traced step's
+idle time includes launch gaps that the same step run untraced does not have: compare `wall_ms` with
+bench/decode.py's figures, or pass --command-buffers to keep the graphs under the profiler (XLA's
+xla_enable_command_buffers_during_profiling).
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ def scope_path(op_name: str) -> str:
 def stage_of(inst: Instruction | None, kernel: str) -> str:
     """The stage a kernel's time is booked to: its scope without the layer index, or "communication"."""
     low = kernel.lower()
-    if (inst is not None and inst.opcode in COLLECTIVES) or "nccl" in low or "all_to_all" in low:
+    # All-reduce kernels XLA emits itself (not NCCL's) carry the name of the psum they implement.
+    if (inst is not None and inst.opcode in COLLECTIVES) or re.search(r"nccl|all_to_all|^psum|all_reduce", low):
         return "communication"
     if inst is None:  # a kernel the trace did not tie to an instruction: named by its family
         for pattern, family in _FAMILIES:
@@ -241,7 +247,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--command-buffers", action="store_true",
+                    help="keep XLA's CUDA graphs while tracing (set before the first device use)")
     args = ap.parse_args(argv)
+    if args.command_buffers:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_enable_command_buffers_during_profiling=true").strip()
 
     c = Config.preset(args.preset).replace(num_layers=args.layers)
     weights, kv_dtype, runtime = D.VARIANTS[args.variant]
@@ -250,6 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     params = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
                          sharding_fn=S.param_sharding_fn(mesh))
     base = dict(preset=args.preset, layers_built=args.layers, variant=args.variant,
+                command_buffers=args.command_buffers,
                 runtime=repr(dataclasses.replace(runtime, mesh=None)), mesh=dict(mesh.shape) if mesh else None)
     rows = []
     for batch in map(int, filter(None, args.batches.split(","))):

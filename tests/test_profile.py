@@ -24,6 +24,7 @@ def test_stage_drops_the_layer_index_and_books_collectives_to_communication():
     assert P.stage_of(P.Instruction("f.1", "fusion", "layer_7/moe/route"), "loop_fusion_1") == "moe/route"
     assert P.stage_of(P.Instruction("a.1", "all-to-all", "layer_0/moe/dispatch"), "x") == "communication"
     assert P.stage_of(None, "ncclDevKernel_SendRecv") == "communication"
+    assert P.stage_of(None, "psum_113_0_fusion_1") == "communication"  # XLA's own all-reduce kernel
     assert P.stage_of(None, "mystery") == "unattributed"
     assert P.stage_of(None, "grouped_matmul_swiglu_triton") == "unattributed: experts gate/up (Pallas)"
 
