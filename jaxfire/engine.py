@@ -402,7 +402,8 @@ class Engine:
     detokenize: whether events carry text (needs the model's tokenizer); off saves host time.
     mix_decode: every prefill call carries a decode step of the running slots (`model.mixed_step`):
       the weights are read once for both, so a newcomer's prefill gives the running requests a token
-      (one slow step) instead of a stall followed by a step.
+      (one slow step) instead of a stall followed by a step. The carried rows take the prefill's
+      numerics: with FP8 weights and the default policy their activations are quantized to FP8 too.
     """
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
