@@ -110,6 +110,8 @@ def _join(xs: list[jax.Array]) -> jax.Array:
 
 def _split(y: jax.Array, shapes: list[tuple[int, int]]) -> list[jax.Array]:
     """Inverse of `_join`: y's rows (any leading shape) back to the segments' [B_i, T_i, F]."""
+    if len(shapes) == 1:  # no slicing: a sharded single segment keeps its layout
+        return [y.reshape(*shapes[0], y.shape[-1])]
     y = y.reshape(-1, y.shape[-1])  # [sum B_i T_i, F]
     out, start = [], 0
     for b, t in shapes:
