@@ -15,6 +15,10 @@ With `--mesh` the model is built sharded over the devices (`jaxfire.make_mesh` a
 and/or tensor parallel); its collectives (the MoE block's all_to_alls over "expert", the psums over
 "tensor") are also timed alone, with the shapes a step sends, to give communication's share of the
 step ("comm_ms", "comm_share"; rows before tensor parallelism call it "a2a_ms").
+
+"mixed" rows time a prompt's prefill carrying a decode step of `--mixed-batches` sequences in one pass
+(`model.mixed_step`, what the engine runs under load) beside the prefill and decode step timed apart
+("apart_ms") and the share of that time the single pass saves ("saved_share").
 """
 
 from __future__ import annotations
@@ -136,6 +140,27 @@ def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
     return float(np.median(times))
 
 
+def time_mixed(params, c, runtime, batch, context, tokens_n, kv_dtype, iters=5):
+    """Seconds of one `model.mixed_step`: a `tokens_n`-token prompt's prefill carrying a decode step of
+    `batch` sequences with `context` cached tokens (the engine's prefill calls under load)."""
+    cache = random_cache(c, batch, context + iters + 8, context, kv_dtype, jax.random.key(1), runtime.mesh)
+    prompt_cache = init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)
+    step = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
+    prompt = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
+    counts = jnp.array([tokens_n], jnp.int32)
+    times = []
+    for i in range(iters + 2):
+        prompt_cache = dataclasses.replace(prompt_cache, lengths=jnp.zeros((1,), jnp.int32))
+        t0 = time.perf_counter()
+        (logits, _), cache, prompt_cache = M.mixed_step(params, cache, step, None, prompt_cache, prompt, counts, c,
+                                                        runtime, fresh=True)
+        jax.block_until_ready(logits)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+    return float(np.median(times))
+
+
 def time_collectives(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat16) -> float:
     """Seconds one forward pass spends in collectives, timed alone with the shapes the model sends:
     per layer, over "expert" the MoE block's two all_to_alls (dispatch and return, worst-case
@@ -223,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--runtime", default="", help="extra Runtime fields, e.g. decode_attention=pallas")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--mixed-batches", default="32",
+                    help="decode batches timed riding along the prefill (model.mixed_step), beside the two apart")
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2 or expert=2,tensor=2")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -268,8 +295,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             device_sec = time_decode_loop(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
             comm = time_collectives(mesh, c, batch, args.layers) if mesh is not None else 0.0
-            rows.append(dict(base, job="decode", batch=batch, discarded_first_run=i == 0, context=args.context, ms=sec * 1e3,
-                             model_ms=sec * 1e3 * scale, device_ms=device_sec * 1e3,
+            rows.append(dict(base, job="decode", batch=batch, discarded_first_run=i == 0, context=args.context,
+                             ms=sec * 1e3, model_ms=sec * 1e3 * scale, device_ms=device_sec * 1e3,
                              device_model_ms=device_sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
                              roofline_ms=nbytes * scale / DATASHEET_BW / devices * 1e3,
                              of_copy_bw=nbytes / sec / copy_bw / devices, compile_s=compile_s,
@@ -278,15 +305,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
         flops = prefill_flops(c, args.layers, args.prefill_tokens)
         comm = time_collectives(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0
-        rows.append(dict(base, job="prefill", batch=1, discarded_first_run=i == 0, tokens=args.prefill_tokens, ms=sec * 1e3,
-                         model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
+        rows.append(dict(base, job="prefill", batch=1, discarded_first_run=i == 0, tokens=args.prefill_tokens,
+                         ms=sec * 1e3, model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
                          peak_tflops=devices * PEAK_FLOPS["fp8" if name in ("fp8-wa", "fp8") else "bf16"] / 1e12,
                          comm_ms=comm * 1e3, comm_share=comm / sec))
         print(name, "prefill", f"{sec * 1e3:.2f} ms", flush=True)
+        decode_ms = {r["batch"]: r["ms"] for r in rows if r["job"] == "decode" and r["variant"] == name}
+        for batch in map(int, filter(None, args.mixed_batches.split(","))):
+            mixed = time_mixed(params, c, runtime, batch, args.context, args.prefill_tokens, kv_dtype)
+            apart = sec * 1e3 + decode_ms.get(batch, float("nan"))
+            rows.append(dict(base, job="mixed", batch=batch, discarded_first_run=i == 0, tokens=args.prefill_tokens,
+                             ms=mixed * 1e3, model_ms=mixed * 1e3 * scale, apart_ms=apart,
+                             saved_share=1 - mixed * 1e3 / apart))
+            print(name, f"prefill carrying a B={batch} decode step {mixed * 1e3:.2f} ms, apart {apart:.2f} ms",
+                  flush=True)
     rows = [r for r in rows if not r.pop("discarded_first_run")]
     path = write_results("decode", rows, args.out_dir)
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "device_model_ms", "roofline_ms", "tbs",
-                       "of_copy_bw", "tflops", "comm_share"])
+                       "of_copy_bw", "tflops", "apart_ms", "comm_share"])
     print(f"wrote {path}")
     return rows
 

@@ -14,12 +14,14 @@ TINY = ["--preset", "tiny", "--layers", "2", "--context", "16", "--steps", "1"]
 @pytest.mark.parametrize("mesh", ["expert=2,tensor=2,data=2", "tensor=8"])
 def test_decode_bench_on_a_mesh_writes_rows_with_communication(tmp_path, mesh):
     rows = decode.main(TINY + ["--mesh", mesh, "--variants", "fp8", "--batches", "2", "--prefill-tokens", "32",
-                               "--out-dir", str(tmp_path)])
-    assert [r["job"] for r in rows] == ["decode", "prefill"]
+                               "--mixed-batches", "2", "--out-dir", str(tmp_path)])
+    assert [r["job"] for r in rows] == ["decode", "prefill", "mixed"]
     written = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
-    assert len(written) == 2 and all(r["devices"] == 8 and r["comm_ms"] > 0 for r in written)
+    assert len(written) == 3 and all(r["devices"] == 8 for r in written)
+    assert all(r["comm_ms"] > 0 for r in written[:2])
     assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in written)
     assert written[0]["device_ms"] > 0 and "device_ms" not in written[1]  # decode also timed in one program
+    assert written[2]["apart_ms"] == pytest.approx(written[0]["ms"] + written[1]["ms"])
 
 
 def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
