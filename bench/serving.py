@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=50)
     ap.add_argument("--prompts-file", help="JSON lines of token ids, or text lines; cut to --prompt-len")
-    ap.add_argument("--rates", default="1,2,4,8,16", help="offered requests/s, comma separated; inf sends all")
+    ap.add_argument("--rates", default="1,2,4,8,10,16",
+                    help="offered requests/s, comma separated; inf sends all (1 and 10: vLLM's published points)")
     ap.add_argument("--num-requests", type=int, default=64, help="requests per rate")
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
