@@ -124,41 +124,48 @@ def time_decode_loop(params, c, runtime, batch, context, kv_dtype, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
-    cache = init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)
-    tokens = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
-    counts = jnp.array([tokens_n], jnp.int32)
+def _median_seconds(call, iters: int) -> float:
+    """Median wall time of `call()` (which returns logits to wait on) over `iters` runs after two warm-up
+    runs; the last logits must be finite."""
     times = []
     for i in range(iters + 2):
-        cache = dataclasses.replace(cache, lengths=jnp.zeros((1,), jnp.int32))
         t0 = time.perf_counter()
-        logits, cache = M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)
-        jax.block_until_ready(logits)
+        logits = jax.block_until_ready(call())
         if i >= 2:
             times.append(time.perf_counter() - t0)
     assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
     return float(np.median(times))
+
+
+def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
+    state = {"cache": init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)}
+    tokens = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
+    counts = jnp.array([tokens_n], jnp.int32)
+
+    def call():
+        cache = dataclasses.replace(state["cache"], lengths=jnp.zeros((1,), jnp.int32))
+        logits, state["cache"] = M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)
+        return logits
+
+    return _median_seconds(call, iters)
 
 
 def time_mixed(params, c, runtime, batch, context, tokens_n, kv_dtype, iters=5):
     """Seconds of one `model.mixed_step`: a `tokens_n`-token prompt's prefill carrying a decode step of
     `batch` sequences with `context` cached tokens (the engine's prefill calls under load)."""
-    cache = random_cache(c, batch, context + iters + 8, context, kv_dtype, jax.random.key(1), runtime.mesh)
-    prompt_cache = init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)
+    state = {"cache": random_cache(c, batch, context + iters + 8, context, kv_dtype, jax.random.key(1), runtime.mesh),
+             "prompt": init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)}
     step = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
     prompt = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
     counts = jnp.array([tokens_n], jnp.int32)
-    times = []
-    for i in range(iters + 2):
-        prompt_cache = dataclasses.replace(prompt_cache, lengths=jnp.zeros((1,), jnp.int32))
-        t0 = time.perf_counter()
-        (logits, _), cache, prompt_cache = M.mixed_step(params, cache, step, None, prompt_cache, prompt, counts, c,
-                                                        runtime, fresh=True)
-        jax.block_until_ready(logits)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
-    return float(np.median(times))
+
+    def call():
+        fresh = dataclasses.replace(state["prompt"], lengths=jnp.zeros((1,), jnp.int32))
+        (logits, _), state["cache"], state["prompt"] = M.mixed_step(params, state["cache"], step, None, fresh, prompt,
+                                                                    counts, c, runtime, fresh=True)
+        return logits
+
+    return _median_seconds(call, iters)
 
 
 def time_collectives(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat16) -> float:
