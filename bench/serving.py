@@ -262,11 +262,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     model, desc = build_model(args)
     max_len = args.max_len or args.prompt_len + args.output_len
-    buckets = None if args.decode_buckets is None else (
-        (args.slots,) if args.decode_buckets == "slots" else tuple(int(n) for n in args.decode_buckets.split(",")))
-    engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
-                            prefill_chunk=args.prefill_chunk, detokenize=False, decode_buckets=buckets,
-                            mix_decode=not args.no_mix_decode)
+    try:
+        buckets = None if args.decode_buckets is None else (
+            (args.slots,) if args.decode_buckets == "slots" else tuple(int(n) for n in args.decode_buckets.split(",")))
+        engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
+                                prefill_chunk=args.prefill_chunk, detokenize=False, decode_buckets=buckets,
+                                mix_decode=not args.no_mix_decode)
+    except ValueError as e:  # a JaxfireError, or --decode-buckets that are not integers
+        raise SystemExit(f"engine options: {e}") from None
     rng = np.random.default_rng(args.seed)
     prompts = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
     t0 = time.perf_counter()
