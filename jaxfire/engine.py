@@ -369,7 +369,7 @@ def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: boo
 
 def slot_buckets(slots: int) -> tuple[int, ...]:
     """Decode steps run over the first n slots for n in these: powers of two below `slots`, then `slots`."""
-    return tuple(1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots) + (slots,)
+    return prefill_buckets(slots, 1)
 
 
 def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
