@@ -91,6 +91,10 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
     mesh: a device mesh (`jaxfire.make_mesh`): every array is read from the checkpoint straight into
       its sharded layout (experts over "expert", attention heads over "tensor"), and the model runs
       expert-parallel over it.
+
+    The query, key and value projections of each layer come back fused as one weight,
+    `params.layers[i].attn.wqkv` (layout in `jaxfire.params.qkv_spec`; wq, wk and wv are then None),
+    except on a mesh whose tensor axis does not divide the KV heads.
     """
     path = BUILTIN_DIR if path is None else pathlib.Path(path)
     meta = checkpoint.read_metadata(path)
@@ -119,6 +123,7 @@ def load(path: str | pathlib.Path | None = None, *, dtype: Any = None, num_exper
         bar = lambda it: tqdm(it, desc="loading", unit="layer")  # noqa: E731
     params = checkpoint.restore(path, config, fp8=stored_fp8, dtype=cast, sharding_fn=S.param_sharding_fn(mesh),
                                 transform=transform, progress=bar)
+    params = P.fuse_qkv(params, config, mesh)
     return Model(config=config, params=params, tokenizer=Tokenizer.from_dir(path), path=path, runtime=runtime,
                  kv_cache_dtype=kv_cache_dtype)
 

@@ -165,7 +165,10 @@ class CheckpointWriter:
 
 def save(out_dir: str | os.PathLike, params: P.Params, config: Config, *, tokenizer_dir=None,
          overwrite: bool = False, extra: dict[str, Any] | None = None) -> pathlib.Path:
-    """Writes a whole in-memory params tree as a checkpoint."""
+    """Writes a whole in-memory params tree as a checkpoint (with wq, wk, wv apart, as stored)."""
+    if any(layer.attn.wqkv is not None for layer in params.layers):
+        raise ValueError("these params hold fused query/key/value projections (attn.wqkv), a form checkpoints do "
+                         "not store; save the params as restored or initialised, before jaxfire.params.fuse_qkv")
     with CheckpointWriter(out_dir, config, overwrite=overwrite) as w:
         w.write_globals(**_globals(params))
         for i, layer in enumerate(params.layers):

@@ -22,7 +22,7 @@ from jaxfire import kv_cache as kvc
 from jaxfire import moe, quant
 from jaxfire import sharding as S
 from jaxfire.config import Config
-from jaxfire.params import Attention, Layer, Params, describe_layer
+from jaxfire.params import Layer, Params, describe_layer, qkv_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +126,14 @@ def attention_block(layer: Layer, xs: list[jax.Array], segments: list[Segment], 
     (or, `fresh`, with every sequence starting at position 0, over the new keys/values alone)."""
     # xs: per segment [B, T, D] -> per segment [B, T, D]
     c, p = config, layer.attn
-    dense = _projection(runtime, describe_layer(config).attn)
+    dense = _projection(runtime, config)
     shapes = [x.shape[:2] for x in xs]
     x = _join(xs)
     with jax.named_scope("qkv"):
-        q, k, v = (_split(dense(x, w, name), shapes) for w, name in ((p.wq, "wq"), (p.wk, "wk"), (p.wv, "wv")))
+        if p.wqkv is not None:
+            q, k, v = zip(*(_unfuse(y, c) for y in _split(dense(x, p.wqkv, "wqkv"), shapes)))
+        else:
+            q, k, v = (_split(dense(x, w, name), shapes) for w, name in ((p.wq, "wq"), (p.wk, "wk"), (p.wv, "wv")))
     outs, new_caches = [], []
     for (b, t), seg, cache, qs, ks, vs in zip(shapes, segments, caches, q, k, v):
         with jax.named_scope("qkv"):
@@ -144,6 +147,15 @@ def attention_block(layer: Layer, xs: list[jax.Array], segments: list[Segment], 
         return _split(dense(_join(outs), p.wo, "wo"), shapes), new_caches
 
 
+def _unfuse(y: jax.Array, c: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values out of the fused projection's output (layout in `params.qkv_spec`)."""
+    # y: [B, T, G*(R+2)*K] -> [B, T, H*K], [B, T, G*K], [B, T, G*K]
+    b, t = y.shape[:2]
+    r = c.num_heads // c.num_kv_heads
+    y = y.reshape(b, t, c.num_kv_heads, r + 2, c.head_dim)
+    return y[:, :, :, :r].reshape(b, t, -1), y[:, :, :, r].reshape(b, t, -1), y[:, :, :, r + 1].reshape(b, t, -1)
+
+
 def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config, runtime: Runtime):
     # q: [B, T, H, K], k/v: [B, T, G, K] -> [B, T, H, K]
     b, t = q.shape[:2]
@@ -151,6 +163,11 @@ def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config,
     if cache is None:
         with jax.named_scope("attend"):
             return attend(q, k, v, positions, c.sliding_window), None
+    impl = _resolve(runtime.decode_attention, c.head_dim)
+    if t == 1 and impl != "xla":
+        o, cache = _decode_attention(q[:, 0], k[:, 0], v[:, 0], positions[:, 0], counts, cache, c.sliding_window,
+                                     impl, runtime.mesh)
+        return o[:, None], cache
     # A call may step only the cache's first b sequences (`decode_step` over a slot prefix): the
     # rest join as padding with count 0, which writes nothing and attends over nothing.
     rows = cache.k.shape[0]
@@ -159,13 +176,8 @@ def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config,
         q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
     with jax.named_scope("cache_write"):
         cache = cache.write(k, v, positions, counts)
-    impl = _resolve(runtime.decode_attention, c.head_dim)
     with jax.named_scope("attend"):
-        if t == 1 and impl != "xla":
-            # Sequences not stepped (count 0) attend over nothing: the kernel skips their cache.
-            lengths = jnp.where(counts > 0, positions[:, 0] + counts, 0)
-            o = _decode_attention(q[:, 0], cache, lengths, c.sliding_window, impl, runtime.mesh)[:, None]
-        elif seg.fresh and (prompt_impl := _prompt_impl(runtime.prefill_attention, q.dtype)) != "einsum":
+        if seg.fresh and (prompt_impl := _prompt_impl(runtime.prefill_attention, q.dtype)) != "einsum":
             o = _prompt_attention(q, k, v, counts, c.sliding_window, prompt_impl)
         else:
             k_all, v_all = cache.read(q.dtype)
@@ -173,20 +185,21 @@ def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config,
     return o[:b], cache
 
 
-def _projection(runtime: Runtime, specs: Attention):
+def _projection(runtime: Runtime, config: Config):
     """`quant.dense` for the attention projections, by weight name. A kernel is opaque to XLA's
     partitioner, so on a mesh each projection runs per device under shard_map, on that device's
     sequences and its slice of the weight as the rules table places it: output columns split over
-    "tensor" (wq, wk, wv: the device's heads), or input columns (wo: a partial product, summed over
+    "tensor" (wq, wk, wv, wqkv: the device's heads), or input columns (wo: a partial product, summed over
     "tensor" by a psum)."""
     local = functools.partial(quant.dense, policy=runtime.fp8, implementation=runtime.grouped_matmul)
     mesh = runtime.mesh
+    specs = describe_layer(config).attn
 
     def dense(x, w, name):
         # x: [B, T, K] -> [B, T, N]
         if mesh is None or mesh.size == 1:
             return local(x, w)
-        spec = getattr(specs, name)
+        spec = qkv_spec(config) if name == "wqkv" else getattr(specs, name)
         n_axes, k_axes = S.partition_spec(mesh, spec.logical_axes, spec.shape, spec.blocks)
         batch = S.partition_spec(mesh, ("batch", None, None), x.shape)[0]
         w_spec = jax.sharding.PartitionSpec(n_axes, k_axes)
@@ -226,27 +239,48 @@ def _resolve(implementation: str, head_dim: int) -> str:
     return implementation
 
 
-def _decode_attention(q, cache: kvc.LayerCache, lengths, window, implementation, mesh):
-    """The decode attention kernel; on a mesh, one call per device over its own sequences and heads
-    (a kernel is opaque to XLA's partitioner, which would otherwise gather the whole cache)."""
-    # q: [B, H, K] -> [B, H, K]
-    from pallas_kernels import decode_attention  # lazily: the default path needs no kernels
+def _decode_attention(q, k, v, positions, counts, cache: kvc.LayerCache, window, implementation, mesh):
+    """One new token per sequence: the cache-append kernel writes its key and value in place (quantized
+    for an FP8 cache) and the decode attention kernel reads the cache; on a mesh both run per device
+    over its own sequences and heads (kernels are opaque to XLA's partitioner, which would otherwise
+    gather the whole cache)."""
+    # q: [n, H, K], k/v: [n, G, K], positions/counts: [n] -> [n, H, K] and the cache
+    from pallas_kernels import cache_append, decode_attention  # lazily: the default path needs no kernels
 
-    def attend_local(q, k, v, k_scale, v_scale, lengths):
-        return decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, window=window,
-                                implementation=implementation)
+    rows = cache.k.shape[0]
+    n = q.shape[0]
+    if mesh is not None and mesh.size > 1 and n < rows and S.partition_spec(mesh, ("batch",), (rows,))[0]:
+        # The cache's sequences are split over devices: the step's rows must be split the same way.
+        pad = lambda a: jnp.pad(a, [(0, rows - n)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+        q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
+    write_at = jnp.where(counts > 0, positions, -1)  # -1: not stepped, nothing written
+    # Sequences not stepped (count 0) attend over nothing: the kernel skips their cache.
+    lengths = jnp.where(counts > 0, positions + counts, 0)
 
-    args = (q, cache.k, cache.v, cache.k_scale, cache.v_scale, lengths)
+    def local(q, k, v, write_at, lengths, cache):
+        with jax.named_scope("cache_write"):
+            cache = kvc.LayerCache(*cache_append(cache.k, cache.v, k, v, write_at, k_scale=cache.k_scale,
+                                                 v_scale=cache.v_scale, implementation=implementation))
+        with jax.named_scope("attend"):
+            o = decode_attention(q, cache.k, cache.v, lengths, k_scale=cache.k_scale, v_scale=cache.v_scale,
+                                 window=window, implementation=implementation)
+        return o, cache
+
+    args = (q, k, v, write_at, lengths, cache)
     if mesh is None or mesh.size == 1:
-        return attend_local(*args)
+        o, cache = local(*args)
+        return o[:n], cache
     kv_spec = S.partition_spec(mesh, kvc.VALUE_AXES, cache.k.shape)
     # Query heads split with their KV heads; with one KV head (replicated) they may split alone.
     heads = "heads" if kv_spec[2] is not None or cache.k.shape[2] == 1 else None
     q_spec = S.partition_spec(mesh, ("batch", heads, None), q.shape)
+    new_spec = jax.sharding.PartitionSpec(q_spec[0], kv_spec[2], None)
     scale_spec = None if cache.k_scale is None else jax.sharding.PartitionSpec(*kv_spec[:3])
-    len_spec = jax.sharding.PartitionSpec(q_spec[0])
-    return jax.shard_map(attend_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, scale_spec, scale_spec, len_spec),
-                         out_specs=q_spec, check_vma=False)(*args)
+    cache_spec = kvc.LayerCache(kv_spec, kv_spec, scale_spec, scale_spec)
+    row_spec = jax.sharding.PartitionSpec(q_spec[0])
+    o, cache = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, new_spec, new_spec, row_spec, row_spec, cache_spec),
+                             out_specs=(q_spec, cache_spec), check_vma=False)(*args)
+    return o[:n], cache
 
 
 def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], caches: list, config: Config,

@@ -40,10 +40,11 @@ def _register(cls):
 
 @_register
 class Attention:
-    wq: Any  # [H*K, D]
-    wk: Any  # [G*K, D]
-    wv: Any  # [G*K, D]
+    wq: Any  # [H*K, D]; None once fused into wqkv
+    wk: Any  # [G*K, D]; None once fused into wqkv
+    wv: Any  # [G*K, D]; None once fused into wqkv
     wo: Any  # [D, H*K]
+    wqkv: Any = None  # [G*(R+2)*K, D], the three above as one weight (`fuse_qkv`); not stored in checkpoints
 
 
 @_register
@@ -92,6 +93,55 @@ def describe_layer(c: Config) -> Layer:
             w_down=ParamSpec((e, d, f), DOWN_AXES, quantizable=True),
         ),
     )
+
+
+def qkv_spec(c: Config) -> ParamSpec:
+    """The fused query/key/value projection: per KV head g, rows for its R query heads, its key head and
+    its value head, (R + 2) * K rows in all. A split over whole groups gives each device the heads of
+    all three projections that its share of the attention needs."""
+    per_group = (c.num_heads // c.num_kv_heads + 2) * c.head_dim
+    return ParamSpec((c.num_kv_heads * per_group, c.hidden_size), ("kv_heads", "embed"), quantizable=True,
+                     blocks=(per_group, 1))
+
+
+def fuse_qkv(params: Params, c: Config, mesh: Any = None) -> Params:
+    """Every layer's wq, wk and wv as one `wqkv` weight (layout in `qkv_spec`): one matmul a layer reads
+    the three, which a step of a few tokens runs near the bandwidth that three narrow ones cannot reach
+    (and an FP8 prefill quantizes its activations once). On a mesh whose tensor axis does not divide the
+    KV heads (one KV head replicated while query heads split) the weights stay apart."""
+    from jaxfire import sharding as S
+
+    if mesh is not None and c.num_kv_heads % mesh.shape["tensor"]:
+        return params
+    spec = qkv_spec(c)
+    layers = []
+    for layer in params.layers:
+        a = layer.attn
+        if a.wqkv is None:
+            out = None  # (value, scale) placements of an FP8 weight, the placement of another
+            if mesh is not None:
+                place = S.param_sharding_fn(mesh)
+                q = quantized_spec(spec)
+                out = (place(q.value), place(q.scale)) if isinstance(a.wq, QArray) else place(spec)
+            wqkv = _fuser(c.num_kv_heads, out)(a.wq, a.wk, a.wv)
+            a = Attention(wq=None, wk=None, wv=None, wo=a.wo, wqkv=wqkv)
+        layers.append(dataclasses.replace(layer, attn=a))
+    return dataclasses.replace(params, layers=layers)
+
+
+@functools.lru_cache(maxsize=None)
+def _fuser(groups: int, out_shardings: Any) -> Callable:
+    def interleave(wq, wk, wv):  # [H*K, ...], [G*K, ...], [G*K, ...] (values or per-row scales)
+        rest = wq.shape[1:]
+        parts = [w.reshape(groups, -1, *rest) for w in (wq, wk, wv)]  # [G, R*K | K | K, ...]
+        return jnp.concatenate(parts, axis=1).reshape(-1, *rest)
+
+    def fuse(wq, wk, wv):
+        return jax.tree.map(interleave, wq, wk, wv)
+
+    if isinstance(out_shardings, tuple):  # an FP8 weight: a QArray of two placements
+        out_shardings = QArray(value=out_shardings[0], scale=out_shardings[1])
+    return jax.jit(fuse, out_shardings=out_shardings)
 
 
 def quantized_spec(spec: ParamSpec) -> QArray:

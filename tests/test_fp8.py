@@ -174,7 +174,7 @@ def test_fp8_checkpoint_stores_fp8_and_equals_load_time_quantization(converted, 
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     # A float dtype asked of an FP8 checkpoint dequantizes it.
     f32 = jaxfire.load(out, dtype="float32")
-    assert not f32.is_fp8 and f32.params.layers[0].attn.wq.dtype == jnp.float32
+    assert not f32.is_fp8 and f32.params.layers[0].attn.wqkv.dtype == jnp.float32
 
 
 def test_three_experts_and_fp8_cache_generate(converted):

@@ -170,3 +170,30 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = jnp.log(probs)
     draws = {int(sampling.sample(logits, jax.random.key(i), 1.0, 0.7)[0]) for i in range(200)}
     assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_qkv_equals_three_projections(setup, fp8):
+    """`fuse_qkv` (one weight, per KV head its query heads, key and value) changes no result: forward,
+    prefill and decode match the separate projections, and checkpoints refuse the fused form."""
+    from jaxfire import checkpoint
+    from jaxfire.params import describe, fuse_qkv, quantize
+
+    cfg, params = setup
+    if fp8:
+        params = quantize(params, describe(cfg))
+    fused = fuse_qkv(params, cfg)
+    attn = fused.layers[0].attn
+    assert attn.wq is None and attn.wqkv.shape[0] == (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    np.testing.assert_allclose(M.forward(fused, tokens, cfg), M.forward(params, tokens, cfg), rtol=1e-5, atol=1e-5)
+    out = []
+    for p in (params, fused):
+        cache = init_cache(cfg, 2, 12, jnp.float32)
+        first, cache = M.prefill(p, cache, tokens, jnp.array([9, 4], jnp.int32), cfg)
+        step, _ = M.decode_step(p, cache, tokens[:, 0], cfg)
+        out.append((first, step))
+    for a, b in zip(*out):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fused query/key/value"):
+        checkpoint.save("/nonexistent/never-written", fused, cfg)

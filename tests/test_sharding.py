@@ -143,7 +143,8 @@ def test_weights_and_cache_are_split_as_the_rules_say(reference):
     assert split_as(layer.moe.w_gate_up.value, "expert", None, "tensor", None)
     assert split_as(layer.moe.w_gate_up.scale, "expert", None, "tensor")
     assert split_as(layer.moe.w_down.value, "expert", None, "tensor")
-    assert split_as(layer.attn.wq.value, "tensor", None)
+    assert layer.attn.wq is None and split_as(layer.attn.wqkv.value, "tensor", None)  # fused, whole KV groups
+    assert split_as(layer.attn.wqkv.scale, "tensor")
     assert split_as(layer.attn.wo.value, None, "tensor")
     assert split_as(layer.moe.router, None, None)
     # Each device holds 1/8 of the expert weights: half the experts, a quarter of each one's width.
@@ -173,6 +174,36 @@ def test_mqa_heads_replicate_under_tensor_parallelism(converted):
     assert model.params.layers[0].attn.wq.sharding.spec == jax.sharding.PartitionSpec("tensor", None)
     tokens = np.random.default_rng(2).integers(0, 320, (2, 11))
     np.testing.assert_allclose(jaxfire.logits(model, tokens), jaxfire.logits(single, tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_name", ["tensor2", "expert2", "expert2_tensor4"])
+@pytest.mark.parametrize("kv", ["float32", "fp8"])
+def test_decode_kernels_on_a_mesh_equal_one_device(converted, mesh_name, kv):
+    """The cache-append and decode attention kernels (interpret mode) run per device under shard_map:
+    one KV head replicated while query heads split, sequences split; steps over a slot prefix too."""
+    from jaxfire import model as M
+    from jaxfire.kv_cache import init_cache
+
+    _, ckpt = converted("mqa_window_tied")  # head dim 64: a size the kernels take
+    single = jaxfire.load(ckpt, dtype="float32")
+    model = jaxfire.load(ckpt, dtype="float32", mesh=mesh_of(MESHES[mesh_name])).with_runtime(
+        decode_attention="pallas")
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, 320, (8, 6)), jnp.int32)
+    counts = jnp.array([6, 2, 5, 1, 3, 6, 4, 2], jnp.int32)
+    out = []
+    for m in (single, model):
+        cache = init_cache(m.config, 8, 10, kv, m.runtime.mesh)
+        _, cache = M.prefill(m.params, cache, tokens, counts, m.config, m.runtime)
+        full, cache = M.decode_step(m.params, cache, tokens[:, 0], m.config, runtime=m.runtime)
+        part, cache = M.decode_step(m.params, cache, tokens[:4, 1], m.config, jnp.array([True, False, True, True]),
+                                    m.runtime)
+        out.append((full, part, jax.tree.map(np.asarray, cache)))
+    tol = dict(rtol=1e-5, atol=1e-5) if kv == "float32" else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(out[1][0], out[0][0], **tol)
+    np.testing.assert_allclose(np.asarray(out[1][1])[[0, 2, 3]], np.asarray(out[0][1])[[0, 2, 3]], **tol)
+    np.testing.assert_array_equal(out[1][2].lengths, np.asarray(counts) + [2, 1, 2, 2, 1, 1, 1, 1])
+    for a, b in zip(jax.tree.leaves(out[1][2]), jax.tree.leaves(out[0][2])):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), **tol)
 
 
 def test_experts_that_do_not_divide_the_mesh_are_refused(reference):

@@ -27,12 +27,12 @@ _CACHE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
 
 def decode_attention(
     q: jax.Array,  # [B, Hq, K]
-    k: jax.Array,  # [B, S, Hkv, K]
-    v: jax.Array,  # [B, S, Hkv, K]
+    k: jax.Array,  # [B', S, Hkv, K], B' >= B
+    v: jax.Array,  # [B', S, Hkv, K]
     lengths: jax.Array,  # [B] int
     *,
-    k_scale: jax.Array | None = None,  # [Hkv] or [B, S, Hkv] float32, fp8 caches only
-    v_scale: jax.Array | None = None,  # [Hkv] or [B, S, Hkv] float32, fp8 caches only
+    k_scale: jax.Array | None = None,  # [Hkv] or [B', S, Hkv] float32, fp8 caches only
+    v_scale: jax.Array | None = None,  # [Hkv] or [B', S, Hkv] float32, fp8 caches only
     sm_scale: float | None = None,
     window: int | None = None,
     implementation: Implementation | None = None,
@@ -42,7 +42,9 @@ def decode_attention(
 
     Sequence b attends to positions p < lengths[b] (and p >= lengths[b] - window when `window` is
     set); nothing at or past its length is read into the result, whatever it holds. A sequence of
-    length 0 gets zeros. Lengths above S are treated as S. An fp8 (float8_e4m3fn) cache needs
+    length 0 gets zeros. Lengths above S are treated as S. The cache may hold more sequences than q
+    (B' >= B): q's sequence b reads the cache's row b, a step over its first B sequences. An fp8
+    (float8_e4m3fn) cache needs
     `k_scale` and `v_scale` (dequantised value = fp8 value * scale), per KV head [Hkv] or per token
     and head [B, S, Hkv]. Softmax runs in float32; `sm_scale` defaults to 1 / sqrt(K).
 
@@ -114,8 +116,8 @@ def _check_arrays(
         raise ValueError(f"v must have k's shape {k.shape}, got {v.shape}.")
     batch, num_q_heads, head_dim = q.shape
     kb, seq_len, num_kv_heads, kd = k.shape
-    if kb != batch:
-        raise ValueError(f"q and k disagree on the batch size: {batch} vs {kb}.")
+    if kb < batch:
+        raise ValueError(f"q has {batch} sequences but the cache only {kb}.")
     if kd != head_dim:
         raise ValueError(f"q and k disagree on the head dim: {head_dim} vs {kd}.")
     if head_dim not in HEAD_DIMS:
@@ -144,7 +146,7 @@ def _check_arrays(
         return
     if k_scale is None or v_scale is None:
         raise ValueError("an fp8 cache needs both k_scale and v_scale.")
-    layouts = ((num_kv_heads,), (batch, seq_len, num_kv_heads))
+    layouts = ((num_kv_heads,), (kb, seq_len, num_kv_heads))
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale.shape not in layouts:
             raise ValueError(

@@ -31,6 +31,9 @@ def decode_attention(
     window: int | None = None,
 ) -> jax.Array:  # [B, Hq, K]
     batch, num_q_heads, head_dim = q.shape
+    k, v = k[:batch], v[:batch]  # a step over the cache's first sequences
+    if k_scale is not None and k_scale.ndim == 3:
+        k_scale, v_scale = k_scale[:batch], v_scale[:batch]
     if sm_scale is None:
         sm_scale = head_dim**-0.5
     seq_len, num_kv_heads = k.shape[1], k.shape[2]

@@ -44,10 +44,14 @@ def row_tasks(group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])  # [E+1]
     tile_starts = starts // align * align  # [E+1]
     blocks = jnp.where(ends > starts, (ends - tile_starts + block_m - 1) // block_m, 0)  # [E+1]
-    # Padding tasks repeat the last group past its end and so get size 0.
-    group = jnp.repeat(jnp.arange(num_groups + 1, dtype=jnp.int32), blocks, total_repeat_length=p)  # [P]
-    first = jnp.cumsum(blocks) - blocks  # [E+1]
-    start = tile_starts[group] + (jnp.arange(p, dtype=jnp.int32) - first[group]) * block_m  # [P]
+    last = jnp.cumsum(blocks)  # [E+1]: one past each group's last task
+    first = last - blocks  # [E+1]
+    # Task i belongs to the first group whose tasks end past i: a compare and a sum, one small
+    # fusion where `jnp.repeat` costs a scatter and a scan (this runs in every layer of a decode
+    # step). Padding tasks repeat the last group past its end and so get size 0.
+    task = jnp.arange(p, dtype=jnp.int32)  # [P]
+    group = jnp.minimum(jnp.sum(last[None, :] <= task[:, None], axis=1, dtype=jnp.int32), num_groups)  # [P]
+    start = tile_starts[group] + (task - first[group]) * block_m  # [P]
     lo = jnp.maximum(start, starts[group])  # [P]
     hi = jnp.minimum(start + block_m, ends[group])  # [P]
     size = jnp.maximum(hi - lo, 0)  # [P]

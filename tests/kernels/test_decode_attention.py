@@ -217,6 +217,18 @@ class DecodeAttentionCases:
                                                          config=self.config))
         assert_close(fn(*case.args()), numpy_reference(case))
 
+    def test_steps_over_the_first_sequences_of_a_larger_cache(self, seed):
+        # q covers the cache's first 2 of 4 sequences; the others are poisoned and must not be read.
+        case = make_case(seed, batch=4, seq_len=40, lengths=[12, 40, 40, 40], cache_dtype=jnp.float8_e4m3fn,
+                         scales="token")
+        case.k[2:], case.v[2:], case.k_scale[2:] = np.nan, np.nan, np.nan
+        first = dataclasses.replace(case, q=case.q[:2], lengths=case.lengths[:2])
+        out = decode_attention(first.q, case.k, case.v, first.lengths, **case.scales(),
+                               implementation=self.implementation, config=self.config)
+        front = dataclasses.replace(first, k=case.k[:2], v=case.v[:2], k_scale=case.k_scale[:2],
+                                    v_scale=case.v_scale[:2])
+        assert_close(out, numpy_reference(front))
+
     def test_poison_inside_the_length_reaches_the_output(self, seed):
         # Guards the poisoning above: a NaN at a position the result must read does show up.
         case = make_case(seed, seq_len=30, lengths=[30, 30])
@@ -283,7 +295,7 @@ FP8 = jnp.float8_e4m3fn
         (dict(q=jnp.zeros((2, 64), jnp.bfloat16)), "q must have rank 3"),
         (dict(k=jnp.zeros((2, 16, 64), jnp.bfloat16)), "k must have rank 4"),
         (dict(v=jnp.zeros((2, 8, 2, 64), jnp.bfloat16)), "v must have k's shape"),
-        (dict(q=jnp.zeros((3, 8, 64), jnp.bfloat16)), "batch size"),
+        (dict(q=jnp.zeros((3, 8, 64), jnp.bfloat16)), "3 sequences but the cache only 2"),
         (dict(q=jnp.zeros((2, 8, 32), jnp.bfloat16)), "head dim"),
         (dict(q=jnp.zeros((2, 8, 96), jnp.bfloat16), k=jnp.zeros((2, 16, 2, 96), jnp.bfloat16),
               v=jnp.zeros((2, 16, 2, 96), jnp.bfloat16)), "head dim must be one of"),

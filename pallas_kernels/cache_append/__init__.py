@@ -1,0 +1,5 @@
+"""Appending one token per sequence to a contiguous, optionally fp8, KV cache, in place."""
+
+from pallas_kernels.cache_append.api import IMPLEMENTATIONS, cache_append
+
+__all__ = ["IMPLEMENTATIONS", "cache_append"]
