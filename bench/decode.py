@@ -42,7 +42,7 @@ from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
 from jaxfire.config import Config  # noqa: E402
 from jaxfire.kv_cache import KVCache, init_cache  # noqa: E402
-from jaxfire.params import init_params  # noqa: E402
+from jaxfire.params import fuse_qkv, init_params  # noqa: E402
 
 DATASHEET_BW = 3.35e12  # H100 SXM HBM3, bytes/s
 PEAK_FLOPS = {"bf16": 661e12, "fp8": 1257e12}  # dense matmul ceilings measured on the H100 (shared/GPU.md)
@@ -118,7 +118,9 @@ def time_decode_loop(params, c, runtime, batch, context, kv_dtype, steps):
     cache = random_cache(c, batch, context + 2 * steps + 8, context, kv_dtype, jax.random.key(1), runtime.mesh)
     tokens = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
     cache, tokens = jax.block_until_ready(decode_loop(params, cache, tokens, c, runtime, steps))  # compiles
-    cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
+    # The lengths keep their placement: an unplaced array would make the timed call compile anew.
+    lengths = jax.device_put(jnp.full((batch,), context, jnp.int32), cache.lengths.sharding)
+    cache = dataclasses.replace(cache, lengths=lengths)
     t0 = time.perf_counter()
     cache, tokens = jax.block_until_ready(decode_loop(params, cache, tokens, c, runtime, steps))
     return (time.perf_counter() - t0) / steps
@@ -242,6 +244,8 @@ VARIANTS = {
     "fp8-w": ("fp8", jnp.bfloat16, M.Runtime(fp8=quant.Fp8Policy("never"))),
     "fp8-wa": ("fp8", jnp.bfloat16, M.Runtime(fp8=quant.Fp8Policy("always"))),
     "fp8-w-kv8": ("fp8", "fp8", M.Runtime(fp8=quant.Fp8Policy("never"))),
+    # As "fp8" with the query, key and value projections as three weights (`params.fuse_qkv` undone).
+    "fp8-unfused": ("fp8", "fp8", M.Runtime()),
 }
 
 
@@ -282,12 +286,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i, name in enumerate([variants[0]] + variants):
         weights, kv_dtype, runtime = VARIANTS[name]
         runtime = dataclasses.replace(runtime, **overrides)
-        if weights not in weights_cache:
+        fused = not name.endswith("-unfused")
+        if (weights, fused) not in weights_cache:
             weights_cache.clear()
             gc.collect()
-            weights_cache[weights] = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
-                                                 sharding_fn=sharding_fn)
-        params = weights_cache[weights]
+            params = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8", sharding_fn=sharding_fn)
+            weights_cache[weights, fused] = fuse_qkv(params, c, mesh) if fused else params
+            del params
+        params = weights_cache[weights, fused]
         check = check_against_xla(params, c, runtime, kv_dtype)
         print(name, f"kernels against XLA: relative error {check:.2e}", flush=True)
         wb = 1.0 if weights == "fp8" else 2.0

@@ -176,8 +176,10 @@ def _busy_ns(events: list[Event]) -> float:
     return total
 
 
-def summarize(events: list[Event], program: dict[str, Instruction], steps: int, wall_s: float) -> dict[str, Any]:
-    """Per-step figures of one device's events: busy and idle time, time per stage, top kernels."""
+def summarize(events: list[Event], program: dict[str, Instruction], steps: int, wall_s: float,
+              top: int = 10) -> dict[str, Any]:
+    """Per-step figures of one device's events: busy and idle time, time per stage, the `top` costliest
+    kernels."""
     by_kernel_name = {n.replace(".", "_").replace("-", "_"): inst for n, inst in program.items()}
     stages: dict[str, float] = collections.defaultdict(float)
     kernels: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
@@ -193,15 +195,16 @@ def summarize(events: list[Event], program: dict[str, Instruction], steps: int, 
     per_step = lambda ns: ns / steps / 1e6  # noqa: E731 (ns over the run -> ms per step)
     wall_ms = wall_s / steps * 1e3
     busy_ms = per_step(_busy_ns(events))
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:10]
+    costliest = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(wall_ms=wall_ms, busy_ms=busy_ms, idle_ms=max(wall_ms - busy_ms, 0.0),
                 kernels_per_step=len(events) / steps, matched_share=matched / max(len(events), 1),
                 stages_ms={s: per_step(ns) for s, ns in sorted(stages.items(), key=lambda kv: -kv[1])},
                 top_kernels=[dict(kernel=n, stage=s, ms=per_step(t), calls_per_step=c / steps)
-                             for (n, s), (t, c) in top])
+                             for (n, s), (t, c) in costliest])
 
 
-def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: str | None = None) -> dict[str, Any]:
+def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: str | None = None,
+            top: int = 10) -> dict[str, Any]:
     """Traces `steps` calls of fn (already compiled and warm) and summarises each device's kernels."""
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxfire-trace-")
     jax.block_until_ready(fn())
@@ -222,7 +225,7 @@ def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: st
     planes = device_events(paths[-1])
     if not planes:
         raise RuntimeError(f"the trace {paths[-1]} holds no device events")
-    per_device = {name: summarize(ev, program, steps, wall) for name, ev in sorted(planes.items())}
+    per_device = {name: summarize(ev, program, steps, wall, top) for name, ev in sorted(planes.items())}
     first = next(iter(per_device.values()))
     return dict(first, devices_traced=len(per_device),
                 busy_ms_per_device=[d["busy_ms"] for d in per_device.values()])
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from jaxfire import sharding as S
     from jaxfire.config import Config
     from jaxfire.kv_cache import init_cache
-    from jaxfire.params import init_params
+    from jaxfire.params import fuse_qkv, init_params
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mixtral-8x7b")
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--top", type=int, default=10, help="how many of the costliest kernels to keep and print")
     ap.add_argument("--command-buffers", action="store_true",
                     help="keep XLA's CUDA graphs while tracing (set before the first device use)")
     args = ap.parse_args(argv)
@@ -258,8 +262,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     weights, kv_dtype, runtime = D.VARIANTS[args.variant]
     mesh = parse_mesh(args.mesh)
     runtime = dataclasses.replace(runtime, mesh=mesh, **dict(kv.split("=") for kv in args.runtime.split(",") if kv))
-    params = init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
-                         sharding_fn=S.param_sharding_fn(mesh))
+    params = fuse_qkv(init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
+                                  sharding_fn=S.param_sharding_fn(mesh)), c, mesh)
     base = dict(preset=args.preset, layers_built=args.layers, variant=args.variant,
                 command_buffers=args.command_buffers,
                 runtime=repr(dataclasses.replace(runtime, mesh=None)), mesh=dict(mesh.shape) if mesh else None)
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         text = M.decode_step.lower(params, state["cache"], tokens, c, runtime=runtime).compile().as_text()
         step()
         rows.append(dict(base, job="decode", batch=batch, context=args.context,
-                         **profile(step, text, args.steps)))
+                         **profile(step, text, args.steps, top=args.top)))
         del state
     if args.prefill_tokens:
         t = args.prefill_tokens
@@ -289,7 +293,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             return M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)[0]
 
         text = M.prefill.lower(params, empty, tokens, counts, c, runtime=runtime, fresh=True).compile().as_text()
-        rows.append(dict(base, job="prefill", batch=1, tokens=t, **profile(prefill, text, max(args.steps // 2, 2))))
+        rows.append(dict(base, job="prefill", batch=1, tokens=t,
+                         **profile(prefill, text, max(args.steps // 2, 2), top=args.top)))
     path = write_results("profile", rows, args.out_dir)
     for r in rows:
         print(f"\n{r['variant']} {r['job']} B={r['batch']}: {r['wall_ms']:.3f} ms a step, device busy "

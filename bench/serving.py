@@ -46,7 +46,7 @@ from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
 from jaxfire.config import Config  # noqa: E402
 from jaxfire.model import Runtime  # noqa: E402
-from jaxfire.params import init_params  # noqa: E402
+from jaxfire.params import fuse_qkv, init_params  # noqa: E402
 
 CUTOFFS = (("e2el", 1000.0), ("e2el", 3000.0), ("itl", 20.0))  # (metric, limit in ms)
 PERCENTILES = (90, 99)
@@ -68,6 +68,7 @@ def build_model(args: argparse.Namespace) -> tuple[jaxfire.Model, dict[str, Any]
         if mesh is not None:
             S.check_experts(mesh, c.num_experts)
         params = init_params(c, jax.random.key(0), dtype, fp8=args.fp8, sharding_fn=S.param_sharding_fn(mesh))
+        params = fuse_qkv(params, c, mesh)
         model = jaxfire.Model(config=c, params=params, tokenizer=None, runtime=runtime, kv_cache_dtype=kv)
         source, layers_model = f"random weights, preset {args.preset}", full.num_layers
     else:
