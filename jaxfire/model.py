@@ -39,6 +39,8 @@ class Runtime:
     elsewhere), "einsum" (the attention over the cache that continued prompts always use), or an
     `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn").
     fp8: when FP8 weights also quantize their activations.
+    moe_dispatch: how the MoE block orders token-expert assignments by expert (`moe.dispatch`): "auto"
+    (all-pairs ranking for small steps, a sort for large ones), "sort" or "rank".
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """
@@ -47,6 +49,7 @@ class Runtime:
     grouped_matmul: str = "auto"
     prefill_attention: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
+    moe_dispatch: str = "auto"
     mesh: Mesh | None = None
 
 
@@ -297,7 +300,7 @@ def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], ca
         if any(seg.counts is not None for seg in segments):
             valid = jnp.concatenate([_appended_tokens(x.shape[:2], seg.counts) for x, seg in zip(xs, segments)])
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
-                          runtime.grouped_matmul, runtime.mesh, valid)
+                          runtime.grouped_matmul, runtime.mesh, valid, runtime.moe_dispatch)
     return [x + y for x, y in zip(xs, _split(y, [x.shape[:2] for x in xs]))], caches
 
 

@@ -54,44 +54,71 @@ def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array, policy: quant.Fp8
     return quant.grouped(h, p.w_down, group_sizes, policy, implementation)
 
 
-def dispatch(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Orders the A assignments by expert; returns that order and the rows per expert (ids past the
-    last expert, from tokens routed nowhere, sort last and are in no group)."""
+# Up to this many assignments (a decode step of 256 tokens at top-2) `dispatch` ranks them by
+# comparing all pairs: a few fused elementwise-and-sum kernels where a sort, a bincount's scatter and
+# the inverse permutation's scatter are several launches each, which dominate a small step.
+RANK_MAX_ASSIGNMENTS = 512
+DISPATCH_METHODS = ("auto", "sort", "rank")
+
+
+def dispatch(experts: jax.Array, num_experts: int, method: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Orders the A assignments by expert (stably); returns that order, each assignment's row in it
+    (the inverse permutation), and the rows per expert. Ids past the last expert (tokens routed
+    nowhere) sort last and are in no group.
+
+    method: "sort" (argsort and scatters), "rank" (all-pairs comparisons, for small A), or "auto"
+    (rank up to RANK_MAX_ASSIGNMENTS assignments, sort above).
+    """
+    # experts: [T, k] -> order [A], position [A], group_sizes [E]
+    if method not in DISPATCH_METHODS:
+        raise ValueError(f"MoE dispatch method must be one of {DISPATCH_METHODS}, got {method!r}")
     flat = experts.reshape(-1)  # [A]
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return order, group_sizes
+    a = flat.shape[0]
+    index = jnp.arange(a, dtype=jnp.int32)
+    if method == "rank" or (method == "auto" and a <= RANK_MAX_ASSIGNMENTS):
+        # j sorts before i: a smaller expert id, or the same id earlier (stable)
+        mine, other = flat[:, None], flat[None, :]  # [A, 1], [1, A]
+        before = (other < mine) | ((other == mine) & (index[None, :] < index[:, None]))  # [A, A]
+        position = jnp.sum(before, axis=1, dtype=jnp.int32)  # [A]
+        order = jnp.sum(jnp.where(position[None, :] == index[:, None], index[None, :], 0), axis=1)  # [A]
+        group_sizes = jnp.sum(flat[:, None] == jnp.arange(num_experts)[None, :], axis=0, dtype=jnp.int32)  # [E]
+        return order, position, group_sizes
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    position = jnp.zeros_like(order).at[order].set(index)
+    return order, position, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
 
 
 def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.Fp8Policy(),
-              implementation: str = "xla", mesh: Mesh | None = None, valid: jax.Array | None = None) -> jax.Array:
-    """valid: [T] bool, the tokens whose output is needed (None: all); the others' output is zero."""
+              implementation: str = "xla", mesh: Mesh | None = None, valid: jax.Array | None = None,
+              dispatch_method: str = "auto") -> jax.Array:
+    """valid: [T] bool, the tokens whose output is needed (None: all); the others' output is zero.
+    dispatch_method: how assignments are ordered by expert (`dispatch`)."""
     # x: [T, D] -> [T, D]
     if mesh is not None and mesh.size > 1:
-        return expert_parallel(p, x, top_k, policy, implementation, mesh, valid)
-    return _local_moe(p, x, top_k, policy, implementation, valid)
+        return expert_parallel(p, x, top_k, policy, implementation, mesh, valid, dispatch_method)
+    return _local_moe(p, x, top_k, policy, implementation, valid, dispatch_method)
 
 
 def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
-               valid: jax.Array | None) -> jax.Array:
+               valid: jax.Array | None, dispatch_method: str = "auto") -> jax.Array:
     num_experts = p.router.shape[0]
     with jax.named_scope("route"):
         weights, experts = route(p.router, x, top_k, valid)  # [T, k]
     with jax.named_scope("dispatch"):
-        order, group_sizes = dispatch(experts, num_experts)
+        order, position, group_sizes = dispatch(experts, num_experts, dispatch_method)
         xs = x[order // top_k]  # [A, D]
     with jax.named_scope("experts"):
         ys = experts_ffn(p, xs, group_sizes, policy, implementation)  # [A, D]
     with jax.named_scope("combine"):
-        return combine(ys, order, weights, x.dtype)
+        return combine(ys, position, weights, x.dtype)
 
 
-def combine(ys: jax.Array, order: jax.Array, weights: jax.Array, dtype) -> jax.Array:
-    """Sums each token's expert outputs, given in `order` (sorted by expert), with its routing weights."""
-    # ys: [A, D], order: [A], weights: [T, k] -> [T, D]
+def combine(ys: jax.Array, position: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+    """Sums each token's expert outputs, given sorted by expert (assignment i at row position[i]), with
+    its routing weights."""
+    # ys: [A, D], position: [A], weights: [T, k] -> [T, D]
     t, k = weights.shape
     # A gather through the inverse permutation: XLA runs row gathers faster than row scatters.
-    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))  # [A]
     y = ys[position].reshape(t, k, -1)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dtype)
 
@@ -109,7 +136,7 @@ def _moe_specs(p: MoE, mesh: Mesh) -> MoE:
 
 
 def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
-                    mesh: Mesh, valid: jax.Array | None = None) -> jax.Array:
+                    mesh: Mesh, valid: jax.Array | None = None, dispatch_method: str = "auto") -> jax.Array:
     """The MoE block over a mesh: tokens and experts split over "expert" (two all_to_alls), expert
     widths over "tensor" (a psum)."""
     # x: [T, D], valid: [T] -> [T, D]
@@ -128,9 +155,10 @@ def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, i
 
     def local(p_, x_, v_):
         if mesh.shape["expert"] == 1:
-            y = _local_moe(p_, x_, top_k, policy, implementation, v_)
+            y = _local_moe(p_, x_, top_k, policy, implementation, v_, dispatch_method)
         else:
-            y = _expert_parallel_local(p_, x_, v_, top_k, policy, implementation, mesh.shape["expert"])
+            y = _expert_parallel_local(p_, x_, v_, top_k, policy, implementation, mesh.shape["expert"],
+                                       dispatch_method)
         if sliced:
             with jax.named_scope("tensor_sum"):
                 y = jax.lax.psum(y, "tensor")
@@ -147,7 +175,7 @@ def _split_last(spec) -> bool:
 
 
 def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, policy: quant.Fp8Policy,
-                           implementation: str, n: int) -> jax.Array:
+                           implementation: str, n: int, dispatch_method: str = "auto") -> jax.Array:
     """One device's part: its tokens [Tl, D] in, their MoE outputs out; p holds its El experts."""
     local_experts = p.w_down.shape[0]
     with jax.named_scope("route"):
@@ -155,7 +183,8 @@ def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, p
     with jax.named_scope("dispatch"):
         flat = experts.reshape(-1)  # [A]
         a = flat.shape[0]
-        order = jnp.argsort(flat, stable=True)  # by expert, hence by destination device
+        # by expert, hence by destination device
+        order, position, _ = dispatch(experts, local_experts * n, dispatch_method)
         dest = flat[order] // local_experts  # [A]; N for a token routed nowhere: never sent
         counts = jnp.bincount(dest, length=n)
         slot = jnp.arange(a) - (jnp.cumsum(counts) - counts)[jnp.minimum(dest, n - 1)]  # within its block
@@ -173,11 +202,11 @@ def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, p
         recv_ids = recv[:, :, d].reshape(-1).astype(jnp.int32)  # [N*A]
     with jax.named_scope("experts"):
         rows = recv[:, :, :d].reshape(n * a, d)
-        local_order = jnp.argsort(recv_ids, stable=True)  # empty rows sort last, past every group
-        group_sizes = jnp.bincount(recv_ids, length=local_experts).astype(jnp.int32)
+        # empty rows sort last, past every group
+        local_order, local_position, group_sizes = dispatch(recv_ids, local_experts, dispatch_method)
         ys = experts_ffn(p, rows[local_order], group_sizes, policy, implementation)
-        back = jnp.zeros_like(ys).at[local_order].set(ys).reshape(n, a, -1)
+        back = ys[local_position].reshape(n, a, -1)
     with jax.named_scope("combine"):
         returned = jax.lax.all_to_all(back, "expert", 0, 0)  # [N, A, D]
         results = returned.at[dest, slot].get(mode="fill", fill_value=0)  # [A, D] in `order`
-        return combine(results, order, weights, x.dtype)
+        return combine(results, position, weights, x.dtype)

@@ -103,13 +103,37 @@ def test_top_k_routing_matches_dense_reference(top_k):
     np.testing.assert_allclose(out, dense_moe_reference(layer.moe, x, top_k), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("tokens, top_k", [(1, 2), (7, 3), (64, 2)])
+def test_dispatch_by_rank_equals_dispatch_by_sort(tokens, top_k):
+    """The all-pairs ranking of small steps gives the sort's stable order, its inverse and the group
+    sizes, ties and tokens routed nowhere (id E) included; the MoE block's output is the same."""
+    rng = np.random.default_rng(tokens)
+    experts = jnp.asarray(rng.integers(0, 5, (tokens, top_k)), jnp.int32)  # 4 experts; id 4 routes nowhere
+    by_sort, by_rank = (moe.dispatch(experts, 4, method) for method in ("sort", "rank"))
+    for a, b in zip(by_sort, by_rank):
+        np.testing.assert_array_equal(a, b)
+    order, position, sizes = by_rank
+    flat = np.asarray(experts).reshape(-1)
+    np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(order)[np.asarray(position)], np.arange(flat.size))
+    np.testing.assert_array_equal(sizes, np.bincount(flat, minlength=5)[:4])
+    cfg = Config.preset("tiny")
+    layer = P.init_params(cfg, jax.random.key(tokens), jnp.float32, std=0.2).layers[0]
+    x = jax.random.normal(jax.random.key(1), (tokens, cfg.hidden_size))
+    outs = [moe.moe_block(layer.moe, x, 2, dispatch_method=m) for m in ("sort", "rank", "auto")]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="dispatch method must be one of"):
+        moe.dispatch(experts, 4, "bucket")
+
+
 def test_masked_tokens_route_nowhere_and_leave_the_others_unchanged():
     cfg = Config.preset("tiny")
     layer = P.init_params(cfg, jax.random.key(5), jnp.float32, std=0.2).layers[0]
     x = jax.random.normal(jax.random.key(6), (11, cfg.hidden_size))
     valid = jnp.asarray(np.random.default_rng(1).random(11) < 0.5)
     weights, experts = moe.route(layer.moe.router, x, 2, valid)
-    _, sizes = moe.dispatch(experts, cfg.num_experts)
+    _, _, sizes = moe.dispatch(experts, cfg.num_experts)
     assert int(sizes.sum()) == 2 * int(valid.sum())  # masked tokens are in no expert's group
     assert (np.asarray(weights)[~np.asarray(valid)] == 0).all()
     out = np.asarray(moe.moe_block(layer.moe, x, 2, valid=valid))

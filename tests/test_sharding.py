@@ -62,8 +62,9 @@ def test_sharded_logits_and_tokens_equal_single_device(reference, mesh_name, ske
         jaxfire.generate(single, prompts, max_new_tokens=12).tokens
 
 
-@pytest.mark.parametrize("mesh_name", ["expert8", "expert2_tensor4", "tensor2"])
-def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name):
+@pytest.mark.parametrize("mesh_name, dispatch", [("expert8", "auto"), ("expert2_tensor4", "auto"), ("tensor2", "auto"),
+                                                  ("expert8", "sort"), ("expert2_tensor4", "rank")])
+def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name, dispatch):
     """Masked tokens (idle decode slots, prompt padding) are sent nowhere; the rest match one device."""
     ckpt, single = reference
     mesh = mesh_of(MESHES[mesh_name])
@@ -72,7 +73,7 @@ def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name):
     valid = jnp.asarray(np.random.default_rng(2).random(21) < 0.4)
     local = moe.moe_block(p, x, 2, valid=valid)
     on_mesh = jaxfire.load(ckpt, dtype="float32", mesh=mesh).params.layers[0].moe
-    sharded = moe.moe_block(on_mesh, x, 2, mesh=mesh, valid=valid)
+    sharded = moe.moe_block(on_mesh, x, 2, mesh=mesh, valid=valid, dispatch_method=dispatch)
     np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-5)
     assert (np.asarray(sharded)[~np.asarray(valid)] == 0).all()
 
