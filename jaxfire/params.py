@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxfire import sharding as S
 from jaxfire.config import Config
 from jaxfire.quant import QArray, quantize_weight
 
@@ -109,8 +110,6 @@ def fuse_qkv(params: Params, c: Config, mesh: Any = None) -> Params:
     the three, which a step of a few tokens runs near the bandwidth that three narrow ones cannot reach
     (and an FP8 prefill quantizes its activations once). On a mesh whose tensor axis does not divide the
     KV heads (one KV head replicated while query heads split) the weights stay apart."""
-    from jaxfire import sharding as S
-
     if mesh is not None and c.num_kv_heads % mesh.shape["tensor"]:
         return params
     spec = qkv_spec(c)
