@@ -175,8 +175,7 @@ def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config,
     # rest join as padding with count 0, which writes nothing and attends over nothing.
     rows = cache.k.shape[0]
     if b < rows:
-        pad = lambda a: jnp.pad(a, [(0, rows - b)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
-        q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
+        q, k, v, positions, counts = _pad_rows((q, k, v, positions, counts), rows)
     with jax.named_scope("cache_write"):
         cache = cache.write(k, v, positions, counts)
     with jax.named_scope("attend"):
@@ -186,6 +185,12 @@ def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config,
             k_all, v_all = cache.read(q.dtype)
             o = attend(q, k_all, v_all, positions, c.sliding_window)
     return o[:b], cache
+
+
+def _pad_rows(arrays: tuple[jax.Array, ...], rows: int) -> list[jax.Array]:
+    """Each array zero-padded along its first axis to `rows` (padding rows have count 0: they write
+    nothing and attend over nothing)."""
+    return [jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
 
 
 def _projection(runtime: Runtime, config: Config):
@@ -254,8 +259,7 @@ def _decode_attention(q, k, v, positions, counts, cache: kvc.LayerCache, window,
     n = q.shape[0]
     if mesh is not None and mesh.size > 1 and n < rows and S.partition_spec(mesh, ("batch",), (rows,))[0]:
         # The cache's sequences are split over devices: the step's rows must be split the same way.
-        pad = lambda a: jnp.pad(a, [(0, rows - n)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
-        q, k, v, positions, counts = map(pad, (q, k, v, positions, counts))
+        q, k, v, positions, counts = _pad_rows((q, k, v, positions, counts), rows)
     write_at = jnp.where(counts > 0, positions, -1)  # -1: not stepped, nothing written
     # Sequences not stepped (count 0) attend over nothing: the kernel skips their cache.
     lengths = jnp.where(counts > 0, positions + counts, 0)

@@ -113,16 +113,15 @@ def fuse_qkv(params: Params, c: Config, mesh: Any = None) -> Params:
     if mesh is not None and c.num_kv_heads % mesh.shape["tensor"]:
         return params
     spec = qkv_spec(c)
+    placements = {False: None, True: None}  # by FP8: the weight's placement, or its (value, scale) ones
+    if mesh is not None:
+        place, q = S.param_sharding_fn(mesh), quantized_spec(spec)
+        placements = {False: place(spec), True: (place(q.value), place(q.scale))}
     layers = []
     for layer in params.layers:
         a = layer.attn
         if a.wqkv is None:
-            out = None  # (value, scale) placements of an FP8 weight, the placement of another
-            if mesh is not None:
-                place = S.param_sharding_fn(mesh)
-                q = quantized_spec(spec)
-                out = (place(q.value), place(q.scale)) if isinstance(a.wq, QArray) else place(spec)
-            wqkv = _fuser(c.num_kv_heads, out)(a.wq, a.wk, a.wv)
+            wqkv = _fuser(c.num_kv_heads, placements[isinstance(a.wq, QArray)])(a.wq, a.wk, a.wv)
             a = Attention(wq=None, wk=None, wv=None, wo=a.wo, wqkv=wqkv)
         layers.append(dataclasses.replace(layer, attn=a))
     return dataclasses.replace(params, layers=layers)
