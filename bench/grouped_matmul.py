@@ -5,6 +5,7 @@ ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the copy bandwid
     PYTHONPATH=. python3 bench/grouped_matmul.py --out-dir bench/results            # the grid
     PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study gemv-sweep                  # MMA vs multiply-add
 
 Mixtral expert shapes with 8 experts, weights stored K-major ([E, N, K], as jaxfire keeps them).
 Bytes counted: the weights of the experts that own at least one row, each read once (the ideal;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 import traceback
 from typing import Any, Callable
 
@@ -331,14 +333,93 @@ def run_decode_sweep(b: Bench, copy_bw: float) -> None:
                        copy_tbps=copy_bw / 1e12))
 
 
+# Small decode steps, one and two GPUs (tensor parallelism halves the expert width F and the attention
+# heads): (name, K, N, experts, group sizes, swiglu). qkv is the fused query/key/value projection.
+GEMV_PROBLEMS = (
+    ("gate_up_b1", 4096, 2 * 14336, E, (1, 1) + (0,) * (E - 2), True),
+    ("down_b1", 14336, 4096, E, (1, 1) + (0,) * (E - 2), False),
+    ("gate_up_b1_tp2", 4096, 14336, E, (1, 1) + (0,) * (E - 2), True),
+    ("down_b1_tp2", 7168, 4096, E, (1, 1) + (0,) * (E - 2), False),
+    ("gate_up_b2", 4096, 2 * 14336, E, (2, 1, 1) + (0,) * (E - 3), True),
+    ("qkv_b1", 4096, 6144, 1, (1,), False),
+    ("o_b1", 4096, 4096, 1, (1,), False),
+    ("qkv_b4", 4096, 6144, 1, (4,), False),
+)
+
+
+def device_loop_seconds(call: Callable, x: jax.Array, iters: int) -> float:
+    """Seconds per `call(x)` with `iters` calls inside one program (no host dispatch between them).
+
+    Each call's lhs depends on the previous output (a one-element add), so nothing is hoisted out of
+    the loop; a loop of the add alone is timed too and subtracted."""
+
+    def body(with_call: bool):
+        def f(x):
+            def step(_, carry):
+                lhs, _ = carry
+                out = call(lhs) if with_call else lhs[:, :1]
+                return lhs + (out[0, 0] * 0).astype(lhs.dtype), out[:1, :1].astype(jnp.float32)
+            return jax.lax.fori_loop(0, iters, step, (x, jnp.zeros((1, 1), jnp.float32)))
+        return jax.jit(f)
+
+    times = []
+    for with_call in (True, False):
+        fn = body(with_call)
+        jax.block_until_ready(fn(x))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - t0)
+    return max(times[0] - times[1], 1e-9) / iters
+
+
+def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
+    """Small decode problems (weight-only FP8): the MMA kernel's heuristic config against the multiply-add
+    (`Config.gemv`) kernel over blocks, warps and K splits, each timed inside one program."""
+    key = jax.random.key(3)
+    for name, k, n, e, sizes, swiglu in GEMV_PROBLEMS:
+        if problems and name not in problems.split(","):
+            continue
+        t = sum(sizes)
+        key, k1, k2 = jax.random.split(key, 3)
+        x = jax.random.normal(k1, (t, k), jnp.bfloat16)
+        w8, ws = quantize((jax.random.normal(k2, (e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
+        g = jnp.asarray(sizes, jnp.int32)
+        ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
+        want = ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
+        wbytes = sum(1 for s_ in sizes if s_) * n * k
+        rows = max(sizes) if e > 1 else t
+        bm = 1 if rows == 1 else 2 if rows == 2 else 4
+        configs = [None] + [
+            Config(block_m=bm, block_n=bn, block_k=bk, num_stages=3, num_warps=4, split_k=sk, gemv=True)
+            for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128)) for sk in (1, 2, 4)] + [
+            Config(block_m=bm, block_n=64, block_k=bk, num_stages=4, num_warps=8, split_k=sk, gemv=True)
+            for bk, sk in ((128, 2), (256, 1), (256, 2))]
+        for config in configs:
+            fn = ours("pallas_triton", swiglu=swiglu, config=config)
+            call = lambda x_, fn=fn: fn(x_, w8, g, rhs_scale=ws)  # noqa: E731
+            err = b.check(f"gemv-sweep {name} {config}", call, (x,), want)
+            if err is None:
+                continue
+            try:
+                sec = device_loop_seconds(call, x, iters)
+            except Exception as ex:  # a config that does not compile is recorded, not fatal
+                b.failures.append(f"gemv-sweep {name} {config}: {type(ex).__name__}: {str(ex)[:200]}")
+                continue
+            b.add(dict(study="gemv-sweep", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire_triton",
+                       dtype="w8a16", config=str(config or "default"), timing="in-program", ms=sec * 1e3,
+                       tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
+                       pct_copy=100 * wbytes / sec / copy_bw, rel_err=err, copy_tbps=copy_bw / 1e12))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=("grid", "sweep", "decode-sweep"), default="grid")
+    p.add_argument("--study", choices=("grid", "sweep", "decode-sweep", "gemv-sweep"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--problems", default="", help="gemv-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
 
@@ -352,6 +433,8 @@ def main() -> None:
         run_sweep(b, copy_bw, tuple(args.sweep_impls.split(",")))
     elif args.study == "decode-sweep":
         run_decode_sweep(b, copy_bw)
+    elif args.study == "gemv-sweep":
+        run_gemv_sweep(b, copy_bw, args.iters, args.problems)
     else:
         rows = [int(v) for v in args.rows.split(",") if v]
         shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}

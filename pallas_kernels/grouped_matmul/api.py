@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import mosaic, reference, triton
 from pallas_kernels.grouped_matmul.config import Config, mosaic_config, triton_config
 
-IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_mosaic", "pallas_triton")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_mma", "pallas_mosaic", "pallas_triton")
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
 _INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), _FP8)
 _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -77,7 +77,8 @@ def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implemen
     t, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     n_out = n // 2 if swiglu else n
-    t_config = dict(swiglu=swiglu, num_groups=rhs.shape[0], weight_itemsize=jnp.dtype(rhs.dtype).itemsize)
+    t_config = dict(swiglu=swiglu, num_groups=rhs.shape[0], weight_itemsize=jnp.dtype(rhs.dtype).itemsize,
+                    gemv=implementation != "pallas_mma")
     if implementation == "pallas_triton":
         return "triton", config or triton_config(t, k, n_out, **t_config)
     m_config = config or mosaic_config(t, k, n_out, itemsize=jnp.dtype(lhs.dtype).itemsize, swiglu=swiglu)
@@ -146,7 +147,8 @@ def grouped_matmul(
       rhs_scale: [E, N] float32 per-output-channel scale, required for fp8 rhs.
       preferred_element_type: output dtype (bf16, f16 or f32); accumulation is always f32.
       implementation: None (best measured per platform and shape), "reference", "pallas",
-        "pallas_mosaic" (wgmma prefill kernel) or "pallas_triton" (decode / fallback kernel).
+        "pallas_mma" ("pallas" without the multiply-add kernel of one-token steps), "pallas_mosaic"
+        (wgmma prefill kernel) or "pallas_triton" (decode / fallback kernel).
         Pallas kernels run in interpret mode on a CPU backend.
       config: block sizes (`Config`); a heuristic default per shape when None.
 

@@ -25,6 +25,8 @@ class Config:
     split_k:   Triton only: programs that share one output tile's K range, each writing f32 partial
                sums that a reduction adds: more programs reading weights when bands x row tasks are
                too few to occupy the GPU.
+    gemv:      Triton only: multiply-adds instead of an MMA, for tasks of one to four rows (`block_m`):
+               the rows of one expert in a small decode step.
     """
 
     block_m: int
@@ -35,12 +37,15 @@ class Config:
     grid_tile_width: int = 8
     swap_ab: bool = False
     split_k: int = 1
+    gemv: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_stages", "num_warps", "grid_tile_width", "split_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Config.{name} must be a positive int, got {v!r}.")
+        if self.gemv and self.block_m > 4:
+            raise ValueError(f"Config.gemv multiplies one to four rows per task, got block_m={self.block_m}.")
 
 
 def _largest_pow2_divisor(x: int, cap: int) -> int:
@@ -53,8 +58,33 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
 SM_COUNT = 132  # an H100 SXM's multiprocessors, which the decode heuristic fills with programs
 
 
+GEMV_MAX_ROWS = 3  # one token's rows at top-k <= 3: each live expert gets exactly one
+
+
+def gemv_config(num_rows: int, k: int, n: int, *, num_groups: int) -> Config | None:
+    """The multiply-add kernel's blocks for one token through the experts, or None where the MMA kernel
+    serves (more rows, or a dense projection: not yet measured against it).
+
+    Measured on an H200 (bench/results/grouped_matmul.jsonl, study=gemv-sweep, timed inside one program):
+    one token's fused gate/up of two experts (2 x 28672 x 4096 FP8) took 63-66 us with 32- or 64-column
+    bands split 2, against 82 us for the MMA kernel's heuristic (3.6-3.7 TB/s against 2.9); its
+    tensor-parallel half 31 us against 32. Without a split the grid was too short (72-127 us); 32x256
+    tiles on four warps were best or within 5% in both. The split doubles until the grid has some 800
+    programs (six a multiprocessor) while every program keeps four K steps.
+    """
+    if num_groups == 1 or num_rows > GEMV_MAX_ROWS:
+        return None
+    block_n, block_k = 32, max(min(256, _largest_pow2_divisor(k, 256)), 16)
+    programs = -(-n // block_n) * num_rows
+    steps = -(-k // block_k)
+    split = 2
+    while programs * split < 6 * SM_COUNT and steps >= 8 * split:
+        split *= 2
+    return Config(block_m=1, block_n=block_n, block_k=block_k, num_stages=3, num_warps=4, split_k=split, gemv=True)
+
+
 def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: int = 1,
-                  weight_itemsize: int = 2) -> Config:
+                  weight_itemsize: int = 2, gemv: bool = True) -> Config:
     """Decode: stream each active expert's weights once; prefill (fallback): wide MMA tiles.
 
     Measured on an H100 (bench/results/grouped_matmul.jsonl, study=sweep): at T=32 these blocks
@@ -71,7 +101,12 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: in
     multiprocessor (narrower bands first: the down projection of 4 local experts on one of two
     expert-parallel GPUs read at 1.6 TB/s with 256 programs, the 8-expert one at 2.4 with 512),
     fewer rows than experts at four.
+
+    One token through the experts takes the multiply-add kernel instead (`gemv_config`) unless `gemv`
+    is False.
     """
+    if gemv and (config := gemv_config(num_rows, k, n, num_groups=num_groups)) is not None:
+        return config
     if num_rows > 256:
         return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
     # One 16-row block covers a decode step's rows of most experts, so each weight tile is read

@@ -194,6 +194,78 @@ class TestPallasTritonSplitK(GroupedMatmulTestBase):
         return Config(block_m=16, block_n=32, block_k=32, num_stages=2, split_k=3, swap_ab=case.t < 64)
 
 
+GEMV_CASES = [CASES[3], CASES[-1], Case("weight_only_fp8_decode", t=5, group_sizes=(2, 0, 3, 0), rhs_dtype=FP8,
+                                         rhs_scale=True, out_dtype=F32)]
+
+
+class TestPallasTritonGemv(GroupedMatmulTestBase):
+    """The multiply-add kernel: one to three rows a task (several tasks for an expert with more rows),
+    K split three ways with an empty share, and without a split."""
+
+    implementation = "pallas_triton"
+
+    def config(self, case, swiglu):
+        rows = 1 if case.t == 1 else 3 if swiglu else 2
+        return Config(block_m=rows, block_n=32, block_k=32, num_stages=2, split_k=3 if case.k > 128 else 1,
+                      gemv=True)
+
+    @pytest.mark.parametrize("transpose_rhs", [True, False], ids=["k_major", "n_major"])
+    @pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: c.name)
+    def test_grouped_matmul(self, case, transpose_rhs):
+        self.run_case(case, transpose_rhs, swiglu=False, seed=_seed(case.name, transpose_rhs, "gemv"))
+
+    @pytest.mark.parametrize("transpose_rhs", [True, False], ids=["k_major", "n_major"])
+    @pytest.mark.parametrize("case", SWIGLU_CASES[2:], ids=lambda c: c.name)
+    def test_swiglu(self, case, transpose_rhs):
+        self.run_case(case, transpose_rhs, swiglu=True, seed=_seed(case.name, transpose_rhs, "gemv-swiglu"))
+
+    def test_jit_and_fresh_group_sizes(self):
+        case = GEMV_CASES[2]
+        lhs, rhs, _, _, rs = make_inputs(case, True, seed=8)
+        fn = jax.jit(lambda x, w, g, s: grouped_matmul(
+            x, w, g, rhs_scale=s, transpose_rhs=True, preferred_element_type=F32, implementation=self.implementation,
+            config=self.config(case, False)))
+        for sizes in [(5, 0, 0, 0), (0, 0, 0, 4), (1, 1, 1, 1), (0, 2, 0, 1)]:
+            gs = jnp.asarray(sizes, jnp.int32)
+            want = oracle(lhs, rhs, gs, None, rs, True, False)
+            assert_matches(fn(lhs, rhs, gs, rs), want, F32, min(sum(sizes), case.t))
+
+
+def test_gemv_heuristic_takes_one_token_through_experts():
+    from pallas_kernels.grouped_matmul.config import SM_COUNT, gemv_config, triton_config
+
+    # One token, top-2 and top-3: the multiply-add kernel, with enough programs to fill the GPU.
+    for rows, k, n in ((2, 4096, 14336), (3, 14336, 4096), (2, 7168, 4096)):
+        config = triton_config(rows, k, n, swiglu=False, num_groups=8, weight_itemsize=1)
+        assert config.gemv and config.block_m == 1 and config.split_k >= 2
+        assert -(-n // config.block_n) * rows * config.split_k >= 6 * SM_COUNT or k // config.block_k < 8 * 2
+    # Two tokens, dense projections, or the MMA kernel asked for: no multiply-add kernel.
+    assert gemv_config(4, 4096, 14336, num_groups=8) is None
+    assert gemv_config(1, 4096, 6144, num_groups=1) is None
+    assert not triton_config(2, 4096, 14336, swiglu=True, num_groups=8, gemv=False).gemv
+    with pytest.raises(ValueError, match="one to four rows"):
+        Config(block_m=16, block_n=32, block_k=32, gemv=True)
+
+
+def test_pallas_mma_never_takes_the_multiply_add_kernel(monkeypatch):
+    """implementation="pallas_mma" runs one-token steps on the MMA kernel, "pallas" on the multiply-add one."""
+    seen = []
+    real = triton.grouped_matmul
+
+    def spy(*args, config, **kwargs):
+        seen.append(config.gemv)
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(triton, "grouped_matmul", spy)
+    case = Case("one_token_top2", t=2, group_sizes=(1, 0, 1, 0), rhs_dtype=FP8, rhs_scale=True)
+    lhs, rhs, gs, _, rs = make_inputs(case, True, seed=9)
+    want = oracle(lhs, rhs, gs, None, rs, True, False)
+    for implementation in ("pallas", "pallas_mma"):
+        out = grouped_matmul(lhs, rhs, gs, rhs_scale=rs, transpose_rhs=True, implementation=implementation)
+        assert_matches(out, want, BF16, 2)
+    assert seen == [True, False]
+
+
 def test_decode_heuristic_splits_only_starved_problems():
     from pallas_kernels.grouped_matmul.config import triton_config
 
@@ -312,9 +384,10 @@ def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
         (mosaic.grouped_matmul, cfg.mosaic_config(t, k, n_out, itemsize=jnp.dtype(dtype).itemsize, swiglu=swiglu)),
         (triton.grouped_matmul, cfg.triton_config(32, k, n_out, swiglu=swiglu)),
         (triton.grouped_matmul, dataclasses.replace(cfg.triton_config(32, k, n_out, swiglu=swiglu), split_k=4)),
+        (triton.grouped_matmul, cfg.triton_config(2, k, n_out, swiglu=swiglu, num_groups=e)),  # multiply-add
     ]
     for kernel, config in kernels:
         text = lower_for_h100(
             lambda *a: kernel(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config), *args)
         assert "custom_call" in text
-    assert verified == [True, True]
+    assert verified == [True, True, True]
