@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import gc
 import os
+import pathlib
 import sys
 import time
 
@@ -36,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import copy_bandwidth, parse_mesh, print_table, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, copy_bandwidth, parse_mesh, print_table, write_results  # noqa: E402
 from jaxfire import model as M  # noqa: E402
 from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
@@ -283,6 +284,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warm_up_clocks()
     print(f"device {jax.devices()[0].device_kind}, copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)")
     rows = []
+
+    def record(row: dict) -> None:
+        """Keeps a row and appends it to the results file at once, so a run cut short keeps what it measured."""
+        rows.append(row)
+        if not row["discarded_first_run"]:
+            write_results("decode", [{k: v for k, v in row.items() if k != "discarded_first_run"}], args.out_dir)
+
     weights_cache: dict[str, object] = {}
     variants = args.variants.split(",")
     # The first variant measured in a process ran 2-4x slower than the same variant measured later
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             device_sec = time_decode_loop(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
             comm = time_collectives(mesh, c, batch, args.layers) if mesh is not None else 0.0
-            rows.append(dict(base, job="decode", batch=batch, discarded_first_run=i == 0, context=args.context,
+            record(dict(base, job="decode", batch=batch, discarded_first_run=i == 0, context=args.context,
                              ms=sec * 1e3, model_ms=sec * 1e3 * scale, device_ms=device_sec * 1e3,
                              device_model_ms=device_sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
                              roofline_ms=nbytes * scale / DATASHEET_BW / devices * 1e3,
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
         flops = prefill_flops(c, args.layers, args.prefill_tokens)
         comm = time_collectives(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0
-        rows.append(dict(base, job="prefill", batch=1, discarded_first_run=i == 0, tokens=args.prefill_tokens,
+        record(dict(base, job="prefill", batch=1, discarded_first_run=i == 0, tokens=args.prefill_tokens,
                          ms=sec * 1e3, model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
                          peak_tflops=devices * PEAK_FLOPS["fp8" if name in ("fp8-wa", "fp8") else "bf16"] / 1e12,
                          comm_ms=comm * 1e3, comm_share=comm / sec))
@@ -331,13 +339,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for batch in map(int, filter(None, args.mixed_batches.split(","))):
             mixed = time_mixed(params, c, runtime, batch, args.context, args.prefill_tokens, kv_dtype)
             apart = sec * 1e3 + decode_ms.get(batch, float("nan"))
-            rows.append(dict(base, job="mixed", batch=batch, discarded_first_run=i == 0, tokens=args.prefill_tokens,
+            record(dict(base, job="mixed", batch=batch, discarded_first_run=i == 0, tokens=args.prefill_tokens,
                              ms=mixed * 1e3, model_ms=mixed * 1e3 * scale, apart_ms=apart,
                              saved_share=1 - mixed * 1e3 / apart))
             print(name, f"prefill carrying a B={batch} decode step {mixed * 1e3:.2f} ms, apart {apart:.2f} ms",
                   flush=True)
     rows = [r for r in rows if not r.pop("discarded_first_run")]
-    path = write_results("decode", rows, args.out_dir)
+    path = pathlib.Path(args.out_dir or RESULTS_DIR) / "decode.jsonl"
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "device_model_ms", "roofline_ms", "tbs",
                        "of_copy_bw", "tflops", "apart_ms", "comm_share"])
     print(f"wrote {path}")
