@@ -302,6 +302,19 @@ DECODE_PROBLEMS = (
 )
 
 
+def decode_problem(key, k: int, n: int, e: int, sizes, swiglu: bool, copies: int = 1):
+    """Random bf16 rows [T, K], `copies` FP8 weight sets ([E, N, K] values, [E, N] scales), the group
+    sizes and the float32 reference output for the first set."""
+    k1, *kw = jax.random.split(key, 1 + copies)
+    x = jax.random.normal(k1, (sum(sizes), k), jnp.bfloat16)
+    weights = [quantize((jax.random.normal(kc, (e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
+               for kc in kw]
+    g = jnp.asarray(sizes, jnp.int32)
+    ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
+    w8, ws = weights[0]
+    return x, weights, g, ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
+
+
 def run_decode_sweep(b: Bench, copy_bw: float) -> None:
     """The Triton kernel's decode blocks and K split on the problems of a decode step (weight-only FP8),
     beside the heuristic default (config None)."""
@@ -310,12 +323,8 @@ def run_decode_sweep(b: Bench, copy_bw: float) -> None:
     key = jax.random.key(2)
     for name, k, n, e, sizes, swiglu in DECODE_PROBLEMS:
         t = sum(sizes)
-        key, k1, k2 = jax.random.split(key, 3)
-        x = jax.random.normal(k1, (t, k), jnp.bfloat16)
-        w8, ws = quantize((jax.random.normal(k2, (e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
-        g = jnp.asarray(sizes, jnp.int32)
-        ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
-        want = ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
+        key, sub = jax.random.split(key)
+        x, [(w8, ws)], g, want = decode_problem(sub, k, n, e, sizes, swiglu)
         wbytes = sum(1 for s_ in sizes if s_) * n * k
         for config in configs:
             fn = ours("pallas_triton", swiglu=swiglu, config=config)
@@ -347,18 +356,23 @@ GEMV_PROBLEMS = (
 )
 
 
-def device_loop_seconds(call: Callable, x: jax.Array, iters: int) -> float:
-    """Seconds per `call(x)` with `iters` calls inside one program (no host dispatch between them).
+L2_OVERFLOW_BYTES = 256 << 20  # several times an H100's (50 MB) or H200's L2
+
+
+def device_loop_seconds(calls: list[Callable], x: jax.Array, iters: int) -> float:
+    """Seconds per call with `iters` passes over `calls` inside one program (no host dispatch between).
 
     Each call's lhs depends on the previous output (a one-element add), so nothing is hoisted out of
-    the loop; a loop of the add alone is timed too and subtracted."""
+    the loop; a loop of the adds alone is timed too and subtracted."""
 
     def body(with_call: bool):
         def f(x):
             def step(_, carry):
-                lhs, _ = carry
-                out = call(lhs) if with_call else lhs[:, :1]
-                return lhs + (out[0, 0] * 0).astype(lhs.dtype), out[:1, :1].astype(jnp.float32)
+                lhs, out = carry
+                for call in calls:
+                    out = call(lhs)[:1, :1].astype(jnp.float32) if with_call else lhs[:1, :1].astype(jnp.float32)
+                    lhs = lhs + (out[0, 0] * 0).astype(lhs.dtype)
+                return lhs, out
             return jax.lax.fori_loop(0, iters, step, (x, jnp.zeros((1, 1), jnp.float32)))
         return jax.jit(f)
 
@@ -369,7 +383,7 @@ def device_loop_seconds(call: Callable, x: jax.Array, iters: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(x))
         times.append(time.perf_counter() - t0)
-    return max(times[0] - times[1], 1e-9) / iters
+    return max(times[0] - times[1], 1e-9) / (iters * len(calls))
 
 
 def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
@@ -380,13 +394,12 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
         if problems and name not in problems.split(","):
             continue
         t = sum(sizes)
-        key, k1, k2 = jax.random.split(key, 3)
-        x = jax.random.normal(k1, (t, k), jnp.bfloat16)
-        w8, ws = quantize((jax.random.normal(k2, (e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
-        g = jnp.asarray(sizes, jnp.int32)
-        ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
-        want = ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
         wbytes = sum(1 for s_ in sizes if s_) * n * k
+        key, sub = jax.random.split(key)
+        # Enough weight sets that one pass over them overflows the L2 several times (a model's layers
+        # each read their own weights): each loop step runs every set once.
+        copies = min(8, -(-L2_OVERFLOW_BYTES // wbytes))
+        x, weights, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
         rows = max(sizes) if e > 1 else t
         bm = 1 if rows == 1 else 2 if rows == 2 else 4
         configs = [None] + [
@@ -396,12 +409,12 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
             for bk, sk in ((128, 2), (256, 1), (256, 2))]
         for config in configs:
             fn = ours("pallas_triton", swiglu=swiglu, config=config)
-            call = lambda x_, fn=fn: fn(x_, w8, g, rhs_scale=ws)  # noqa: E731
-            err = b.check(f"gemv-sweep {name} {config}", call, (x,), want)
+            calls = [lambda x_, fn=fn, w=w: fn(x_, w[0], g, rhs_scale=w[1]) for w in weights]  # noqa: E731
+            err = b.check(f"gemv-sweep {name} {config}", calls[0], (x,), want)
             if err is None:
                 continue
             try:
-                sec = device_loop_seconds(call, x, iters)
+                sec = device_loop_seconds(calls, x, iters)
             except Exception as ex:  # a config that does not compile is recorded, not fatal
                 b.failures.append(f"gemv-sweep {name} {config}: {type(ex).__name__}: {str(ex)[:200]}")
                 continue
