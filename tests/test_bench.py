@@ -32,3 +32,19 @@ def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
         assert r["matched_share"] > 0.5, r
         stages = r["stages_ms"]
         assert any(s.startswith("moe/") for s in stages) and any(s.startswith("attention") for s in stages)
+
+
+def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
+    """The multiply-add sweep on a tiny two-expert problem: each config is checked against the reference,
+    timed inside one program over rotated weight sets, and written at once."""
+    from bench import grouped_matmul as G
+
+    monkeypatch.setattr(G, "GEMV_PROBLEMS", (("tiny_gate_up", 64, 128, 4, (1, 1, 0, 0), True),))
+    monkeypatch.setattr(G, "L2_OVERFLOW_BYTES", 3 * 64 * 128)  # two weight sets
+    b = G.Bench(1, "grouped_matmul", tmp_path, "test")
+    G.run_gemv_sweep(b, 1e12, 1, "")
+    assert not b.failures
+    configs = [r["config"] for r in b.rows]
+    assert configs[0] == "default" and all("gemv=True" in c for c in configs[1:]) and len(set(configs)) == len(configs)
+    written = [json.loads(line) for line in (tmp_path / "grouped_matmul.jsonl").read_text().splitlines()]
+    assert len(written) == len(b.rows) and all(r["ms"] > 0 and r["rel_err"] < G.MAX_REL_ERR for r in written)
