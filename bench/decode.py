@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import gc
 import os
-import pathlib
 import sys
 import time
 
@@ -37,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, copy_bandwidth, parse_mesh, print_table, write_results  # noqa: E402
+from bench.common import copy_bandwidth, parse_mesh, print_table, write_results  # noqa: E402
 from jaxfire import model as M  # noqa: E402
 from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
@@ -284,12 +283,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warm_up_clocks()
     print(f"device {jax.devices()[0].device_kind}, copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)")
     rows = []
+    written = {}
 
     def record(row: dict) -> None:
         """Keeps a row and appends it to the results file at once, so a run cut short keeps what it measured."""
         rows.append(row)
         if not row["discarded_first_run"]:
-            write_results("decode", [{k: v for k, v in row.items() if k != "discarded_first_run"}], args.out_dir)
+            row = {k: v for k, v in row.items() if k != "discarded_first_run"}
+            written["path"] = write_results("decode", [row], args.out_dir)
 
     weights_cache: dict[str, object] = {}
     variants = args.variants.split(",")
@@ -345,10 +346,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(name, f"prefill carrying a B={batch} decode step {mixed * 1e3:.2f} ms, apart {apart:.2f} ms",
                   flush=True)
     rows = [r for r in rows if not r.pop("discarded_first_run")]
-    path = pathlib.Path(args.out_dir or RESULTS_DIR) / "decode.jsonl"
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "device_model_ms", "roofline_ms", "tbs",
                        "of_copy_bw", "tflops", "apart_ms", "comm_share"])
-    print(f"wrote {path}")
+    print(f"wrote {written['path']}")
     return rows
 
 
