@@ -117,12 +117,13 @@ def time_decode_loop(params, c, runtime, batch, context, kv_dtype, steps):
     device time per call than the host needs to launch it, which the per-call timing then measures."""
     cache = random_cache(c, batch, context + 2 * steps + 8, context, kv_dtype, jax.random.key(1), runtime.mesh)
     tokens = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
-    # The first call compiles for freshly made inputs; the second for the loop's own outputs (their
-    # placement differs), which the timed call then reuses. The lengths keep their placement.
+    # Fresh inputs and the loop's outputs can be placed differently (uncommitted, on one device, or
+    # committed to the mesh), and each placement compiles the loop anew: two untimed calls reach the
+    # loop's own placement, which the timed call then reuses. The lengths are reset by an op on the
+    # old ones, which keeps their placement.
     for _ in range(2):
         cache, tokens = jax.block_until_ready(decode_loop(params, cache, tokens, c, runtime, steps))
-        lengths = jax.device_put(jnp.full((batch,), context, jnp.int32), cache.lengths.sharding)
-        cache = dataclasses.replace(cache, lengths=lengths)
+        cache = dataclasses.replace(cache, lengths=cache.lengths * 0 + context)
     t0 = time.perf_counter()
     cache, tokens = jax.block_until_ready(decode_loop(params, cache, tokens, c, runtime, steps))
     return (time.perf_counter() - t0) / steps
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--layers", type=int, default=8, help="layers built (times are also scaled to the full model)")
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence during decode")
-    ap.add_argument("--prefill-tokens", type=int, default=1024)
+    ap.add_argument("--prefill-tokens", type=int, default=1024, help="0 skips the prefill (and mixed) timing")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--runtime", default="", help="extra Runtime fields, e.g. decode_attention=pallas")
     ap.add_argument("--steps", type=int, default=20)
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              of_copy_bw=nbytes / sec / copy_bw / devices, compile_s=compile_s,
                              comm_ms=comm * 1e3, comm_share=comm / sec))
             print(rows[-1]["variant"], "decode B", batch, f"{sec * 1e3:.2f} ms", flush=True)
+        if not args.prefill_tokens:
+            continue
         sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
         flops = prefill_flops(c, args.layers, args.prefill_tokens)
         comm = time_collectives(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0

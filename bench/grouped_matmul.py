@@ -31,6 +31,7 @@ import numpy as np
 
 from bench import common
 from pallas_kernels.grouped_matmul import Config, api, reference
+from pallas_kernels.grouped_matmul.config import triton_config
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_swiglu
 
 E = 8
@@ -303,16 +304,15 @@ DECODE_PROBLEMS = (
 
 
 def decode_problem(key, k: int, n: int, e: int, sizes, swiglu: bool, copies: int = 1):
-    """Random bf16 rows [T, K], `copies` FP8 weight sets ([E, N, K] values, [E, N] scales), the group
-    sizes and the float32 reference output for the first set."""
-    k1, *kw = jax.random.split(key, 1 + copies)
+    """Random bf16 rows [T, K]; `copies` FP8 weight sets stacked on the expert axis ([copies*E, N, K]
+    values, [copies*E, N] scales); group sizes over all of them with the first set's experts live; the
+    float32 reference output."""
+    k1, k2 = jax.random.split(key)
     x = jax.random.normal(k1, (sum(sizes), k), jnp.bfloat16)
-    weights = [quantize((jax.random.normal(kc, (e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
-               for kc in kw]
-    g = jnp.asarray(sizes, jnp.int32)
+    w8, ws = quantize((jax.random.normal(k2, (copies * e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
+    g = jnp.asarray(tuple(sizes) + (0,) * ((copies - 1) * e), jnp.int32)
     ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
-    w8, ws = weights[0]
-    return x, weights, g, ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
+    return x, w8, ws, g, ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
 
 
 def run_decode_sweep(b: Bench, copy_bw: float) -> None:
@@ -324,7 +324,7 @@ def run_decode_sweep(b: Bench, copy_bw: float) -> None:
     for name, k, n, e, sizes, swiglu in DECODE_PROBLEMS:
         t = sum(sizes)
         key, sub = jax.random.split(key)
-        x, [(w8, ws)], g, want = decode_problem(sub, k, n, e, sizes, swiglu)
+        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu)
         wbytes = sum(1 for s_ in sizes if s_) * n * k
         for config in configs:
             fn = ours("pallas_triton", swiglu=swiglu, config=config)
@@ -359,36 +359,43 @@ GEMV_PROBLEMS = (
 L2_OVERFLOW_BYTES = 256 << 20  # several times an H100's (50 MB) or H200's L2
 
 
-def device_loop_seconds(calls: list[Callable], x: jax.Array, iters: int) -> float:
-    """Seconds per call with `iters` passes over `calls` inside one program (no host dispatch between).
+def device_loop_seconds(call: Callable, x: jax.Array, operands: tuple, steps: int) -> float:
+    """Seconds per call of `call(lhs, i, *operands)` over `steps` loop steps inside one program (no host
+    dispatch between).
 
-    Each call's lhs depends on the previous output (a one-element add), so nothing is hoisted out of
-    the loop; a loop of the adds alone is timed too and subtracted."""
+    Each step's lhs depends on the previous output (a one-element add), so nothing is hoisted out of
+    the loop; a loop of the adds alone is timed too and subtracted. The operands (the weights) enter
+    the program as arguments: closed over, they would be baked into it as constants, gigabytes of
+    them, which made each compile take minutes."""
 
     def body(with_call: bool):
-        def f(x):
-            def step(_, carry):
-                lhs, out = carry
-                for call in calls:
-                    out = call(lhs)[:1, :1].astype(jnp.float32) if with_call else lhs[:1, :1].astype(jnp.float32)
-                    lhs = lhs + (out[0, 0] * 0).astype(lhs.dtype)
-                return lhs, out
-            return jax.lax.fori_loop(0, iters, step, (x, jnp.zeros((1, 1), jnp.float32)))
+        def f(x, operands):
+            def step(i, carry):
+                lhs, _ = carry
+                out = call(lhs, i, *operands) if with_call else lhs
+                out = out[:1, :1].astype(jnp.float32)
+                return lhs + (out[0, 0] * 0).astype(lhs.dtype), out
+            return jax.lax.fori_loop(0, steps, step, (x, jnp.zeros((1, 1), jnp.float32)))
         return jax.jit(f)
 
     times = []
     for with_call in (True, False):
         fn = body(with_call)
-        jax.block_until_ready(fn(x))
+        jax.block_until_ready(fn(x, operands))
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
+        jax.block_until_ready(fn(x, operands))
         times.append(time.perf_counter() - t0)
-    return max(times[0] - times[1], 1e-9) / (iters * len(calls))
+    return max(times[0] - times[1], 1e-9) / steps
 
 
 def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
     """Small decode problems (weight-only FP8): the MMA kernel's heuristic config against the multiply-add
-    (`Config.gemv`) kernel over blocks, warps and K splits, each timed inside one program."""
+    (`Config.gemv`) kernel over blocks, warps and K splits, each timed inside one program.
+
+    A model's layers each read their own weights, so a step's weights must not sit in the L2: the loop
+    rotates through enough weight sets to overflow it several times. The sets are stacked on the expert
+    axis and each loop step makes another set's experts live, so one kernel (one compile) serves them
+    all; the trace-time task count depends on the rows, not the experts, for steps this small."""
     key = jax.random.key(3)
     for name, k, n, e, sizes, swiglu in GEMV_PROBLEMS:
         if problems and name not in problems.split(","):
@@ -396,32 +403,38 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
         t = sum(sizes)
         wbytes = sum(1 for s_ in sizes if s_) * n * k
         key, sub = jax.random.split(key)
-        # Enough weight sets that one pass over them overflows the L2 several times (a model's layers
-        # each read their own weights): each loop step runs every set once.
-        copies = min(8, -(-L2_OVERFLOW_BYTES // wbytes))
-        x, weights, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
+        copies = -(-L2_OVERFLOW_BYTES // wbytes)
+        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
         rows = max(sizes) if e > 1 else t
         bm = 1 if rows == 1 else 2 if rows == 2 else 4
-        configs = [None] + [
+        n_out = n // 2 if swiglu else n
+        heuristic = dict(swiglu=swiglu, num_groups=e, weight_itemsize=1)
+        named = {"mma-default": triton_config(t, k, n_out, gemv=False, **heuristic)}
+        if (default := triton_config(t, k, n_out, **heuristic)) != named["mma-default"]:
+            named["default"] = default
+        configs = list(named.items()) + [(None, c) for c in [
             Config(block_m=bm, block_n=bn, block_k=bk, num_stages=3, num_warps=4, split_k=sk, gemv=True)
-            for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128)) for sk in (1, 2, 4)] + [
+            for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128)) for sk in (1, 2, 4, 8)] + [
             Config(block_m=bm, block_n=64, block_k=bk, num_stages=4, num_warps=8, split_k=sk, gemv=True)
-            for bk, sk in ((128, 2), (256, 1), (256, 2))]
-        for config in configs:
+            for bk, sk in ((128, 2), (256, 1), (256, 2))] if c not in named.values()]
+        for label, config in configs:
             fn = ours("pallas_triton", swiglu=swiglu, config=config)
-            calls = [lambda x_, fn=fn, w=w: fn(x_, w[0], g, rhs_scale=w[1]) for w in weights]  # noqa: E731
-            err = b.check(f"gemv-sweep {name} {config}", calls[0], (x,), want)
+            err = b.check(f"gemv-sweep {name} {config}", lambda x_: fn(x_, w8, g, rhs_scale=ws), (x,), want)
             if err is None:
                 continue
+            def call(lhs, i, w8, ws, g, fn=fn):
+                return fn(lhs, w8, jnp.roll(g, (i % copies) * e), rhs_scale=ws)
+
             try:
-                sec = device_loop_seconds(calls, x, iters)
+                sec = device_loop_seconds(call, x, (w8, ws, g), iters * copies)
             except Exception as ex:  # a config that does not compile is recorded, not fatal
                 b.failures.append(f"gemv-sweep {name} {config}: {type(ex).__name__}: {str(ex)[:200]}")
                 continue
             b.add(dict(study="gemv-sweep", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire_triton",
-                       dtype="w8a16", config=str(config or "default"), timing="in-program", ms=sec * 1e3,
-                       tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
-                       pct_copy=100 * wbytes / sec / copy_bw, rel_err=err, copy_tbps=copy_bw / 1e12))
+                       dtype="w8a16", config=f"{label}: {config}" if label else str(config), timing="in-program",
+                       weight_sets=copies, ms=sec * 1e3, tflops=2.0 * t * k * n / sec / 1e12,
+                       weight_tbps=wbytes / sec / 1e12, pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
+                       copy_tbps=copy_bw / 1e12))
 
 
 def main() -> None:

@@ -59,26 +59,37 @@ SM_COUNT = 132  # an H100 SXM's multiprocessors, which the decode heuristic fill
 
 
 GEMV_MAX_ROWS = 3  # one token's rows at top-k <= 3: each live expert gets exactly one
+DENSE_GEMV_MAX_ROWS = 1  # a projection of one token (a batch-1 step)
 
 
-def gemv_config(num_rows: int, k: int, n: int, *, num_groups: int) -> Config | None:
-    """The multiply-add kernel's blocks for one token through the experts, or None where the MMA kernel
-    serves (more rows, or a dense projection: not yet measured against it).
+def gemv_config(num_rows: int, k: int, n: int, *, num_groups: int, swiglu: bool = False) -> Config | None:
+    """The multiply-add kernel's blocks for one token through the experts or through a projection, or
+    None where the MMA kernel serves (more rows).
 
-    Measured on an H200 (bench/results/grouped_matmul.jsonl, study=gemv-sweep, timed inside one program):
-    one token's fused gate/up of two experts (2 x 28672 x 4096 FP8) took 63-66 us with 32- or 64-column
-    bands split 2, against 82 us for the MMA kernel's heuristic (3.6-3.7 TB/s against 2.9); its
-    tensor-parallel half 31 us against 32. Without a split the grid was too short (72-127 us); 32x256
-    tiles on four warps were best or within 5% in both. The split doubles until the grid has some 800
-    programs (six a multiprocessor) while every program keeps four K steps.
+    Measured on H200s, kernels inside a profiled batch-1 step of the whole model (bench/profile.py,
+    the most repeatable figures; the in-program sweep of kernels alone, study=gemv-sweep, moved by
+    up to 40% between runs for one config): one token's fused gate/up of two experts (2 x 28672 x 4096
+    FP8) took 78 us a layer with 32x256 tiles split 2 (3.0 TB/s), against 92 us with 128x128 tiles
+    split 4 (the best of one sweep, the worst in the model) and about 80-95 us for the MMA kernel; the
+    down projection 40 us split 4 or 8 alike. Its tensor-parallel half (2 x 14336 x 4096) reads faster
+    with 64x256 tiles split 4 (36 against 38 us alone; a two-GPU batch-1 step 5.9 -> 5.6 ms), where
+    32-wide tiles would leave the grid short. One token's attention projections took 12.6 us (q/k/v,
+    6144 x 4096) and 7.9 us (o) against 13.7 and 10.2 on the MMA kernel; four rows of a projection
+    took 17 us against 8 alone, so projections of more than one row keep the MMA kernel. The split
+    doubles until the grid has some 800 programs (six a multiprocessor) while every program keeps four
+    K steps.
     """
-    if num_groups == 1 or num_rows > GEMV_MAX_ROWS:
+    if num_rows > (DENSE_GEMV_MAX_ROWS if num_groups == 1 else GEMV_MAX_ROWS):
         return None
-    block_n, block_k = 32, max(min(256, _largest_pow2_divisor(k, 256)), 16)
+    target = 6 * SM_COUNT
+    block_n, block_k = 32, 256
+    if swiglu and -(-n // block_n) * num_rows * 2 < 2 * target:  # a narrow gate/up: wider, fewer K steps
+        block_n = 64
+    block_k = max(min(block_k, _largest_pow2_divisor(k, block_k)), 16)
     programs = -(-n // block_n) * num_rows
     steps = -(-k // block_k)
     split = 2
-    while programs * split < 6 * SM_COUNT and steps >= 8 * split:
+    while programs * split < target and steps >= 8 * split:
         split *= 2
     return Config(block_m=1, block_n=block_n, block_k=block_k, num_stages=3, num_warps=4, split_k=split, gemv=True)
 
@@ -105,7 +116,7 @@ def triton_config(num_rows: int, k: int, n: int, *, swiglu: bool, num_groups: in
     One token through the experts takes the multiply-add kernel instead (`gemv_config`) unless `gemv`
     is False.
     """
-    if gemv and (config := gemv_config(num_rows, k, n, num_groups=num_groups)) is not None:
+    if gemv and (config := gemv_config(num_rows, k, n, num_groups=num_groups, swiglu=swiglu)) is not None:
         return config
     if num_rows > 256:
         return Config(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)

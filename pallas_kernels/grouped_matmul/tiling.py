@@ -30,9 +30,13 @@ class RowTasks:
 
 
 def max_row_tasks(num_rows: int, num_groups: int, block_m: int, align: int = 1) -> int:
-    # Over E+1 groups of x_g = s_g + (start_g mod align) rows: sum_g cdiv(x_g, bm)
-    # < sum_g x_g / bm + E + 1 <= (T + (E+1)(align-1)) / bm + E + 1.
-    return -(-(num_rows + (num_groups + 1) * (align - 1)) // block_m) + num_groups
+    # Over the G <= min(E+1, T) non-empty groups of x_g = s_g + (start_g mod align) rows:
+    # sum_g cdiv(x_g, bm) <= (sum_g x_g + G(bm-1)) / bm <= (T + G(align-1) + G(bm-1)) / bm.
+    # A decode step of fewer rows than experts so gets one task a row at bm=1, not T + E.
+    live = min(num_groups + 1, num_rows)
+    tight = (num_rows + live * (align + block_m - 2)) // block_m
+    loose = -(-(num_rows + (num_groups + 1) * (align - 1)) // block_m) + num_groups
+    return max(min(tight, loose), 1)
 
 
 def row_tasks(group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 1) -> RowTasks:
