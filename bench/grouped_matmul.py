@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 import traceback
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, profile
 from pallas_kernels.grouped_matmul import Config, api, reference
 from pallas_kernels.grouped_matmul.config import triton_config
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_swiglu
@@ -359,43 +358,17 @@ GEMV_PROBLEMS = (
 L2_OVERFLOW_BYTES = 256 << 20  # several times an H100's (50 MB) or H200's L2
 
 
-def device_loop_seconds(call: Callable, x: jax.Array, operands: tuple, steps: int) -> float:
-    """Seconds per call of `call(lhs, i, *operands)` over `steps` loop steps inside one program (no host
-    dispatch between).
-
-    Each step's lhs depends on the previous output (a one-element add), so nothing is hoisted out of
-    the loop; a loop of the adds alone is timed too and subtracted. The operands (the weights) enter
-    the program as arguments: closed over, they would be baked into it as constants, gigabytes of
-    them, which made each compile take minutes."""
-
-    def body(with_call: bool):
-        def f(x, operands):
-            def step(i, carry):
-                lhs, _ = carry
-                out = call(lhs, i, *operands) if with_call else lhs
-                out = out[:1, :1].astype(jnp.float32)
-                return lhs + (out[0, 0] * 0).astype(lhs.dtype), out
-            return jax.lax.fori_loop(0, steps, step, (x, jnp.zeros((1, 1), jnp.float32)))
-        return jax.jit(f)
-
-    times = []
-    for with_call in (True, False):
-        fn = body(with_call)
-        jax.block_until_ready(fn(x, operands))
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x, operands))
-        times.append(time.perf_counter() - t0)
-    return max(times[0] - times[1], 1e-9) / steps
-
-
 def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
     """Small decode problems (weight-only FP8): the MMA kernel's heuristic config against the multiply-add
-    (`Config.gemv`) kernel over blocks, warps and K splits, each timed inside one program.
+    (`Config.gemv`) kernel over blocks, warps and K splits, each config's kernels (with the XLA ops
+    around them: a K split's reduction, the task table) timed from a profiler trace.
 
-    A model's layers each read their own weights, so a step's weights must not sit in the L2: the loop
-    rotates through enough weight sets to overflow it several times. The sets are stacked on the expert
-    axis and each loop step makes another set's experts live, so one kernel (one compile) serves them
-    all; the trace-time task count depends on the rows, not the experts, for steps this small."""
+    A model's layers each read their own weights, so a step's weights must not sit in the L2: the calls
+    rotate through enough weight sets to overflow it several times. The sets are stacked on the expert
+    axis and each call makes another set's experts live, so one kernel (one compile) serves them all;
+    the trace-time task count depends on the rows, not the experts, for steps this small. (Timed
+    instead as a loop inside one program minus the loop alone, one config moved by up to 40% between
+    runs on an H200: the loop's own per-step cost dwarfs a 10-80 us kernel.)"""
     key = jax.random.key(3)
     for name, k, n, e, sizes, swiglu in GEMV_PROBLEMS:
         if problems and name not in problems.split(","):
@@ -405,6 +378,7 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
         key, sub = jax.random.split(key)
         copies = -(-L2_OVERFLOW_BYTES // wbytes)
         x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
+        sets = [jnp.roll(g, j * e) for j in range(copies)]  # group sizes that make set j's experts live
         rows = max(sizes) if e > 1 else t
         bm = 1 if rows == 1 else 2 if rows == 2 else 4
         n_out = n // 2 if swiglu else n
@@ -422,16 +396,14 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
             err = b.check(f"gemv-sweep {name} {config}", lambda x_: fn(x_, w8, g, rhs_scale=ws), (x,), want)
             if err is None:
                 continue
-            def call(lhs, i, w8, ws, g, fn=fn):
-                return fn(lhs, w8, jnp.roll(g, (i % copies) * e), rhs_scale=ws)
-
+            calls = [functools.partial(fn, x, w8, rolled, rhs_scale=ws) for rolled in sets] * iters
             try:
-                sec = device_loop_seconds(call, x, (w8, ws, g), iters * copies)
+                sec = profile.traced_seconds(calls)
             except Exception as ex:  # a config that does not compile is recorded, not fatal
                 b.failures.append(f"gemv-sweep {name} {config}: {type(ex).__name__}: {str(ex)[:200]}")
                 continue
             b.add(dict(study="gemv-sweep", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire_triton",
-                       dtype="w8a16", config=f"{label}: {config}" if label else str(config), timing="in-program",
+                       dtype="w8a16", config=f"{label}: {config}" if label else str(config), timing="profiler",
                        weight_sets=copies, ms=sec * 1e3, tflops=2.0 * t * k * n / sec / 1e12,
                        weight_tbps=wbytes / sec / 1e12, pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
                        copy_tbps=copy_bw / 1e12))

@@ -231,6 +231,29 @@ def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: st
                 busy_ms_per_device=[d["busy_ms"] for d in per_device.values()])
 
 
+def traced_seconds(calls: list[Callable[[], Any]]) -> float:
+    """Device time per call over one traced pass of `calls` (each run once untraced first): the summed
+    durations of the kernels the trace recorded (on the CPU, of XLA's thunks), free of host dispatch
+    and of any timing loop's own overhead."""
+    jax.block_until_ready([call() for call in calls])
+    trace_dir = tempfile.mkdtemp(prefix="jaxfire-trace-")
+    jax.profiler.start_trace(trace_dir)
+    try:
+        for call in calls:
+            jax.block_until_ready(call())
+    finally:
+        jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
+    planes = device_events(max(paths, key=os.path.getmtime))
+    gpu = [events for name, events in planes.items() if name.startswith("/device:GPU")]
+    events = [e for plane in (gpu or list(planes.values())) for e in plane]
+    if not events:
+        raise RuntimeError(f"the trace under {trace_dir} holds no kernels")
+    return sum(e.duration_ns for e in events) / len(calls) / 1e9
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from bench import decode as D
     from jaxfire import model as M

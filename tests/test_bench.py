@@ -52,6 +52,19 @@ def test_decode_loop_compiles_once_before_its_timed_call(mesh, monkeypatch):
     assert sizes[-1] == sizes[-2], f"the timed (last) call compiled: loop cache sizes after each call {sizes}"
 
 
+def test_traced_seconds_counts_the_work_of_each_call():
+    """The trace-based timer the kernel sweep uses sums the device (here: XLA thunk) time of each call,
+    so a call with 64 times the multiply-adds reads as far longer."""
+    import jax
+    import jax.numpy as jnp
+
+    mm = jax.jit(lambda a: a @ a)
+    small, big = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32) for n in (128, 512))
+    t_small = profile.traced_seconds([lambda: mm(small)] * 4)
+    t_big = profile.traced_seconds([lambda: mm(big)] * 4)
+    assert 0 < t_small and 4 * t_small < t_big, (t_small, t_big)
+
+
 def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
     rows = profile.main(TINY + ["--variant", "bf16", "--batches", "2", "--prefill-tokens", "32",
                                 "--out-dir", str(tmp_path)])
@@ -64,8 +77,8 @@ def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
 
 def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
     """The multiply-add sweep on a tiny two-expert problem: each config is checked against the reference,
-    timed inside one program over weight sets stacked on the expert axis (one compile), and written at
-    once."""
+    timed from a profiler trace over weight sets stacked on the expert axis (one compile), and written
+    at once."""
     from bench import grouped_matmul as G
 
     monkeypatch.setattr(G, "GEMV_PROBLEMS", (("tiny_gate_up", 64, 128, 4, (1, 1, 0, 0), True),))
@@ -76,6 +89,6 @@ def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
     configs = [r["config"] for r in b.rows]
     assert configs[0].startswith("mma-default: ") and "gemv=False" in configs[0]
     assert all("gemv=True" in c for c in configs[1:]) and len(set(configs)) == len(configs)
-    assert {r["weight_sets"] for r in b.rows} == {2}
+    assert {r["weight_sets"] for r in b.rows} == {2} and {r["timing"] for r in b.rows} == {"profiler"}
     written = [json.loads(line) for line in (tmp_path / "grouped_matmul.jsonl").read_text().splitlines()]
     assert len(written) == len(b.rows) and all(r["ms"] > 0 and r["rel_err"] < G.MAX_REL_ERR for r in written)
