@@ -232,9 +232,9 @@ def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: st
 
 
 def traced_seconds(calls: list[Callable[[], Any]]) -> float:
-    """Device time per call over one traced pass of `calls` (each run once untraced first): the summed
-    durations of the kernels the trace recorded (on the CPU, of XLA's thunks), free of host dispatch
-    and of any timing loop's own overhead."""
+    """Device time per call over one traced pass of `calls` (each run once untraced first): the time
+    covered by the kernels the trace recorded (on the CPU, by XLA's thunks, which nest), free of host
+    dispatch and of any timing loop's own overhead."""
     jax.block_until_ready([call() for call in calls])
     trace_dir = tempfile.mkdtemp(prefix="jaxfire-trace-")
     jax.profiler.start_trace(trace_dir)
@@ -251,7 +251,7 @@ def traced_seconds(calls: list[Callable[[], Any]]) -> float:
     events = [e for plane in (gpu or list(planes.values())) for e in plane]
     if not events:
         raise RuntimeError(f"the trace under {trace_dir} holds no kernels")
-    return sum(e.duration_ns for e in events) / len(calls) / 1e9
+    return _busy_ns(events) / len(calls) / 1e9
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
