@@ -79,22 +79,37 @@ def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, ke
         lengths=jnp.full((batch,), context, jnp.int32))
 
 
+WARMUP_CALLS = (3, 20)  # at least, at most
+
+
 def time_decode(params, c, runtime, batch, context, kv_dtype, steps):
-    cache = random_cache(c, batch, context + steps + 8, context, kv_dtype, jax.random.key(1), runtime.mesh)
+    """Seconds per decode step dispatched call by call, the first call's seconds (compilation) and the
+    warm-up calls' milliseconds, each waited on alone: warm-up goes on (within WARMUP_CALLS) until two
+    calls in a row agree within 10%, and the figures show how long a fresh executable runs slow."""
+    cache = random_cache(c, batch, context + steps + WARMUP_CALLS[1] + 8, context, kv_dtype, jax.random.key(1),
+                         runtime.mesh)
     tokens = jax.random.randint(jax.random.key(2), (batch,), 0, c.vocab_size)
     t0 = time.perf_counter()
     logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
     jax.block_until_ready(logits)
     compile_s = time.perf_counter() - t0
-    for _ in range(3):
+    warmup_ms: list[float] = []
+    while len(warmup_ms) < WARMUP_CALLS[1]:
+        t0 = time.perf_counter()
         logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
-    jax.block_until_ready(logits)
+        jax.block_until_ready(logits)
+        warmup_ms.append((time.perf_counter() - t0) * 1e3)
+        if len(warmup_ms) >= WARMUP_CALLS[0] and abs(warmup_ms[-1] - warmup_ms[-2]) <= 0.1 * warmup_ms[-2]:
+            break
     t0 = time.perf_counter()
     for _ in range(steps):
         logits, cache = M.decode_step(params, cache, tokens, c, runtime=runtime)
     jax.block_until_ready(logits)
+    sec = (time.perf_counter() - t0) / steps
+    # Checked after the clock stops: the check compiles for each new logits shape, which inside the
+    # timed region made every batch size of the first variant in a process read 2-50x slower.
     assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
-    return (time.perf_counter() - t0) / steps, compile_s
+    return sec, compile_s, warmup_ms
 
 
 def _decode_loop(params, cache, tokens, c, runtime, steps):
@@ -289,15 +304,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def record(row: dict) -> None:
         """Keeps a row and appends it to the results file at once, so a run cut short keeps what it measured."""
         rows.append(row)
-        if not row["discarded_first_run"]:
-            row = {k: v for k, v in row.items() if k != "discarded_first_run"}
-            written["path"] = write_results("decode", [row], args.out_dir)
+        written["path"] = write_results("decode", [row], args.out_dir)
 
     weights_cache: dict[str, object] = {}
-    variants = args.variants.split(",")
-    # The first variant measured in a process ran 2-4x slower than the same variant measured later
-    # (H100 and H200, cause not found), so it is run once unrecorded first.
-    for i, name in enumerate([variants[0]] + variants):
+    for name in args.variants.split(","):
         weights, kv_dtype, runtime = VARIANTS[name]
         runtime = dataclasses.replace(runtime, **overrides)
         fused = not name.endswith("-unfused")
@@ -318,23 +328,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     mesh=dict(mesh.shape) if mesh is not None else None, devices=devices, rel_err_vs_xla=check,
                     copy_bw_tbs=copy_bw / 1e12)
         for batch in map(int, args.batches.split(",")):
-            sec, compile_s = time_decode(params, c, runtime, batch, args.context, kv_dtype, args.steps)
+            sec, compile_s, warmup_ms = time_decode(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             device_sec = time_decode_loop(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
             comm = time_collectives(mesh, c, batch, args.layers) if mesh is not None else 0.0
-            record(dict(base, job="decode", batch=batch, discarded_first_run=i == 0, context=args.context,
+            record(dict(base, job="decode", batch=batch, context=args.context,
                              ms=sec * 1e3, model_ms=sec * 1e3 * scale, device_ms=device_sec * 1e3,
                              device_model_ms=device_sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
                              roofline_ms=nbytes * scale / DATASHEET_BW / devices * 1e3,
                              of_copy_bw=nbytes / sec / copy_bw / devices, compile_s=compile_s,
+                             warmup_ms=[round(w, 3) for w in warmup_ms],
                              comm_ms=comm * 1e3, comm_share=comm / sec))
-            print(rows[-1]["variant"], "decode B", batch, f"{sec * 1e3:.2f} ms", flush=True)
+            print(rows[-1]["variant"], "decode B", batch, f"{sec * 1e3:.2f} ms", "(warm-up calls, ms:",
+                  " ".join(f"{w:.2f}" for w in warmup_ms) + ")", flush=True)
         if not args.prefill_tokens:
             continue
         sec = time_prefill(params, c, runtime, args.prefill_tokens, kv_dtype)
         flops = prefill_flops(c, args.layers, args.prefill_tokens)
         comm = time_collectives(mesh, c, args.prefill_tokens, args.layers) if mesh is not None else 0.0
-        record(dict(base, job="prefill", batch=1, discarded_first_run=i == 0, tokens=args.prefill_tokens,
+        record(dict(base, job="prefill", batch=1, tokens=args.prefill_tokens,
                          ms=sec * 1e3, model_ms=sec * 1e3 * scale, tflops=flops / sec / 1e12,
                          peak_tflops=devices * PEAK_FLOPS["fp8" if name in ("fp8-wa", "fp8") else "bf16"] / 1e12,
                          comm_ms=comm * 1e3, comm_share=comm / sec))
@@ -343,12 +355,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for batch in map(int, filter(None, args.mixed_batches.split(","))):
             mixed = time_mixed(params, c, runtime, batch, args.context, args.prefill_tokens, kv_dtype)
             apart = sec * 1e3 + decode_ms.get(batch, float("nan"))
-            record(dict(base, job="mixed", batch=batch, discarded_first_run=i == 0, tokens=args.prefill_tokens,
+            record(dict(base, job="mixed", batch=batch, tokens=args.prefill_tokens,
                              ms=mixed * 1e3, model_ms=mixed * 1e3 * scale, apart_ms=apart,
                              saved_share=1 - mixed * 1e3 / apart))
             print(name, f"prefill carrying a B={batch} decode step {mixed * 1e3:.2f} ms, apart {apart:.2f} ms",
                   flush=True)
-    rows = [r for r in rows if not r.pop("discarded_first_run")]
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "device_model_ms", "roofline_ms", "tbs",
                        "of_copy_bw", "tflops", "apart_ms", "comm_share"])
     print(f"wrote {written['path']}")

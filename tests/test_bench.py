@@ -21,6 +21,7 @@ def test_decode_bench_on_a_mesh_writes_rows_with_communication(tmp_path, mesh):
     assert all(r["comm_ms"] > 0 for r in written[:2])
     assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in written)
     assert written[0]["device_ms"] > 0 and "device_ms" not in written[1]  # decode also timed in one program
+    assert 3 <= len(written[0]["warmup_ms"]) <= decode.WARMUP_CALLS[1] and min(written[0]["warmup_ms"]) > 0
     assert written[2]["apart_ms"] == pytest.approx(written[0]["ms"] + written[1]["ms"])
 
 
@@ -50,6 +51,32 @@ def test_decode_loop_compiles_once_before_its_timed_call(mesh, monkeypatch):
     monkeypatch.setattr(decode, "decode_loop", counted)
     decode.time_decode_loop(params, c, runtime, 2, 8, jax.numpy.float32, 2)
     assert sizes[-1] == sizes[-2], f"the timed (last) call compiled: loop cache sizes after each call {sizes}"
+
+
+def test_decode_timing_stops_its_clock_before_the_finiteness_check(monkeypatch):
+    """The per-call decode timing waits for the last step, then checks the logits outside its timed
+    region: the check compiles for each new logits shape (inside, it made every batch size of the
+    first variant in a process read 2-50x slower). A check made slow here must not show up."""
+    import time
+
+    import jax
+    from jaxfire import model as M
+    from jaxfire.config import Config
+    from jaxfire.params import init_params
+
+    c = Config.preset("tiny").replace(num_layers=1)
+    params = init_params(c, jax.random.key(0), jax.numpy.float32)
+    runtime = M.Runtime(decode_attention="xla", grouped_matmul="xla")
+    real = jax.numpy.isfinite
+
+    def slow_isfinite(x):
+        time.sleep(1.0)
+        return real(x)
+
+    monkeypatch.setattr(jax.numpy, "isfinite", slow_isfinite)
+    sec, _, warmup_ms = decode.time_decode(params, c, runtime, 2, 8, jax.numpy.float32, 2)
+    assert sec < 0.25, f"{sec:.3f} s a step: the check's second is inside the timed region"
+    assert len(warmup_ms) >= decode.WARMUP_CALLS[0]
 
 
 def test_traced_seconds_counts_the_work_of_each_call():
