@@ -203,28 +203,39 @@ def summarize(events: list[Event], program: dict[str, Instruction], steps: int, 
                              for (n, s), (t, c) in costliest])
 
 
+def _traced_planes(run: Callable[[], Any], trace_dir: str | None = None) -> tuple[Any, dict[str, list[Event]]]:
+    """Runs `run()` under the profiler; its return value and each device plane's events."""
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxfire-trace-")
+    jax.profiler.start_trace(trace_dir)
+    try:
+        result = run()
+    finally:
+        jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
+    path = max(paths, key=os.path.getmtime)
+    planes = device_events(path)
+    if not planes:
+        raise RuntimeError(f"the trace {path} holds no device events")
+    return result, planes
+
+
 def profile(fn: Callable[[], Any], compiled_text: str, steps: int, trace_dir: str | None = None,
             top: int = 10) -> dict[str, Any]:
     """Traces `steps` calls of fn (already compiled and warm) and summarises each device's kernels."""
-    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxfire-trace-")
     jax.block_until_ready(fn())
-    jax.profiler.start_trace(trace_dir)
-    try:
+
+    def run() -> float:
         t0 = time.perf_counter()
         out = None
         for _ in range(steps):
             out = fn()
         jax.block_until_ready(out)
-        wall = time.perf_counter() - t0
-    finally:
-        jax.profiler.stop_trace()
-    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not paths:
-        raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
+        return time.perf_counter() - t0
+
+    wall, planes = _traced_planes(run, trace_dir)
     program = parse_hlo(compiled_text)
-    planes = device_events(paths[-1])
-    if not planes:
-        raise RuntimeError(f"the trace {paths[-1]} holds no device events")
     per_device = {name: summarize(ev, program, steps, wall, top) for name, ev in sorted(planes.items())}
     first = next(iter(per_device.values()))
     return dict(first, devices_traced=len(per_device),
@@ -236,21 +247,9 @@ def traced_seconds(calls: list[Callable[[], Any]]) -> float:
     covered by the kernels the trace recorded (on the CPU, by XLA's thunks, which nest), free of host
     dispatch and of any timing loop's own overhead."""
     jax.block_until_ready([call() for call in calls])
-    trace_dir = tempfile.mkdtemp(prefix="jaxfire-trace-")
-    jax.profiler.start_trace(trace_dir)
-    try:
-        for call in calls:
-            jax.block_until_ready(call())
-    finally:
-        jax.profiler.stop_trace()
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
-    planes = device_events(max(paths, key=os.path.getmtime))
+    _, planes = _traced_planes(lambda: [jax.block_until_ready(call()) for call in calls])
     gpu = [events for name, events in planes.items() if name.startswith("/device:GPU")]
     events = [e for plane in (gpu or list(planes.values())) for e in plane]
-    if not events:
-        raise RuntimeError(f"the trace under {trace_dir} holds no kernels")
     return _busy_ns(events) / len(calls) / 1e9
 
 

@@ -2,13 +2,29 @@
 bug a CPU could have caught; their figures are not checked here (speed is measured, never asserted)."""
 
 import json
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bench import decode, profile
+from bench.common import parse_mesh
+from jaxfire import model as M
+from jaxfire import sharding as S
+from jaxfire.config import Config
+from jaxfire.params import init_params
 
 TINY = ["--preset", "tiny", "--layers", "2", "--context", "16", "--steps", "1"]
+
+
+def one_layer_model(mesh: str = ""):
+    """A one-layer tiny model in float32 on XLA's ops, placed on the mesh `mesh` names (none when empty)."""
+    c = Config.preset("tiny").replace(num_layers=1)
+    m = parse_mesh(mesh)
+    params = init_params(c, jax.random.key(0), jnp.float32, sharding_fn=S.param_sharding_fn(m))
+    return c, params, M.Runtime(mesh=m, decode_attention="xla", grouped_matmul="xla")
 
 
 @pytest.mark.parametrize("mesh", ["expert=2,tensor=2,data=2", "tensor=8"])
@@ -30,16 +46,7 @@ def test_decode_loop_compiles_once_before_its_timed_call(mesh, monkeypatch):
     """The in-program timing compiles its loop once, outside the timed call, for a runtime not seen
     before (fresh inputs are placed unlike the loop's outputs; a second compile inside the timed call
     made earlier figures count compile time)."""
-    import jax
-    from bench.common import parse_mesh
-    from jaxfire import model as M, sharding as S
-    from jaxfire.config import Config
-    from jaxfire.params import init_params
-
-    c = Config.preset("tiny").replace(num_layers=1)
-    m = parse_mesh(mesh)
-    runtime = M.Runtime(mesh=m, decode_attention="xla", grouped_matmul="xla")
-    params = init_params(c, jax.random.key(0), jax.numpy.float32, sharding_fn=S.param_sharding_fn(m))
+    c, params, runtime = one_layer_model(mesh)
     sizes = []
     real = decode.decode_loop
 
@@ -49,7 +56,7 @@ def test_decode_loop_compiles_once_before_its_timed_call(mesh, monkeypatch):
         return out
 
     monkeypatch.setattr(decode, "decode_loop", counted)
-    decode.time_decode_loop(params, c, runtime, 2, 8, jax.numpy.float32, 2)
+    decode.time_decode_loop(params, c, runtime, 2, 8, jnp.float32, 2)
     assert sizes[-1] == sizes[-2], f"the timed (last) call compiled: loop cache sizes after each call {sizes}"
 
 
@@ -57,34 +64,22 @@ def test_decode_timing_stops_its_clock_before_the_finiteness_check(monkeypatch):
     """The per-call decode timing waits for the last step, then checks the logits outside its timed
     region: the check compiles for each new logits shape (inside, it made every batch size of the
     first variant in a process read 2-50x slower). A check made slow here must not show up."""
-    import time
-
-    import jax
-    from jaxfire import model as M
-    from jaxfire.config import Config
-    from jaxfire.params import init_params
-
-    c = Config.preset("tiny").replace(num_layers=1)
-    params = init_params(c, jax.random.key(0), jax.numpy.float32)
-    runtime = M.Runtime(decode_attention="xla", grouped_matmul="xla")
-    real = jax.numpy.isfinite
+    c, params, runtime = one_layer_model()
+    real = jnp.isfinite
 
     def slow_isfinite(x):
         time.sleep(1.0)
         return real(x)
 
-    monkeypatch.setattr(jax.numpy, "isfinite", slow_isfinite)
-    sec, _, warmup_ms = decode.time_decode(params, c, runtime, 2, 8, jax.numpy.float32, 2)
+    monkeypatch.setattr(jnp, "isfinite", slow_isfinite)
+    sec, _, warmup_ms = decode.time_decode(params, c, runtime, 2, 8, jnp.float32, 2)
     assert sec < 0.25, f"{sec:.3f} s a step: the check's second is inside the timed region"
     assert len(warmup_ms) >= decode.WARMUP_CALLS[0]
 
 
 def test_traced_seconds_counts_the_work_of_each_call():
-    """The trace-based timer the kernel sweep uses sums the device (here: XLA thunk) time of each call,
-    so a call with 64 times the multiply-adds reads as far longer."""
-    import jax
-    import jax.numpy as jnp
-
+    """The trace-based timer the kernel sweep uses counts the device (here: XLA thunk) time of each
+    call, so a call with 64 times the multiply-adds reads as far longer."""
     mm = jax.jit(lambda a: a @ a)
     small, big = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32) for n in (128, 512))
     t_small = profile.traced_seconds([lambda: mm(small)] * 4)
