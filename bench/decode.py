@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2 or expert=2,tensor=2")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    if args.prefill_tokens < 0 or args.steps < 1:
+        ap.error(f"--prefill-tokens must be >= 0 and --steps >= 1, got {args.prefill_tokens} and {args.steps}")
 
     full = Config.preset(args.preset)
     c = full.replace(num_layers=args.layers)

@@ -41,6 +41,13 @@ def test_decode_bench_on_a_mesh_writes_rows_with_communication(tmp_path, mesh):
     assert written[2]["apart_ms"] == pytest.approx(written[0]["ms"] + written[1]["ms"])
 
 
+@pytest.mark.parametrize("flags", [["--prefill-tokens", "-1"], ["--steps", "0"]])
+def test_decode_bench_refuses_bad_counts(flags, capsys):
+    with pytest.raises(SystemExit):
+        decode.main(TINY + flags)
+    assert "--prefill-tokens must be >= 0 and --steps >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mesh", ["", "tensor=2"])
 def test_decode_loop_compiles_once_before_its_timed_call(mesh, monkeypatch):
     """The in-program timing compiles its loop once, outside the timed call, for a runtime not seen
