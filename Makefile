@@ -2,6 +2,8 @@
 PY ?= $(shell PYENV_VERSION=3.12.1 command -v python3.12 2>/dev/null || command -v python3.12 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# The install peaks near 8 GB (5.6 GB stay): torch from PyPI is a CUDA build.
+MIN_FREE_GB ?= 8
 ARGS ?= --prompt "def fibonacci(n):" --max-new-tokens 48
 
 .PHONY: run test venv clean
@@ -9,9 +11,12 @@ ARGS ?= --prompt "def fibonacci(n):" --max-new-tokens 48
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@PYENV_VERSION=3.12.1 $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
 	  { echo "jaxfire needs Python >= 3.12 (jax >= 0.11); set PY=/path/to/python3.12" >&2; exit 1; }
+	@[ -d $(VENV) ] || PYENV_VERSION=3.12.1 $(PY) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+	  sys.exit(0 if free >= $(MIN_FREE_GB) else f"installing needs about $(MIN_FREE_GB) GB free on this disk, " \
+	  f"{free:.1f} GB are free (torch from PyPI is a CUDA build); free some space, or set MIN_FREE_GB=0 to try anyway")'
 	PYENV_VERSION=3.12.1 $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	PIP_CONSTRAINT= $(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
+	PIP_CONSTRAINT= $(BIN)/python -m pip install -q --no-cache-dir -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 venv: $(BIN)/.installed
