@@ -266,6 +266,9 @@ VARIANTS = {
     "fp8-unfused": ("fp8", "fp8", M.Runtime()),
     # As "fp8" with the MMA kernel for one-token expert products too (no multiply-add kernel).
     "fp8-mma": ("fp8", "fp8", M.Runtime(grouped_matmul="pallas_mma")),
+    # As "fp8" with one token's expert rows ordered by the all-pairs ranking instead of going to the
+    # kernels by expert id.
+    "fp8-rank": ("fp8", "fp8", M.Runtime(moe_dispatch="rank")),
 }
 
 

@@ -40,7 +40,8 @@ class Runtime:
     `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn").
     fp8: when FP8 weights also quantize their activations.
     moe_dispatch: how the MoE block orders token-expert assignments by expert (`moe.dispatch`): "auto"
-    (all-pairs ranking for small steps, a sort for large ones), "sort" or "rank".
+    (none for one token on the Pallas kernels, which take each row with its expert id; all-pairs
+    ranking for small steps; a sort for large ones), "sort", "rank" or "unsorted" (Pallas only).
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """

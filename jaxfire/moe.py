@@ -8,6 +8,10 @@ a second all_to_all brings the results back to be combined. Buffers are sized fo
 "tensor" axis each device holds a slice of every expert's width F and sees the same tokens; one psum
 adds the slices' outputs (tensor parallelism: no all_to_all, each device reads 1/t of the weights).
 
+One token's assignments (a batch-1 decode step on the Pallas kernels) skip the ordering: the
+kernels take the token with its k expert ids and write the k rows in routing order, so the step runs
+no ranking, gathers or row tables before and after the experts.
+
 Tokens a call does not need (`valid` False: inactive decode slots, prompt padding) are routed to no
 expert: their assignments sort after every group, so the grouped matmul neither reads weights nor
 computes for them, and their output is zero. A decode step over many slots with few of them running
@@ -44,21 +48,28 @@ def route(router: jax.Array, x: jax.Array, top_k: int, valid: jax.Array | None =
     return weights, experts
 
 
-def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array, policy: quant.Fp8Policy = quant.Fp8Policy(),
-                implementation: str = "xla") -> jax.Array:
-    """SwiGLU experts over rows sorted by expert."""
-    # xs: [A, D] -> [A, D]
+def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array | None, policy: quant.Fp8Policy = quant.Fp8Policy(),
+                implementation: str = "xla", group_ids: jax.Array | None = None) -> jax.Array:
+    """SwiGLU experts over rows sorted by expert (group_sizes), or over tokens as routed (group_ids
+    [T, k]: each token's experts, xs [T, D]; output row t*k + j is token t through its j-th expert)."""
+    # xs: [A, D] (or [T, D] with group_ids) -> [A, D]
     # [E, 2, F, D] -> [E, 2F, D], gate rows then up rows (a free reshape; a QArray's scales alike)
     gate_up = jax.tree.map(lambda a: a.reshape(a.shape[0], -1, *a.shape[3:]), p.w_gate_up)
-    h = quant.grouped_swiglu(xs, gate_up, group_sizes, policy, implementation)  # [A, F]
-    return quant.grouped(h, p.w_down, group_sizes, policy, implementation)
+    h = quant.grouped_swiglu(xs, gate_up, group_sizes, policy, implementation, group_ids)  # [A, F]
+    row_ids = None if group_ids is None else group_ids.reshape(-1)  # [A]
+    return quant.grouped(h, p.w_down, group_sizes, policy, implementation, row_ids)
 
 
 # Up to this many assignments (a decode step of 256 tokens at top-2) `dispatch` ranks them by
 # comparing all pairs: a few fused elementwise-and-sum kernels where a sort, a bincount's scatter and
 # the inverse permutation's scatter are several launches each, which dominate a small step.
 RANK_MAX_ASSIGNMENTS = 512
+# Up to this many assignments (one token at top-k <= 3) the Pallas kernels take the rows as routed,
+# each row with its expert id: no ordering, no gathers, no row tables; one token names each expert
+# at most once, so no weights are read twice.
+UNSORTED_MAX_ASSIGNMENTS = 3
 DISPATCH_METHODS = ("auto", "sort", "rank")
+MOE_DISPATCH_METHODS = DISPATCH_METHODS + ("unsorted",)
 
 
 def dispatch(experts: jax.Array, num_experts: int, method: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -92,8 +103,15 @@ def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.
               implementation: str = "xla", mesh: Mesh | None = None, valid: jax.Array | None = None,
               dispatch_method: str = "auto") -> jax.Array:
     """valid: [T] bool, the tokens whose output is needed (None: all); the others' output is zero.
-    dispatch_method: how assignments are ordered by expert (`dispatch`)."""
+    dispatch_method: how assignments are ordered by expert (`dispatch`), or "unsorted": not at all,
+    each row going to the kernels with its expert id (Pallas kernels only; "auto" takes it for up to
+    UNSORTED_MAX_ASSIGNMENTS assignments)."""
     # x: [T, D] -> [T, D]
+    if dispatch_method not in MOE_DISPATCH_METHODS:
+        raise ValueError(f"MoE dispatch method must be one of {MOE_DISPATCH_METHODS}, got {dispatch_method!r}")
+    if dispatch_method == "unsorted" and not quant.kernel_takes_group_ids(x, implementation):
+        raise ValueError(f"moe_dispatch='unsorted' needs the Pallas grouped matmul, but grouped_matmul="
+                         f"{implementation!r} runs XLA here")
     if mesh is not None and mesh.size > 1:
         return expert_parallel(p, x, top_k, policy, implementation, mesh, valid, dispatch_method)
     return _local_moe(p, x, top_k, policy, implementation, valid, dispatch_method)
@@ -104,6 +122,13 @@ def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implem
     num_experts = p.router.shape[0]
     with jax.named_scope("route"):
         weights, experts = route(p.router, x, top_k, valid)  # [T, k]
+    a = experts.size
+    if dispatch_method == "unsorted" or (dispatch_method == "auto" and a <= UNSORTED_MAX_ASSIGNMENTS
+                                         and quant.kernel_takes_group_ids(x, implementation)):
+        with jax.named_scope("experts"):
+            ys = experts_ffn(p, x, None, policy, implementation, group_ids=experts)  # [A, D], row t*k + j
+        with jax.named_scope("combine"):
+            return combine(ys, None, weights, x.dtype)
     with jax.named_scope("dispatch"):
         order, position, group_sizes = dispatch(experts, num_experts, dispatch_method)
         xs = x[order // top_k]  # [A, D]
@@ -113,13 +138,13 @@ def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implem
         return combine(ys, position, weights, x.dtype)
 
 
-def combine(ys: jax.Array, position: jax.Array, weights: jax.Array, dtype) -> jax.Array:
-    """Sums each token's expert outputs, given sorted by expert (assignment i at row position[i]), with
-    its routing weights."""
+def combine(ys: jax.Array, position: jax.Array | None, weights: jax.Array, dtype) -> jax.Array:
+    """Sums each token's expert outputs, given sorted by expert (assignment i at row position[i]), or
+    in assignment order (position None), with its routing weights."""
     # ys: [A, D], position: [A], weights: [T, k] -> [T, D]
     t, k = weights.shape
     # A gather through the inverse permutation: XLA runs row gathers faster than row scatters.
-    y = ys[position].reshape(t, k, -1)  # [T, k, D]
+    y = (ys if position is None else ys[position]).reshape(t, k, -1)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dtype)
 
 
@@ -184,7 +209,8 @@ def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, p
         flat = experts.reshape(-1)  # [A]
         a = flat.shape[0]
         # by expert, hence by destination device
-        order, position, _ = dispatch(experts, local_experts * n, dispatch_method)
+        ordering = "auto" if dispatch_method == "unsorted" else dispatch_method  # rows must go out by device
+        order, position, _ = dispatch(experts, local_experts * n, ordering)
         dest = flat[order] // local_experts  # [A]; N for a token routed nowhere: never sent
         counts = jnp.bincount(dest, length=n)
         slot = jnp.arange(a) - (jnp.cumsum(counts) - counts)[jnp.minimum(dest, n - 1)]  # within its block
@@ -203,7 +229,7 @@ def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, p
     with jax.named_scope("experts"):
         rows = recv[:, :, :d].reshape(n * a, d)
         # empty rows sort last, past every group
-        local_order, local_position, group_sizes = dispatch(recv_ids, local_experts, dispatch_method)
+        local_order, local_position, group_sizes = dispatch(recv_ids, local_experts, ordering)
         ys = experts_ffn(p, rows[local_order], group_sizes, policy, implementation)
         back = ys[local_position].reshape(n, a, -1)
     with jax.named_scope("combine"):

@@ -127,6 +127,31 @@ def test_dispatch_by_rank_equals_dispatch_by_sort(tokens, top_k):
         moe.dispatch(experts, 4, "bucket")
 
 
+@pytest.mark.parametrize("top_k, valid", [(2, True), (3, True), (2, False)])
+def test_one_token_goes_to_the_kernels_unsorted(top_k, valid, monkeypatch):
+    """One token's assignments reach the Pallas kernels as routed, each row with its expert id (no
+    dispatch), and give what the sorted dispatch gives; a token routed nowhere gives zeros. The XLA
+    path cannot take rows by id and says so."""
+    from pallas_kernels.grouped_matmul import api
+
+    seen = []
+    real = api._run
+    monkeypatch.setattr(api, "_run", lambda *a, **kw: seen.append(a[3] is not None) or real(*a, **kw))
+    cfg = Config.preset("tiny")
+    layer = P.init_params(cfg, jax.random.key(top_k), jnp.bfloat16, std=0.2, fp8=True).layers[0]
+    x = jax.random.normal(jax.random.key(7), (1, cfg.hidden_size), jnp.bfloat16)
+    mask = jnp.asarray([valid])
+    unsorted = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask)
+    assert seen == [True, True]  # gate/up and down, both by id
+    by_sort = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask, dispatch_method="sort")
+    assert seen[2:] == [False, False]
+    np.testing.assert_allclose(np.asarray(unsorted, np.float32), np.asarray(by_sort, np.float32), rtol=1e-2,
+                               atol=1e-2 * float(jnp.abs(by_sort.astype(jnp.float32)).max()) + 1e-6)
+    assert valid or (np.asarray(unsorted, np.float32) == 0).all()
+    with pytest.raises(ValueError, match="moe_dispatch='unsorted' needs the Pallas grouped matmul"):
+        moe.moe_block(layer.moe, x, top_k, implementation="xla", dispatch_method="unsorted")
+
+
 def test_masked_tokens_route_nowhere_and_leave_the_others_unchanged():
     cfg = Config.preset("tiny")
     layer = P.init_params(cfg, jax.random.key(5), jnp.float32, std=0.2).layers[0]
