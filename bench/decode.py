@@ -269,6 +269,8 @@ VARIANTS = {
     # As "fp8" with one token's expert rows ordered by the all-pairs ranking instead of going to the
     # kernels by expert id.
     "fp8-rank": ("fp8", "fp8", M.Runtime(moe_dispatch="rank")),
+    # As "fp8" with the routing (logits, softmax, top-k) in XLA instead of the one routing kernel.
+    "fp8-xla-route": ("fp8", "fp8", M.Runtime(moe_route="xla")),
 }
 
 

@@ -42,6 +42,8 @@ class Runtime:
     moe_dispatch: how the MoE block orders token-expert assignments by expert (`moe.dispatch`): "auto"
     (none for one token on the Pallas kernels, which take each row with its expert id; all-pairs
     ranking for small steps; a sort for large ones), "sort", "rank" or "unsorted" (Pallas only).
+    moe_route: the router's logits, softmax and top-k (`moe.route`): "auto" (one Pallas kernel on
+    GPUs, XLA elsewhere), "xla", or an `implementation=` of `pallas_kernels.moe_route`.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """
@@ -51,6 +53,7 @@ class Runtime:
     prefill_attention: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     moe_dispatch: str = "auto"
+    moe_route: str = "auto"
     mesh: Mesh | None = None
 
 
@@ -305,7 +308,7 @@ def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], ca
         if any(seg.counts is not None for seg in segments):
             valid = jnp.concatenate([_appended_tokens(x.shape[:2], seg.counts) for x, seg in zip(xs, segments)])
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
-                          runtime.grouped_matmul, runtime.mesh, valid, runtime.moe_dispatch)
+                          runtime.grouped_matmul, runtime.mesh, valid, runtime.moe_dispatch, runtime.moe_route)
     return [x + y for x, y in zip(xs, _split(y, [x.shape[:2] for x in xs]))], caches
 
 

@@ -28,24 +28,31 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxfire import quant
+from pallas_kernels.moe_route import moe_route
 from jaxfire import sharding as S
 from jaxfire.params import DOWN_AXES, GATE_UP_AXES, MoE
 
 
-def route(router: jax.Array, x: jax.Array, top_k: int, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+ROUTE_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_triton")
+
+
+def route(router: jax.Array, x: jax.Array, top_k: int, valid: jax.Array | None = None,
+          implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
     """Mixtral routing: softmax over all experts in float32, top-k, weights renormalised to sum to one.
 
-    Tokens with valid False get expert id E (past every expert) and weight zero.
+    Tokens with valid False get expert id E (past every expert) and weight zero. implementation:
+    "xla" (`pallas_kernels.moe_route`'s jnp reference), "auto" (its one kernel on GPUs for bf16 / f16
+    activations, where XLA runs a matmul, a softmax and a top-k kernel; XLA elsewhere), or an
+    `implementation=` of `pallas_kernels.moe_route` ("pallas" runs in interpret mode off the GPU).
+    The router is never quantized.
     """
     # x: [T, D], valid: [T] -> weights [T, k] float32, experts [T, k] int32
-    logits = quant.dense(x, router).astype(jnp.float32)  # [T, E]; the router is never quantized
-    probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)  # [T, k]
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    if valid is not None:
-        weights = jnp.where(valid[:, None], weights, 0.0)
-        experts = jnp.where(valid[:, None], experts, router.shape[0])
-    return weights, experts
+    if implementation not in ROUTE_IMPLEMENTATIONS:
+        raise ValueError(f"MoE route implementation must be one of {ROUTE_IMPLEMENTATIONS}, got {implementation!r}")
+    on_gpu = jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16)
+    if implementation == "xla" or (implementation == "auto" and not on_gpu):
+        implementation = "reference"
+    return moe_route(x, router, top_k, valid, implementation=None if implementation == "auto" else implementation)
 
 
 def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array | None, policy: quant.Fp8Policy = quant.Fp8Policy(),
@@ -101,11 +108,11 @@ def dispatch(experts: jax.Array, num_experts: int, method: str = "auto") -> tupl
 
 def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.Fp8Policy(),
               implementation: str = "xla", mesh: Mesh | None = None, valid: jax.Array | None = None,
-              dispatch_method: str = "auto") -> jax.Array:
+              dispatch_method: str = "auto", route_implementation: str = "xla") -> jax.Array:
     """valid: [T] bool, the tokens whose output is needed (None: all); the others' output is zero.
     dispatch_method: how assignments are ordered by expert (`dispatch`), or "unsorted": not at all,
     each row going to the kernels with its expert id (Pallas kernels only; "auto" takes it for up to
-    UNSORTED_MAX_ASSIGNMENTS assignments)."""
+    UNSORTED_MAX_ASSIGNMENTS assignments). route_implementation: see `route`."""
     # x: [T, D] -> [T, D]
     if dispatch_method not in MOE_DISPATCH_METHODS:
         raise ValueError(f"MoE dispatch method must be one of {MOE_DISPATCH_METHODS}, got {dispatch_method!r}")
@@ -113,15 +120,15 @@ def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.
         raise ValueError(f"moe_dispatch='unsorted' needs the Pallas grouped matmul, but grouped_matmul="
                          f"{implementation!r} runs XLA here")
     if mesh is not None and mesh.size > 1:
-        return expert_parallel(p, x, top_k, policy, implementation, mesh, valid, dispatch_method)
-    return _local_moe(p, x, top_k, policy, implementation, valid, dispatch_method)
+        return expert_parallel(p, x, top_k, policy, implementation, mesh, valid, dispatch_method, route_implementation)
+    return _local_moe(p, x, top_k, policy, implementation, valid, dispatch_method, route_implementation)
 
 
 def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
-               valid: jax.Array | None, dispatch_method: str = "auto") -> jax.Array:
+               valid: jax.Array | None, dispatch_method: str = "auto", route_implementation: str = "xla") -> jax.Array:
     num_experts = p.router.shape[0]
     with jax.named_scope("route"):
-        weights, experts = route(p.router, x, top_k, valid)  # [T, k]
+        weights, experts = route(p.router, x, top_k, valid, route_implementation)  # [T, k]
     a = experts.size
     if dispatch_method == "unsorted" or (dispatch_method == "auto" and a <= UNSORTED_MAX_ASSIGNMENTS
                                          and quant.kernel_takes_group_ids(x, implementation)):
@@ -161,7 +168,8 @@ def _moe_specs(p: MoE, mesh: Mesh) -> MoE:
 
 
 def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implementation: str,
-                    mesh: Mesh, valid: jax.Array | None = None, dispatch_method: str = "auto") -> jax.Array:
+                    mesh: Mesh, valid: jax.Array | None = None, dispatch_method: str = "auto",
+                    route_implementation: str = "xla") -> jax.Array:
     """The MoE block over a mesh: tokens and experts split over "expert" (two all_to_alls), expert
     widths over "tensor" (a psum)."""
     # x: [T, D], valid: [T] -> [T, D]
@@ -180,10 +188,10 @@ def expert_parallel(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, i
 
     def local(p_, x_, v_):
         if mesh.shape["expert"] == 1:
-            y = _local_moe(p_, x_, top_k, policy, implementation, v_, dispatch_method)
+            y = _local_moe(p_, x_, top_k, policy, implementation, v_, dispatch_method, route_implementation)
         else:
             y = _expert_parallel_local(p_, x_, v_, top_k, policy, implementation, mesh.shape["expert"],
-                                       dispatch_method)
+                                       dispatch_method, route_implementation)
         if sliced:
             with jax.named_scope("tensor_sum"):
                 y = jax.lax.psum(y, "tensor")
@@ -200,11 +208,12 @@ def _split_last(spec) -> bool:
 
 
 def _expert_parallel_local(p: MoE, x: jax.Array, valid: jax.Array, top_k: int, policy: quant.Fp8Policy,
-                           implementation: str, n: int, dispatch_method: str = "auto") -> jax.Array:
+                           implementation: str, n: int, dispatch_method: str = "auto",
+                           route_implementation: str = "xla") -> jax.Array:
     """One device's part: its tokens [Tl, D] in, their MoE outputs out; p holds its El experts."""
     local_experts = p.w_down.shape[0]
     with jax.named_scope("route"):
-        weights, experts = route(p.router, x, top_k, valid)  # [Tl, k]
+        weights, experts = route(p.router, x, top_k, valid, route_implementation)  # [Tl, k]
     with jax.named_scope("dispatch"):
         flat = experts.reshape(-1)  # [A]
         a = flat.shape[0]

@@ -152,6 +152,22 @@ def test_one_token_goes_to_the_kernels_unsorted(top_k, valid, monkeypatch):
         moe.moe_block(layer.moe, x, top_k, implementation="xla", dispatch_method="unsorted")
 
 
+def test_routing_kernel_equals_xla_in_the_moe_block():
+    """The MoE block with its routing on the Pallas kernel (interpret mode here) equals XLA's routing,
+    tokens routed nowhere included; a bad implementation name is refused."""
+    cfg = Config.preset("tiny")
+    layer = P.init_params(cfg, jax.random.key(4), jnp.bfloat16, std=0.2).layers[0]
+    x = jax.random.normal(jax.random.key(8), (10, cfg.hidden_size), jnp.bfloat16)
+    valid = jnp.asarray(np.random.default_rng(3).random(10) < 0.6)
+    for a, b in zip(moe.route(layer.moe.router, x, 3, valid, "pallas"), moe.route(layer.moe.router, x, 3, valid)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    out = moe.moe_block(layer.moe, x, 2, valid=valid, route_implementation="pallas")
+    want = np.asarray(moe.moe_block(layer.moe, x, 2, valid=valid), np.float32)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    with pytest.raises(ValueError, match="route implementation must be one of"):
+        moe.route(layer.moe.router, x, 2, valid, "cuda")
+
+
 def test_masked_tokens_route_nowhere_and_leave_the_others_unchanged():
     cfg = Config.preset("tiny")
     layer = P.init_params(cfg, jax.random.key(5), jnp.float32, std=0.2).layers[0]
