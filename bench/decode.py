@@ -235,7 +235,8 @@ def check_against_xla(params, c: Config, runtime, kv_dtype) -> float:
     """Relative error of prefill + one decode step of the first layer against XLA's own ops on the
     same inputs: the kernels are checked on the GPU before they are timed. One layer, because over
     many layers bf16 rounding flips some top-k routing choices and the logits then legitimately part."""
-    xla = dataclasses.replace(runtime, decode_attention="xla", grouped_matmul="xla", prefill_attention="einsum")
+    xla = dataclasses.replace(runtime, decode_attention="xla", grouped_matmul="xla", prefill_attention="einsum",
+                              moe_route="xla")
     c = c.replace(num_layers=1)
     params = dataclasses.replace(params, layers=params.layers[:1])
     tokens = jax.random.randint(jax.random.key(4), (4, 96), 0, c.vocab_size)
@@ -244,8 +245,10 @@ def check_against_xla(params, c: Config, runtime, kv_dtype) -> float:
     for rt in (runtime, xla):
         cache = init_cache(c, 4, 128, kv_dtype, runtime.mesh)
         _, cache = M.prefill(params, cache, tokens, counts, c, runtime=rt, fresh=True)
-        logits, _ = M.decode_step(params, cache, tokens[:, 0], c, runtime=rt)
-        out.append(logits)
+        # four sequences, then the first alone (a batch-1 step: one token's own kernel paths)
+        logits, _ = M.decode_step(params, jax.tree.map(jnp.copy, cache), tokens[:, 0], c, runtime=rt)
+        one, _ = M.decode_step(params, cache, tokens[:1, 0], c, runtime=rt)
+        out.append(jnp.concatenate([logits, one]))
     err = float(jnp.linalg.norm(out[0] - out[1]) / jnp.linalg.norm(out[1]))
     # bf16 rounding alone gives about 1e-2; with FP8 activations each path rounds its own
     # activations to e4m3 (6% steps), so the two part by about that much.
