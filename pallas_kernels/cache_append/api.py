@@ -8,16 +8,13 @@ The cache layout is `pallas_kernels.decode_attention`'s: [B, S, Hkv, K] values, 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.cache_append import reference
 from pallas_kernels.cache_append import triton as triton_backend
+from pallas_kernels.implementation import Implementation, resolve
 
-Implementation = Literal["reference", "pallas", "pallas_triton"]
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "pallas", "pallas_triton")
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
 
 
@@ -45,14 +42,10 @@ def cache_append(
     "pallas_triton" force the kernel (interpret mode off the GPU).
     """
     _check(k_cache, v_cache, k, v, positions, k_scale, v_scale)
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
-    on_gpu = jax.default_backend() == "gpu"
-    if implementation is None:
-        implementation = "pallas_triton" if on_gpu else "reference"
-    if implementation == "reference":
+    use_reference, interpret = resolve(implementation)
+    if use_reference:
         return reference.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale)
-    return triton_backend.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=not on_gpu)
+    return triton_backend.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
 
 
 def _check(k_cache, v_cache, k, v, positions, k_scale, v_scale) -> None:

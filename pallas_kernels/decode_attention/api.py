@@ -9,7 +9,6 @@ signature never change; the kernels already address the cache only through (sequ
 from __future__ import annotations
 
 import numbers
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +16,8 @@ import jax.numpy as jnp
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import triton as triton_backend
 from pallas_kernels.decode_attention.config import DecodeAttentionConfig, default_config
+from pallas_kernels.implementation import Implementation, resolve
 
-Implementation = Literal["reference", "pallas", "pallas_triton"]
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "pallas", "pallas_triton")
 HEAD_DIMS = (64, 128, 256)
 _QUERY_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _CACHE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
@@ -63,10 +61,7 @@ def decode_attention(
         not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1
     ):
         raise ValueError(f"window must be a positive int or None, got {window!r}.")
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}."
-        )
+    use_reference, interpret = resolve(implementation)
     if config is not None:
         if not isinstance(config, DecodeAttentionConfig):
             raise ValueError(
@@ -76,10 +71,7 @@ def decode_attention(
     window = None if window is None else int(window)
     sm_scale = float(sm_scale)
 
-    on_gpu = jax.default_backend() == "gpu"
-    if implementation is None:
-        implementation = "pallas_triton" if on_gpu else "reference"
-    if implementation == "reference":
+    if use_reference:
         return reference.decode_attention(
             q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, sm_scale=sm_scale, window=window
         )
@@ -96,7 +88,7 @@ def decode_attention(
         sm_scale=sm_scale,
         window=window,
         config=config,
-        interpret=not on_gpu,
+        interpret=interpret,
     )
 
 

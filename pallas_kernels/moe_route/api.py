@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.implementation import Implementation, resolve
 from pallas_kernels.moe_route import reference
 from pallas_kernels.moe_route import triton as triton_backend
 
-Implementation = Literal["reference", "pallas", "pallas_triton"]
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "pallas", "pallas_triton")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -34,14 +31,10 @@ def moe_route(
     "pallas_triton" force the kernel (interpret mode off the GPU).
     """
     _check(x, router, top_k, valid)
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
-    on_gpu = jax.default_backend() == "gpu"
-    if implementation is None:
-        implementation = "pallas_triton" if on_gpu else "reference"
-    if implementation == "reference":
+    use_reference, interpret = resolve(implementation)
+    if use_reference:
         return reference.moe_route(x, router, top_k, valid)
-    return triton_backend.moe_route(x, router, valid, top_k=top_k, interpret=not on_gpu)
+    return triton_backend.moe_route(x, router, valid, top_k=top_k, interpret=interpret)
 
 
 def _check(x, router, top_k, valid) -> None:
