@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxfire import quant
-from pallas_kernels.moe_route import moe_route
 from jaxfire import sharding as S
 from jaxfire.params import DOWN_AXES, GATE_UP_AXES, MoE
+from pallas_kernels.moe_route import moe_route
 
 
 ROUTE_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_triton")
@@ -117,8 +117,8 @@ def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.
     if dispatch_method not in MOE_DISPATCH_METHODS:
         raise ValueError(f"MoE dispatch method must be one of {MOE_DISPATCH_METHODS}, got {dispatch_method!r}")
     if dispatch_method == "unsorted" and not quant.kernel_takes_group_ids(x, implementation):
-        raise ValueError(f"moe_dispatch='unsorted' needs the Pallas grouped matmul, but grouped_matmul="
-                         f"{implementation!r} runs XLA here")
+        raise ValueError(f"moe_dispatch='unsorted' needs the grouped matmul's Triton kernel, which grouped_matmul="
+                         f"{implementation!r} does not run here")
     if mesh is not None and mesh.size > 1:
         return expert_parallel(p, x, top_k, policy, implementation, mesh, valid, dispatch_method, route_implementation)
     return _local_moe(p, x, top_k, policy, implementation, valid, dispatch_method, route_implementation)

@@ -141,8 +141,9 @@ def _grouped_backend(x: jax.Array, implementation: str) -> str | None:
 
 
 def kernel_takes_group_ids(x: jax.Array, implementation: str) -> bool:
-    """Whether `grouped` of these activations runs a Pallas kernel, which takes rows by expert id."""
-    return _grouped_backend(x, implementation) != "xla"
+    """Whether `grouped` of these activations can take rows by expert id: the Pallas kernels can,
+    unless the wgmma (Mosaic) kernel, which needs rows sorted by expert, is forced."""
+    return _grouped_backend(x, implementation) not in ("xla", "pallas_mosaic")
 
 
 def _kernel_operands(x: jax.Array, w: jax.Array | QArray, fp8_acts: bool):

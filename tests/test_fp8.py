@@ -148,8 +148,10 @@ def test_one_token_goes_to_the_kernels_unsorted(top_k, valid, monkeypatch):
     np.testing.assert_allclose(np.asarray(unsorted, np.float32), np.asarray(by_sort, np.float32), rtol=1e-2,
                                atol=1e-2 * float(jnp.abs(by_sort.astype(jnp.float32)).max()) + 1e-6)
     assert valid or (np.asarray(unsorted, np.float32) == 0).all()
-    with pytest.raises(ValueError, match="moe_dispatch='unsorted' needs the Pallas grouped matmul"):
-        moe.moe_block(layer.moe, x, top_k, implementation="xla", dispatch_method="unsorted")
+    for implementation in ("xla", "pallas_mosaic"):
+        with pytest.raises(ValueError, match="moe_dispatch='unsorted' needs the grouped matmul's Triton kernel"):
+            moe.moe_block(layer.moe, x, top_k, implementation=implementation, dispatch_method="unsorted")
+    assert not quant.kernel_takes_group_ids(x, "pallas_mosaic")  # "auto" dispatch ranks the rows for it
 
 
 def test_routing_kernel_equals_xla_in_the_moe_block():
