@@ -119,7 +119,7 @@ def percentile_stats(name: str, values_s: list[float], percentiles=PERCENTILES) 
 
 def serving_metrics(requests: list[jaxfire.Request], duration: float) -> dict[str, Any]:
     """vLLM's serving metrics over finished requests (as benchmarks/benchmark_serving.py computes them)."""
-    done = [r for r in requests if r.finish_reason in ("eos", "length")]
+    done = [r for r in requests if r.finish_reason in ("eos", "stop", "length")]
     outputs = [len(r.metrics.token_times) for r in done]
     ttfts = [r.metrics.ttft for r in done]
     e2els = [r.metrics.e2e for r in done]

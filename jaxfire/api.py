@@ -191,8 +191,10 @@ class Generation:
 
 
 def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int = 0, stats: Generation | None = None) -> Iterator[TokenEvent]:
-    """Batched generation yielding each token as it is produced; stops each prompt at EOS or the limit.
+                    top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (),
+                    stats: Generation | None = None) -> Iterator[TokenEvent]:
+    """Batched generation yielding each token as it is produced; stops each prompt at EOS, at one of
+    `stop_token_ids` (neither is output) or at the limit. top_k 0 keeps every token.
 
     Runs on a `jaxfire.Engine` with one slot per prompt. Prompt i samples with seed + i (mod 2**32),
     so each prompt's tokens are those it gets generated alone with that seed.
@@ -212,8 +214,8 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
     engine = Engine(model, slots=len(ids), max_len=_bucket(longest + max_new_tokens))
     try:
         for i, p in enumerate(ids):
-            engine.submit(p, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=(seed + i) % SEED_LIMIT)
+            engine.submit(p, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=(seed + i) % SEED_LIMIT, stop_token_ids=stop_token_ids)
         if stats is not None:
             stats.prompt_tokens = ids
         started = set()
@@ -225,7 +227,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
             for event in events:
                 started.add(event.index)
                 if stats is not None:
-                    if event.finish_reason != "eos":
+                    if event.finish_reason not in ("eos", "stop"):
                         stats.tokens[event.index].append(event.token)
                     if event.finished:
                         stats.finish_reasons[event.index] = event.finish_reason
@@ -241,12 +243,13 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
 
 
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0) -> Generation:
-    """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings."""
+             top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = ()) -> Generation:
+    """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings.
+    Arguments as for `generate_stream`."""
     n = 1 if _is_single_prompt(prompts) else len(prompts)
     result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[])
     for _ in generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             seed=seed, stats=result):
+                             top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stats=result):
         pass
     if model.tokenizer is not None:
         result.texts = [model.tokenizer.decode(t) for t in result.tokens]

@@ -20,7 +20,7 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
    for more than one chunk;
 3. dispatches one decode step for all occupied slots (`model.decode_step` over the smallest slot bucket
    holding them, with an `active` mask, so free slots are untouched) and samples each slot with its
-   own temperature, top_p and seed. With `mix_decode` (the default), every prefill call of step 2
+   own temperature, top_p, top_k and seed. With `mix_decode` (the default), every prefill call of step 2
    carries a decode step of the slots decoding at that moment instead (`model.mixed_step`: one pass
    over the weights for both), so the running requests advance a token with each newcomer's prefill
    rather than stall for it; only a step without prefills dispatches a decode step of its own;
@@ -33,7 +33,7 @@ One thread at a time runs `Engine.step`, the scheduler: either the engine's own 
 Shapes, and why serving never recompiles after `warmup()`
 ---------------------------------------------------------
 The engine state is one pytree (`SlotState`) of fixed shapes: the cache `[N, S, G, K]` per layer,
-and per slot its last token, stream position, seed, temperature and top_p (`[N]` each). The jitted
+and per slot its last token, stream position, seed, temperature, top_p and top_k (`[N]` each). The jitted
 programs, all of fixed shapes:
 - `_prefill_piece`, once per prefill bucket: prompt tokens `[1, T]` for T in `Engine.buckets` (powers
   of two from `min_bucket`, capped at and including `max_len`), all other arguments scalars; with
@@ -104,7 +104,7 @@ class TokenEvent:
     token: int
     text: str | None  # the text this token adds (None without a tokenizer or with detokenize off)
     finished: bool
-    finish_reason: str | None = None  # "eos" or "length" once finished
+    finish_reason: str | None = None  # "eos", "stop" (a stop token) or "length" once finished
 
 
 @dataclasses.dataclass
@@ -167,17 +167,19 @@ class Request:
     """
 
     def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
-                 top_p: float, seed: int, ignore_eos: bool, on_token: Callable[[TokenEvent], Any] | None,
-                 detokenizer: _Detokenizer):
+                 top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
+                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: _Detokenizer):
         self.id = rid
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
         self.seed = seed
         self.ignore_eos = ignore_eos
-        self.tokens: list[int] = []  # generated ids (EOS not included)
-        self.finish_reason: str | None = None  # "eos", "length", "cancelled" or "error"
+        self.stop_token_ids = stop_token_ids
+        self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
+        self.finish_reason: str | None = None  # "eos", "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None  # what stopped it, for "error"
         self.metrics = RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt))
         self._engine = engine
@@ -250,6 +252,7 @@ class SlotState:
     seeds: jax.Array  # [N] uint32
     temperature: jax.Array  # [N] float32
     top_p: jax.Array  # [N] float32
+    top_k: jax.Array  # [N] int32, 0 for no limit
 
 
 def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh: Any) -> SlotState:
@@ -261,12 +264,12 @@ def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh
         cache = jax.device_put(cache, where)
     rest = jax.device_put(dict(tokens=np.zeros((slots,), np.int32), steps=np.zeros((slots,), np.int32),
                                seeds=np.zeros((slots,), np.uint32), temperature=np.zeros((slots,), np.float32),
-                               top_p=np.ones((slots,), np.float32)), where)
+                               top_p=np.ones((slots,), np.float32), top_k=np.zeros((slots,), np.int32)), where)
     return SlotState(cache=cache, **rest)
 
 
 def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
-            top_p: jax.Array, sample: bool) -> jax.Array:
+            top_p: jax.Array, top_k: jax.Array, sample: bool) -> jax.Array:
     """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0.
 
     `sample` is static, decided by the host (does any row have a temperature above 0?): an all-greedy
@@ -277,8 +280,8 @@ def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: 
     if not sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-    one = lambda row, key, t, p: sampling.sample(row[None], key, t, p)[0]  # noqa: E731
-    return jax.vmap(one)(logits, keys, temperature, top_p)
+    one = lambda row, key, t, p, k: sampling.sample(row[None], key, t, p, k)[0]  # noqa: E731
+    return jax.vmap(one)(logits, keys, temperature, top_p, top_k)
 
 
 def _put(per_slot: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
@@ -332,16 +335,17 @@ def _prefill_piece(*args, last: bool, **kwargs):
 
 @functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
 def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array, temperature: jax.Array,
-           top_p: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
+           top_p: jax.Array, top_k: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
     """A prefilled request's first token, and its sampling parameters written into `slot`."""
     # logits: [1, V], scalars otherwise -> first token [1]
     zero = jnp.zeros((1,), jnp.int32)
-    first = _sample(logits, seed[None], zero, temperature[None], top_p[None], sample)  # [1]
+    first = _sample(logits, seed[None], zero, temperature[None], top_p[None], top_k[None], sample)  # [1]
     return first, dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
                                       steps=_put(state.steps, zero + 1, slot),
                                       seeds=_put(state.seeds, seed[None], slot),
                                       temperature=_put(state.temperature, temperature[None], slot),
-                                      top_p=_put(state.top_p, top_p[None], slot))
+                                      top_p=_put(state.top_p, top_p[None], slot),
+                                      top_k=_put(state.top_k, top_k[None], slot))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",),
@@ -362,7 +366,8 @@ def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: boo
     stream position."""
     # logits: [n, V], active: [n] bool -> next tokens [n] (meaningless where inactive)
     n = active.shape[0]
-    nxt = _sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n], sample)  # [n]
+    nxt = _sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n], state.top_k[:n],
+                  sample)  # [n]
     tokens = state.tokens.at[:n].set(jnp.where(active, nxt, state.tokens[:n]))
     return nxt, dataclasses.replace(state, tokens=tokens, steps=state.steps.at[:n].add(active.astype(jnp.int32)))
 
@@ -459,28 +464,44 @@ class Engine:
     # ----- submission (any thread) -----
 
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0, ignore_eos: bool = False,
+               top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
         """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
 
         prompt: token ids, or a string for a model with a tokenizer. max_tokens counts EOS.
-        temperature: 0 is greedy; top_p in (0, 1]; seed in [0, 2**32) picks the sampling stream.
-        ignore_eos: generate exactly max_tokens tokens (benchmarks).
+        temperature: 0 is greedy; top_p in (0, 1]; top_k >= 0 (0: no limit); seed in [0, 2**32) picks
+          the sampling stream.
+        ignore_eos: generate exactly max_tokens tokens (benchmarks), unless a stop token comes.
+        stop_token_ids: more ids that end the request as EOS does (finish_reason "stop"; the id is not
+          part of the output).
         on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
           raises, the request ends with finish_reason "error" and the others carry on.
         """
         ids = self._validate(prompt, max_tokens, temperature, top_p, seed)
+        top_k, stop = self._validate_limits(top_k, stop_token_ids)
         detok = _Detokenizer(self.model.tokenizer if self.detokenize else None)
         with self._cond:
             if self._closed or self._error is not None:
                 raise EngineError("the engine is closed" if self._error is None
                                   else f"the engine stopped after an error: {self._error}")
-            req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), int(seed),
-                          bool(ignore_eos), on_token, detok)
+            req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
+                          bool(ignore_eos), stop, on_token, detok)
             self._next_id += 1
             self._inbox.append(req)
             self._cond.notify_all()
         return req
+
+    def _validate_limits(self, top_k, stop_token_ids) -> tuple[int, frozenset[int]]:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise RequestError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+        try:
+            stop = list(stop_token_ids)
+        except TypeError:
+            raise RequestError(f"stop_token_ids must be a sequence of token ids, got {stop_token_ids!r}") from None
+        for t in stop:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
+                raise RequestError(f"stop_token_ids has {t!r}, not a token id in [0, {self.config.vocab_size})")
+        return int(top_k), frozenset(int(t) for t in stop)
 
     def _validate(self, prompt, max_tokens, temperature, top_p, seed) -> list[int]:
         cfg = self.config
@@ -609,7 +630,7 @@ class Engine:
             chunked = sorted({self._bucket(n) for n in prompt_lengths if self._chunked(n)})
             p, cfg = self.model, self.config
             slot, one = np.int32(0), np.int32(1)
-            params = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p
+            params = (np.uint32(0), np.float32(0), np.float32(1), np.int32(0))  # seed, temperature, top_p, k
             idle = np.zeros((self.slots,), bool)
             carries = (None, idle) if self.mix_decode else (None,)  # alone, and carrying a decode step
 
@@ -767,7 +788,7 @@ class Engine:
         if not is_last:
             return None
         token, self._state = _start(self._state, logits, slot, np.uint32(req.seed), np.float32(req.temperature),
-                                    np.float32(req.top_p), sample=req.temperature > 0)
+                                    np.float32(req.top_p), np.int32(req.top_k), sample=req.temperature > 0)
         token.copy_to_host_async()
         self.counters["prefills"] += 1
         req._decoding, req._dispatched = True, 1
@@ -786,12 +807,13 @@ class Engine:
             return
         req._emitted += 1
         is_eos = not req.ignore_eos and token in self._eos
-        last = is_eos or req._emitted >= req.max_tokens
-        reason = "eos" if is_eos else ("length" if last else None)
-        if not is_eos:
+        ends = is_eos or token in req.stop_token_ids  # ended by this id, which is not output
+        last = ends or req._emitted >= req.max_tokens
+        reason = "eos" if is_eos else "stop" if ends else ("length" if last else None)
+        if not ends:
             req.tokens.append(token)
         req.metrics.token_times.append(now)
-        text = None if req._detok.tok is None else ("" if is_eos else req._detok.push(token, final=last))
+        text = None if req._detok.tok is None else ("" if ends else req._detok.push(token, final=last))
         event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason)
         events.append(event)
         req._events.put(event)

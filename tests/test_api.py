@@ -47,6 +47,8 @@ def test_dtype_override(builtin):
     ({"max_new_tokens": 0}, ["x"], "max_new_tokens"),
     ({"max_new_tokens": 2, "temperature": -1.0}, ["x"], "temperature"),
     ({"max_new_tokens": 2, "top_p": 0.0}, ["x"], "top_p"),
+    ({"max_new_tokens": 2, "top_k": -3}, ["x"], "top_k must be an integer >= 0"),
+    ({"max_new_tokens": 2, "stop_token_ids": [99999]}, ["x"], "stop_token_ids has 99999"),
     ({"max_new_tokens": 2}, [[1, 2], []], "prompt 1 is empty"),
     ({"max_new_tokens": 2}, [[1, 99999]], "token id 99999 outside the vocabulary"),
     ({"max_new_tokens": 2}, [], "no prompts"),
@@ -107,7 +109,8 @@ def test_cli_runs_the_builtin_model():
 def test_cli_prompts_file(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("import sys\n\nfor i in\n")
-    out = run_cli("--prompts-file", str(f), "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9")
+    out = run_cli("--prompts-file", str(f), "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9",
+                  "--top-k", "40")
     assert out.returncode == 0, out.stderr
     assert "[0] import sys" in out.stdout and "[1] for i in" in out.stdout
 
@@ -116,6 +119,7 @@ def test_cli_prompts_file(tmp_path):
     ([], "one of the arguments --prompt --prompts-file is required"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prompt", "x", "--top-p", "2"], "--top-p must be in"),
+    (["--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0"),
     (["--prompts-file", "/nonexistent/p.txt"], "does not exist"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
 ])

@@ -109,6 +109,10 @@ def test_rejections_leave_the_other_requests_running(model):
         (dict(top_p=1.5), "top_p"),
         (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
         (dict(seed=2**32), "seed"),
+        (dict(top_k=-1), r"top_k must be an integer >= 0"),
+        (dict(top_k=True), "top_k"),
+        (dict(stop_token_ids=[3, model.config.vocab_size]), f"stop_token_ids has {model.config.vocab_size}"),
+        (dict(stop_token_ids=7), "stop_token_ids must be a sequence of token ids"),
     ]
     for change, message in bad:
         kwargs = dict(prompt=prompt, max_tokens=20) | change
@@ -200,7 +204,9 @@ def test_per_request_sampling_parameters(model, mix_decode):
     other_seed = engine.submit(b, max_tokens=n, seed=8, **hot)
     drive(engine, [greedy, sampled])
     nucleus = engine.submit(a, max_tokens=n, temperature=1.0, top_p=1e-6, seed=1)  # top-p keeps the top token
-    drive(engine, [again, other_seed, nucleus])
+    top1 = engine.submit(a, max_tokens=n, temperature=1.0, top_k=1, seed=1)  # so does top-k 1
+    top5 = engine.submit(c, max_tokens=n, temperature=1.0, top_k=5, seed=4)
+    drive(engine, [again, other_seed, nucleus, top1, top5])
     assert (engine.counters["mixed_steps"] > 0) == mix_decode
     engine.close()
 
@@ -212,11 +218,37 @@ def test_per_request_sampling_parameters(model, mix_decode):
         assert sampled.tokens[i] == int(sampling.sample(logits[i:i + 1], key, hot["temperature"], hot["top_p"])[0])
     assert other_seed.tokens != sampled.tokens
     assert sampled.tokens != alone(model, b, n)
-    assert greedy.tokens == nucleus.tokens == alone(model, a, n)
+    assert greedy.tokens == nucleus.tokens == top1.tokens == alone(model, a, n)
+    assert top5.tokens == alone(model, c, n, temperature=1.0, top_k=5, seed=4)
+    logits = jaxfire.logits(model, [c + top5.tokens[:2]])[0, -3:]  # [3, V]
+    for i in range(3):
+        key = jax.random.fold_in(jax.random.key(4), i)
+        assert top5.tokens[i] == int(sampling.sample(logits[i:i + 1], key, 1.0, 1.0, 5)[0])
+        assert top5.tokens[i] in np.argsort(-np.asarray(logits[i]))[:5]
     # generate: prompt i of a batch samples with seed + i.
     batch = jaxfire.generate(model, [a, c, b], max_new_tokens=n, seed=5, **hot).tokens
     assert batch[2] == sampled.tokens
     assert batch[1] == alone(model, c, n, seed=6, **hot)
+
+
+def test_stop_token_ids_end_a_request_like_eos(model):
+    """A stop token ends its request (finish_reason "stop", the id not output) and frees the slot; the
+    request beside it carries on; jaxfire.generate takes the same ids."""
+    rng = np.random.default_rng(11)
+    prompt, other = random_prompt(rng, model, 4, 8), random_prompt(rng, model, 4, 8)
+    full = alone(model, prompt, 12)
+    stop = full[5]
+    cut = full.index(stop)  # its first appearance ends the request
+    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN)
+    stopped = engine.submit(prompt, max_tokens=12, stop_token_ids=[stop])
+    beside = engine.submit(other, max_tokens=12)
+    drive(engine, [stopped, beside])
+    assert stopped.finish_reason == "stop" and stopped.tokens == full[:cut]
+    assert beside.tokens == alone(model, other, 12)
+    assert engine.free_slots == 2
+    engine.close()
+    out = jaxfire.generate(model, [prompt], max_new_tokens=12, stop_token_ids=[stop])
+    assert out.tokens[0] == full[:cut] and out.finish_reasons[0] == "stop"
 
 
 def test_fp8_kv_cache_is_honoured(model):

@@ -172,6 +172,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {0, 1}
 
 
+def test_top_k_keeps_the_k_most_likely_per_row():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 3))
+    top_k = jnp.array([2, 1, 0])  # two tokens; only the top one even when hot; no limit
+    draws = np.stack([sampling.sample(logits, jax.random.key(i), 3.0, 1.0, top_k) for i in range(300)])
+    assert set(draws[:, 0].tolist()) == {0, 1}
+    assert set(draws[:, 1].tolist()) == {0}
+    assert set(draws[:, 2].tolist()) == {0, 1, 2, 3}
+    # With top_p too: the tighter of the two limits holds.
+    both = {int(sampling.sample(logits[:1], jax.random.key(i), 1.0, 0.5, 3)[0]) for i in range(200)}
+    assert both == {0, 1}
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_fused_qkv_equals_three_projections(setup, fp8):
     """`fuse_qkv` (one weight, per KV head its query heads, key and value) changes no result: forward,
