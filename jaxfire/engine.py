@@ -138,23 +138,31 @@ class RequestMetrics:
 
 
 class _Detokenizer:
-    """Incremental text of a growing id list, emitting only text that no later token can change."""
+    """Incremental text of a growing id list, emitting only text that no later token can change.
+
+    Each push decodes two short windows, not the whole list: the ids not yet emitted with the ones
+    emitted last before them (context such as a word's leading space), with and without the new id;
+    the text the new window adds is the delta. Constant work a token however long the output (a whole
+    decode per token cost 0.3 s of the scheduling thread over a 2000-token output).
+    """
 
     def __init__(self, tokenizer: Tokenizer | None):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # the window's start: the ids emitted last, kept as context
+        self.read = 0  # ids before this are emitted
 
     def push(self, token: int, final: bool) -> str | None:
         if self.tok is None:
             return None
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        # Nothing new yet, or an incomplete UTF-8 sequence: wait for more ids (unless this is the last).
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before)):
             return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):] if text.startswith(before) else text
 
 
 _END = object()  # closes a request's event queue

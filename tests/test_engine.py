@@ -343,3 +343,43 @@ def test_serving_smoke_mode(tmp_path):
     assert len(lines) == 3
     assert (tmp_path / "serving_smoke_generation_latency.png").stat().st_size > 0
     assert (tmp_path / "serving_smoke_total_latency.png").stat().st_size > 0
+
+
+def _llama_style_tokenizer():
+    """A SentencePiece-style tokenizer as Mistral's tokenizer.json has it: BPE with byte fallback,
+    "▁" for spaces, and a decoder that strips the first leading space."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    corpus = ["the quick brown fox jumps over the lazy dog", "def fibonacci(n): return n"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    spec = json.loads(tok.to_str())
+    for b in range(256):  # the byte tokens, ordinary vocabulary entries
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "llama_style"])
+def test_streamed_text_is_the_whole_decode_at_constant_cost(model, kind, monkeypatch):
+    """Each token's text delta, joined, is the decode of all the ids (multi-byte characters split over
+    tokens, leading and repeated spaces), while each push decodes a few ids, not the whole output."""
+    from jaxfire.engine import _Detokenizer
+    from jaxfire.tokenizer import Tokenizer
+
+    tok = Tokenizer.__new__(Tokenizer)
+    tok._tok = model.tokenizer._tok if kind == "byte_level" else _llama_style_tokenizer()
+    text = ("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)  # naïve, 日本語 🙂\n" * 8)
+    ids = tok.encode(text, add_special_tokens=False)
+    seen = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda i, **kw: seen.append(len(i)) or decode(i, **kw))
+    d = _Detokenizer(tok)
+    streamed = "".join(d.push(t, final=k == len(ids) - 1) for k, t in enumerate(ids))
+    assert streamed == decode(ids) and len(ids) > 200
+    assert max(seen) <= 8  # a window of the ids not yet emitted and those emitted last
