@@ -173,8 +173,8 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 @dataclasses.dataclass
 class Generation:
-    tokens: list[list[int]]  # generated ids per prompt (EOS not included)
-    texts: list[str] | None  # decoded generations, None without a tokenizer
+    tokens: list[list[int]]  # generated ids per prompt (EOS and stop ids not included)
+    texts: list[str] | None  # the streamed text per prompt (ending before a stop string), None without a tokenizer
     finish_reasons: list[str]
     prompt_tokens: list[list[int]]
     prefill_seconds: float = 0.0
@@ -191,10 +191,11 @@ class Generation:
 
 
 def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                    top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (),
+                    top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (),
                     stats: Generation | None = None) -> Iterator[TokenEvent]:
     """Batched generation yielding each token as it is produced; stops each prompt at EOS, at one of
-    `stop_token_ids` (neither is output) or at the limit. top_k 0 keeps every token.
+    `stop_token_ids` (neither is output), once its text holds one of the `stop` strings (the text
+    ends before it) or at the limit. top_k 0 keeps every token.
 
     Runs on a `jaxfire.Engine` with one slot per prompt. Prompt i samples with seed + i (mod 2**32),
     so each prompt's tokens are those it gets generated alone with that seed.
@@ -213,11 +214,13 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
                               f"{cfg.max_position_embeddings} positions")
     engine = Engine(model, slots=len(ids), max_len=_bucket(longest + max_new_tokens))
     try:
-        for i, p in enumerate(ids):
-            engine.submit(p, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=(seed + i) % SEED_LIMIT, stop_token_ids=stop_token_ids)
+        requests = [engine.submit(p, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=(seed + i) % SEED_LIMIT, stop_token_ids=stop_token_ids, stop=stop)
+                    for i, p in enumerate(ids)]
         if stats is not None:
             stats.prompt_tokens = ids
+            if model.tokenizer is not None:
+                stats.texts = [""] * len(ids)
         started = set()
         start = time.perf_counter()
         decode_start = None
@@ -227,9 +230,10 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
             for event in events:
                 started.add(event.index)
                 if stats is not None:
-                    if event.finish_reason not in ("eos", "stop"):
-                        stats.tokens[event.index].append(event.token)
+                    if event.text is not None:
+                        stats.texts[event.index] += event.text
                     if event.finished:
+                        stats.tokens[event.index] = requests[event.index].tokens
                         stats.finish_reasons[event.index] = event.finish_reason
             if stats is not None and events:
                 if decode_start is None and len(started) == len(ids):
@@ -243,14 +247,13 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
 
 
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = ()) -> Generation:
+             top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (),
+             stop: str | Sequence[str] = ()) -> Generation:
     """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings.
     Arguments as for `generate_stream`."""
     n = 1 if _is_single_prompt(prompts) else len(prompts)
     result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[])
     for _ in generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stats=result):
+                             top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stop=stop, stats=result):
         pass
-    if model.tokenizer is not None:
-        result.texts = [model.tokenizer.decode(t) for t in result.tokens]
     return result

@@ -104,7 +104,7 @@ class TokenEvent:
     token: int
     text: str | None  # the text this token adds (None without a tokenizer or with detokenize off)
     finished: bool
-    finish_reason: str | None = None  # "eos", "stop" (a stop token) or "length" once finished
+    finish_reason: str | None = None  # "eos", "stop" (a stop token or string) or "length" once finished
 
 
 @dataclasses.dataclass
@@ -144,13 +144,18 @@ class _Detokenizer:
     emitted last before them (context such as a word's leading space), with and without the new id;
     the text the new window adds is the delta. Constant work a token however long the output (a whole
     decode per token cost 0.3 s of the scheduling thread over a 2000-token output).
+
+    With stop strings, text is also held back until no stop string can begin in it (the last
+    len(longest stop) - 1 characters wait for the next token), and `stream` says when one appeared.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None):
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()):
         self.tok = tokenizer
         self.ids: list[int] = []
         self.prefix = 0  # the window's start: the ids emitted last, kept as context
         self.read = 0  # ids before this are emitted
+        self.stop = stop
+        self.held = ""  # decoded text not yet emitted: a stop string may start in it
 
     def push(self, token: int, final: bool) -> str | None:
         if self.tok is None:
@@ -163,6 +168,28 @@ class _Detokenizer:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(before):] if text.startswith(before) else text
+
+    def stream(self, token: int, final: bool) -> tuple[str | None, bool]:
+        """The text to emit for this token, and whether it completed a stop string (the text then ends
+        before the stop string)."""
+        delta = self.push(token, final)
+        if delta is None or not self.stop:
+            return delta, False
+        text = self.held + delta
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = 0 if final else min(len(text), max(map(len, self.stop)) - 1)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str | None:
+        """The held-back text, at an end that is not a stop string."""
+        if self.tok is None:
+            return None
+        held, self.held = self.held, ""
+        return held
 
 
 _END = object()  # closes a request's event queue
@@ -473,7 +500,7 @@ class Engine:
 
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-               on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
+               stop: str | Sequence[str] = (), on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
         """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
 
         prompt: token ids, or a string for a model with a tokenizer. max_tokens counts EOS.
@@ -482,18 +509,22 @@ class Engine:
         ignore_eos: generate exactly max_tokens tokens (benchmarks), unless a stop token comes.
         stop_token_ids: more ids that end the request as EOS does (finish_reason "stop"; the id is not
           part of the output).
+        stop: strings that end the request once its text contains one (finish_reason "stop"): the text
+          streamed ends before it, while `tokens` keeps every id generated. Needs the tokenizer; text
+          that could begin a stop string is streamed one token late.
         on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
           raises, the request ends with finish_reason "error" and the others carry on.
         """
         ids = self._validate(prompt, max_tokens, temperature, top_p, seed)
-        top_k, stop = self._validate_limits(top_k, stop_token_ids)
-        detok = _Detokenizer(self.model.tokenizer if self.detokenize else None)
+        top_k, stop_ids = self._validate_limits(top_k, stop_token_ids)
+        stop = self._validate_stop(stop)
+        detok = _Detokenizer(self.model.tokenizer if self.detokenize else None, stop)
         with self._cond:
             if self._closed or self._error is not None:
                 raise EngineError("the engine is closed" if self._error is None
                                   else f"the engine stopped after an error: {self._error}")
             req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
-                          bool(ignore_eos), stop, on_token, detok)
+                          bool(ignore_eos), stop_ids, on_token, detok)
             self._next_id += 1
             self._inbox.append(req)
             self._cond.notify_all()
@@ -510,6 +541,18 @@ class Engine:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
                 raise RequestError(f"stop_token_ids has {t!r}, not a token id in [0, {self.config.vocab_size})")
         return int(top_k), frozenset(int(t) for t in stop)
+
+    def _validate_stop(self, stop) -> tuple[str, ...]:
+        stop = (stop,) if isinstance(stop, str) else stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise RequestError(f"stop must be a string or a sequence of strings, got {stop!r}") from None
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise RequestError(f"stop must hold non-empty strings, got {stop!r}")
+        if stop and (self.model.tokenizer is None or not self.detokenize):
+            raise RequestError("stop strings need the model's tokenizer and an engine with detokenize on")
+        return stop
 
     def _validate(self, prompt, max_tokens, temperature, top_p, seed) -> list[int]:
         cfg = self.config
@@ -821,7 +864,9 @@ class Engine:
         if not ends:
             req.tokens.append(token)
         req.metrics.token_times.append(now)
-        text = None if req._detok.tok is None else ("" if ends else req._detok.push(token, final=last))
+        text, hit = (req._detok.flush(), False) if ends else req._detok.stream(token, final=last)
+        if hit:  # a stop string: the text ends before it
+            last, reason = True, "stop"
         event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason)
         events.append(event)
         req._events.put(event)

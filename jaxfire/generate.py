@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: no limit)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a prompt's generation before this text (repeat for several)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experts-per-token", type=int, help="override the model's experts per token")
     p.add_argument("--dtype", help="float32 | bfloat16 | fp8 (default: the checkpoint's own)")
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-p must be in (0, 1]")
     if args.top_k < 0:
         parser.error("--top-k must be >= 0 (0: no limit)")
+    if any(not text for text in args.stop):
+        parser.error("--stop takes a non-empty text")
     if args.experts_per_token is not None and args.experts_per_token < 1:
         parser.error("--experts-per-token must be at least 1")
     if args.slots is not None and args.slots < 1:
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 # Prompt i gets seed + i, as in jaxfire.generate: the same tokens either way.
                 requests.append(engine.submit(p, max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                              top_p=args.top_p, top_k=args.top_k, seed=(args.seed + i) % 2**32))
+                                              top_p=args.top_p, top_k=args.top_k, seed=(args.seed + i) % 2**32,
+                                              stop=args.stop))
             except jaxfire.JaxfireError as e:
                 raise jaxfire.JaxfireError(f"prompt {i}: {e}") from None
         if len(prompts) == 1:

@@ -110,7 +110,7 @@ def test_cli_prompts_file(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("import sys\n\nfor i in\n")
     out = run_cli("--prompts-file", str(f), "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9",
-                  "--top-k", "40")
+                  "--top-k", "40", "--stop", "\n\n")
     assert out.returncode == 0, out.stderr
     assert "[0] import sys" in out.stdout and "[1] for i in" in out.stdout
 
@@ -120,6 +120,7 @@ def test_cli_prompts_file(tmp_path):
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prompt", "x", "--top-p", "2"], "--top-p must be in"),
     (["--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["--prompt", "x", "--stop", ""], "--stop takes a non-empty text"),
     (["--prompts-file", "/nonexistent/p.txt"], "does not exist"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
 ])

@@ -383,3 +383,33 @@ def test_streamed_text_is_the_whole_decode_at_constant_cost(model, kind, monkeyp
     streamed = "".join(d.push(t, final=k == len(ids) - 1) for k, t in enumerate(ids))
     assert streamed == decode(ids) and len(ids) > 200
     assert max(seen) <= 8  # a window of the ids not yet emitted and those emitted last
+
+
+def test_stop_strings_end_a_request_before_the_string(model):
+    """A stop string ends its request as soon as the text holds it: the streamed text (and
+    jaxfire.generate's) ends before it, the ids up to the one that completed it stay in `tokens`;
+    text that could begin a stop string is held back one token, so nothing past the cut is streamed.
+    A stop string that never appears changes nothing."""
+    prompt = "def fibonacci(n):"
+    full = jaxfire.generate(model, [prompt], max_new_tokens=20)
+    text, ids = full.texts[0], full.tokens[0]
+    stop = text[6:9]
+    cut = text.find(stop)
+    assert cut > 0 and len(stop) == 3
+    engine = jaxfire.Engine(model, slots=2, max_len=64)
+    stopped = engine.submit(prompt, max_tokens=20, stop=["zzz-never", stop])
+    unchanged = engine.submit(prompt, max_tokens=20, stop="zzz-never")
+    streamed = "".join(e.text for e in stopped)
+    assert streamed == text[:cut] and stopped.finish_reason == "stop"
+    n = len(stopped.tokens)  # the first n ids' text holds the stop string, n - 1 ids' does not
+    assert stopped.tokens == ids[:n] and stop in model.tokenizer.decode(ids[:n])
+    assert stop not in model.tokenizer.decode(ids[:n - 1])
+    assert "".join(e.text for e in unchanged) == text and unchanged.tokens == ids
+    engine.close()
+    out = jaxfire.generate(model, [prompt], max_new_tokens=20, stop=stop)
+    assert out.texts[0] == text[:cut] and out.tokens[0] == ids[:n] and out.finish_reasons[0] == "stop"
+    for bad, message in (("", "non-empty strings"), ([3], "non-empty strings"), (5, "string or a sequence")):
+        with pytest.raises(RequestError, match=message):
+            jaxfire.Engine(model, slots=1, max_len=64).submit(prompt, max_tokens=2, stop=bad)
+    with pytest.raises(RequestError, match="stop strings need the model's tokenizer"):
+        jaxfire.Engine(model, slots=1, max_len=64, detokenize=False).submit(prompt, max_tokens=2, stop="x")
