@@ -1,0 +1,239 @@
+"""python -m jaxfire.server: an OpenAI-compatible completions endpoint over the serving engine.
+
+    POST /v1/completions   {"prompt": "...", "max_tokens": 50, "temperature": 0, "stream": true, ...}
+    GET  /v1/models        the one model served
+    GET  /health           200 once the engine is up
+
+The request fields are OpenAI's (`prompt` as a string or a list of token ids, `max_tokens`,
+`temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`) plus vLLM's
+`top_k` (-1 or 0: no limit), `ignore_eos` and `stop_token_ids`, so that OpenAI clients and vLLM's
+`benchmark_serving.py` (backend "openai") run against it unchanged. A streamed completion is sent
+as server-sent events, one `data: {json}` chunk per token as the engine produces it, then
+`data: [DONE]`. Each HTTP request is one engine request: requests from all connections share the
+engine's decode slots (continuous batching). A bad request gets HTTP 400 with OpenAI's error body;
+a client that disconnects mid-stream has its request cancelled, which frees its slot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import random
+import threading
+import time
+from typing import Any
+
+from jaxfire.engine import Engine, EngineError, Request
+from jaxfire.errors import JaxfireError
+
+# The engine's finish reasons as OpenAI's: a stop string, a stop id and EOS all "stop".
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+           "stream_options", "ignore_eos", "stop_token_ids", "n", "echo", "logprobs", "user"}
+
+
+class BadRequest(JaxfireError):
+    pass
+
+
+def completion_args(body: Any) -> tuple[Any, dict, bool, bool]:
+    """The prompt, `Engine.submit` keywords, whether to stream and whether to end with usage, from a
+    request body; raises BadRequest naming the first bad field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise BadRequest(f"unsupported field {unknown[0]!r}")
+    if body.get("n", 1) != 1 or body.get("echo", False) or body.get("logprobs") is not None:
+        raise BadRequest("n > 1, echo and logprobs are not supported")
+    if "prompt" not in body:
+        raise BadRequest("'prompt' is required")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if not isinstance(prompt, (str, list)):
+        raise BadRequest("'prompt' must be a string or a list of token ids")
+    top_k, seed = body.get("top_k", 0), body.get("seed")
+    kwargs = dict(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 1.0),
+                  top_p=body.get("top_p", 1.0), top_k=0 if top_k == -1 else top_k,
+                  seed=random.getrandbits(32) if seed is None else seed,  # as OpenAI: unseeded draws differ
+                  ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or (),
+                  stop_token_ids=body.get("stop_token_ids") or ())
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object")
+    return prompt, kwargs, bool(body.get("stream", False)), bool(options.get("include_usage", False))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: "CompletionServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet unless asked
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        kind = "invalid_request_error" if status == 400 else "not_found_error" if status == 404 else "server_error"
+        self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server hook's name)
+        if self.path == "/health":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "owned_by": "jaxfire"}]})
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/v1/completions":
+            self._error(404, f"no route {self.path}")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (ValueError, json.JSONDecodeError) as e:
+            self._error(400, f"the request body is not JSON: {e}")
+            return
+        try:
+            prompt, kwargs, stream, usage = completion_args(body)
+            req = self.server.engine.submit(prompt, **kwargs)
+        except JaxfireError as e:
+            self._error(400, str(e))
+            return
+        if stream:
+            self._stream(req, usage)
+        else:
+            self._complete(req)
+
+    def _chunk(self, req: Request, text: str, finish: str | None) -> dict:
+        return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": self.server.created,
+                "model": self.server.model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+    def _usage(self, req: Request) -> dict:
+        done = len(req.metrics.token_times)  # ids generated, an ending EOS or stop id included
+        return {"prompt_tokens": len(req.prompt), "completion_tokens": done, "total_tokens": len(req.prompt) + done}
+
+    def _complete(self, req: Request) -> None:
+        text = "".join(event.text or "" for event in req)
+        payload = self._chunk(req, text, _FINISH.get(req.finish_reason, req.finish_reason))
+        payload["usage"] = self._usage(req)
+        self._json(200, payload)
+
+    def _stream(self, req: Request, usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(payload: dict | str) -> None:
+            data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        try:
+            for event in req:
+                send(self._chunk(req, event.text or "", _FINISH.get(event.finish_reason) if event.finished else None))
+            if usage:
+                send({**self._chunk(req, "", None), "choices": [], "usage": self._usage(req)})
+            send("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client left: free its slot
+            req.cancel()
+        except EngineError as e:  # the engine failed this request mid-stream: say so, then end the stream
+            send({"error": {"message": str(e), "type": "server_error", "code": 500}})
+            send("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+
+
+class CompletionServer(http.server.ThreadingHTTPServer):
+    """The HTTP server over a started engine; one thread per connection."""
+
+    daemon_threads = True
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxfire",
+                 verbose: bool = False):
+        self.engine = engine
+        self.model_name = model_name
+        self.verbose = verbose
+        self.created = int(time.time())
+        super().__init__((host, port), _Handler)
+
+    def serve_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="jaxfire-server", daemon=True)
+        thread.start()
+        return thread
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxfire.server", description=__doc__.split("\n\n")[0].split(": ")[1])
+    p.add_argument("--checkpoint", help="converted checkpoint directory (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=32, help="requests decoded at once")
+    p.add_argument("--max-len", type=int, default=2048,
+                   help="cache positions per slot, prompt plus new tokens (at most the model's positions)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | fp8 (default: the checkpoint's own)")
+    p.add_argument("--kv-cache-dtype", help="bfloat16 | float32 | fp8 (default: the compute dtype)")
+    p.add_argument("--experts-per-token", type=int, help="override the model's experts per token")
+    p.add_argument("--mesh", help="mesh axis sizes over the devices, e.g. tensor=2 (default: one device)")
+    p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the checkpoint's)")
+    p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
+    p.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.slots < 1 or args.max_len < 2:
+        parser.error("--slots must be at least 1 and --max-len at least 2")
+    if not 0 < args.port < 65536:
+        parser.error("--port must be in [1, 65535]")
+
+    import jaxfire  # deferred so that usage errors come back fast
+    from jaxfire.sharding import mesh_from_spec
+
+    try:
+        mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
+        model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token,
+                             kv_cache_dtype=args.kv_cache_dtype, mesh=mesh, progress=True)
+        engine = jaxfire.Engine(model, slots=args.slots,
+                                max_len=min(args.max_len, model.config.max_position_embeddings))
+    except jaxfire.JaxfireError as e:
+        parser.exit(1, f"error: {e}\n")
+    if not args.no_warmup:
+        print("compiling every step (--no-warmup skips) ...", flush=True)
+        engine.warmup()
+    name = args.model_name or (model.path.name if model.path is not None else "jaxfire")
+    try:
+        server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose)
+    except OSError as e:
+        engine.close()
+        parser.exit(1, f"error: cannot listen on {args.host}:{args.port}: {e}\n")
+    print(f"serving {name} on http://{args.host}:{server.server_address[1]}/v1/completions", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

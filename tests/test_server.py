@@ -1,0 +1,143 @@
+"""The OpenAI-compatible server over the engine: completions (whole and streamed) equal
+jaxfire.generate's, concurrent clients share the engine, bad requests get HTTP 400."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+import jaxfire
+from jaxfire.server import CompletionServer
+
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jaxfire.load(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    engine = jaxfire.Engine(model, slots=4, max_len=64).start()
+    server = CompletionServer(engine, port=0)  # any free port
+    server.serve_in_thread()
+    yield f"http://127.0.0.1:{server.server_address[1]}", engine
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+@pytest.fixture
+def url(served):
+    return served[0]
+
+
+def post(url, body, raw=False):
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return resp.read().decode() if raw else json.loads(resp.read())
+
+
+def sse_chunks(text):
+    lines = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_completion_equals_generate(url, model):
+    want = jaxfire.generate(model, [PROMPT], max_new_tokens=12)
+    out = post(url, {"model": "jaxfire", "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert out["object"] == "text_completion"
+    assert out["choices"][0]["text"] == want.texts[0]
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 12
+    assert out["usage"]["prompt_tokens"] == len(model.tokenizer.encode(PROMPT))
+    # token ids as the prompt, a stop string and vLLM's top_k -1 (no limit)
+    ids = model.tokenizer.encode(PROMPT)
+    stop = want.texts[0][4:7]
+    out = post(url, {"prompt": ids, "max_tokens": 12, "temperature": 0, "stop": [stop], "top_k": -1})
+    assert out["choices"][0]["text"] == want.texts[0][:want.texts[0].find(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engine(url, model):
+    want = jaxfire.generate(model, [PROMPT], max_new_tokens=10, temperature=0.8, seed=5)
+    body = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0.8, "seed": 5, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    results = [None] * 3
+
+    def client(i):
+        results[i] = sse_chunks(post(url, body, raw=True))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for chunks in results:
+        tokens, usage = chunks[:-1], chunks[-1]
+        assert len(tokens) == 10  # one chunk a token
+        assert "".join(c["choices"][0]["text"] for c in tokens) == want.texts[0]
+        assert [c["choices"][0]["finish_reason"] for c in tokens] == [None] * 9 + ["length"]
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 4}, "'prompt' is required"),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens must be an integer of at least 1"),
+    ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+    ({"prompt": PROMPT, "best_of": 2}, "unsupported field 'best_of'"),
+    ({"prompt": PROMPT, "n": 2}, "n > 1"),
+    ({"prompt": 5}, "'prompt' must be a string or a list of token ids"),
+    ({"prompt": [1, 10**6]}, "outside the vocabulary"),
+])
+def test_bad_requests_get_400_naming_the_problem(url, body, message):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(url, body)
+    assert err.value.code == 400
+    assert message in json.loads(err.value.read())["error"]["message"]
+
+
+def test_models_health_and_unknown_routes(url):
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+        assert json.loads(resp.read())["data"][0]["id"] == "jaxfire"
+    with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+        assert resp.status == 200
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url + "/v2/chat", timeout=30)
+    assert err.value.code == 404
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served, monkeypatch):
+    import http.client
+    import time
+
+    url, engine = served
+    cancelled = []
+    cancel = jaxfire.Request.cancel
+    monkeypatch.setattr(jaxfire.Request, "cancel", lambda self: cancelled.append(self.id) or cancel(self))
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 50, "stream": True,
+                                                        "ignore_eos": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.fp.readline()  # the first chunk has come
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.time() + 60
+    while (not cancelled or engine.free_slots < engine.slots) and time.time() < deadline:
+        time.sleep(0.05)
+    assert cancelled and engine.free_slots == engine.slots
+
+
+def test_a_body_that_is_not_json_gets_400(url):
+    req = urllib.request.Request(url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400 and "not JSON" in json.loads(err.value.read())["error"]["message"]
