@@ -27,6 +27,8 @@ from typing import Any
 from jaxfire.engine import Engine, EngineError, Request
 from jaxfire.errors import JaxfireError
 
+MAX_BODY_BYTES = 1 << 24  # a prompt of a million token ids still fits
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
 # The engine's finish reasons as OpenAI's: a stop string, a stop id and EOS all "stop".
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
@@ -83,7 +85,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: int, message: str) -> None:
-        kind = "invalid_request_error" if status == 400 else "not_found_error" if status == 404 else "server_error"
+        kind = _ERROR_TYPES.get(status, "server_error")
         self._json(status, {"error": {"message": message, "type": kind, "code": status}})
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server hook's name)
@@ -101,6 +103,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             length = int(self.headers.get("Content-Length", 0))
+            if length > MAX_BODY_BYTES:
+                self._error(413, f"the request body has {length} bytes, more than the {MAX_BODY_BYTES} accepted")
+                self.close_connection = True  # its bytes are never read
+                return
             body = json.loads(self.rfile.read(length) or b"null")
         except (ValueError, json.JSONDecodeError) as e:
             self._error(400, f"the request body is not JSON: {e}")

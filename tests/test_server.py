@@ -141,3 +141,12 @@ def test_a_body_that_is_not_json_gets_400(url):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400 and "not JSON" in json.loads(err.value.read())["error"]["message"]
+
+
+def test_an_oversized_body_is_refused_unread(url, monkeypatch):
+    from jaxfire import server
+
+    monkeypatch.setattr(server, "MAX_BODY_BYTES", 64)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(url, {"prompt": "x" * 100})
+    assert err.value.code == 413 and "more than the 64 accepted" in json.loads(err.value.read())["error"]["message"]
