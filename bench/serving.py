@@ -12,6 +12,9 @@ time per output token after the first, itl the gaps between successive tokens, e
 latency, each as mean / median / std / pNN in ms; request_throughput is completed requests per second
 and output_throughput / total_token_throughput tokens per second over the run. Latencies run from a
 request's submission to the moment the host sees each token (in-process: no HTTP, no detokenizing).
+With `--http` the same engine serves through `jaxfire.server` on a local port and each request is a
+streamed HTTP completion from its own client thread, timed at the client as vLLM's benchmark times a
+server: submission to each server-sent event's arrival, the server's work included.
 
 `--preset` builds random weights at the preset's geometry on the device (never zeros; speed does not
 depend on their values), so the whole model runs without a checkpoint; `--layers N` builds only N
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import math
 import os
 import pathlib
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -132,7 +137,8 @@ def serving_metrics(requests: list[jaxfire.Request], duration: float) -> dict[st
                total_token_throughput=(total_input + sum(outputs)) / duration)
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
         row.update(percentile_stats(name, values))
-    row["mean_queue_ms"] = float(np.mean([r.metrics.queue_time for r in done] or [0.0]) * 1e3)
+    queued = [r.metrics.queue_time for r in done if r.metrics.queue_time is not None]  # not seen over HTTP
+    row["mean_queue_ms"] = float(np.mean(queued)) * 1e3 if queued else None
     return row
 
 
@@ -157,6 +163,65 @@ def run_rate(engine: jaxfire.Engine, prompts: list[list[int]], rate: float, outp
     for r in requests:
         r.result()
     return requests, max(r.metrics.finished for r in requests) - start
+
+
+@dataclasses.dataclass
+class HttpRequest:
+    """A streamed HTTP completion as `serving_metrics` reads a request, timed at the client."""
+
+    prompt: list[int]
+    metrics: jaxfire.RequestMetrics
+    finish_reason: str | None = None
+
+
+def http_completion(port: int, prompt: list[int], output_len: int) -> HttpRequest:
+    """One greedy streamed completion of exactly output_len tokens; each event's arrival is a token time."""
+    req = HttpRequest(prompt, jaxfire.RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt)))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(dict(prompt=prompt, max_tokens=output_len, temperature=0,
+                                                                ignore_eos=True, stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            req.finish_reason = f"http {resp.status}"
+            return req
+        for line in resp:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            req.metrics.token_times.append(time.perf_counter())
+            choice = json.loads(line[len(b"data: "):])["choices"][0]
+            if choice["finish_reason"] is not None:
+                req.finish_reason = choice["finish_reason"]
+    finally:
+        conn.close()
+    req.metrics.finished = req.metrics.token_times[-1] if req.metrics.token_times else time.perf_counter()
+    return req
+
+
+def run_rate_http(port: int, prompts: list[list[int]], rate: float, output_len: int,
+                  rng: np.random.Generator, bar) -> tuple[list[HttpRequest], float]:
+    """`run_rate` through the HTTP server: each request a client thread started at its arrival time."""
+    n = len(prompts)
+    gaps = np.zeros(n) if math.isinf(rate) else rng.exponential(1.0 / rate, n)
+    offsets = np.cumsum(gaps) - gaps[0]
+    results: list[HttpRequest | None] = [None] * n
+
+    def client(i: int) -> None:
+        results[i] = http_completion(port, prompts[i], output_len)
+        bar.update(1)
+
+    threads = []
+    start = time.perf_counter()
+    for i, offset in enumerate(offsets):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        threads.append(threading.Thread(target=client, args=(i,), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return results, max(r.metrics.finished for r in results) - start
 
 
 def max_rates(rows: list[dict[str, Any]], stat: str) -> dict[str, Any]:
@@ -254,6 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out-dir", default=None, help="default bench/results")
     ap.add_argument("--tag", help="names the figures (default: from the configuration)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--http", action="store_true",
+                    help="serve through jaxfire.server on a local port and time streamed HTTP completions")
     args = ap.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
@@ -285,10 +352,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     listener = lambda event, *_, **__: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
     engine.start()
+    server = None
+    if args.http:
+        from jaxfire.server import CompletionServer
+
+        server = CompletionServer(engine, port=0)  # a free port
+        server.serve_in_thread()
+        port = server.server_address[1]
     try:
         # Zero load: one request alone, the reference the loaded figures compare with.
-        alone = engine.submit(prompts[-1], max_tokens=args.output_len, ignore_eos=True)
-        alone.result()
+        if server is None:
+            alone = engine.submit(prompts[-1], max_tokens=args.output_len, ignore_eos=True)
+            alone.result()
+        else:
+            alone = http_completion(port, prompts[-1], args.output_len)
         idle = dict(idle_ttft_ms=alone.metrics.ttft * 1e3, idle_e2el_ms=alone.metrics.e2e * 1e3,
                     idle_median_itl_ms=float(np.median(alone.metrics.itl or [0.0])) * 1e3)
 
@@ -299,13 +376,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     output_len=args.output_len, num_prompts=args.num_requests, burstiness=1.0, seed=args.seed,
                     prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk,
                     decode_buckets=list(engine.decode_buckets), mix_decode=engine.mix_decode, warmup_s=warmup_s,
-                    **idle)
+                    transport="http" if server is not None else "in-process", **idle)
         with tqdm(total=args.num_requests * len(rates), desc="sweep", unit="req") as bar:
             for i, rate in enumerate(rates):
                 bar.set_description(f"{rate:g} req/s")
                 before = dict(engine.counters)
                 chunk = prompts[i * args.num_requests:(i + 1) * args.num_requests]
-                requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
+                if server is None:
+                    requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
+                else:
+                    requests, duration = run_rate_http(port, chunk, rate, args.output_len, rng, bar)
                 steps = engine.counters["decode_steps"] - before.get("decode_steps", 0)
                 slot_steps = engine.counters["slot_steps"] - before.get("slot_steps", 0)
                 decode_rows = engine.counters["decode_rows"] - before.get("decode_rows", 0)
@@ -316,6 +396,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                  mean_decode_rows=decode_rows / max(steps, 1), decode_steps=steps,
                                  mixed_steps=mixed))
     finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         engine.close()
         jax.monitoring.unregister_event_duration_listener(listener)
 
@@ -334,13 +417,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"highest rate with {args.cutoff_stat} {metric} <= {limit:g} ms: "
               f"{'none of the rates' if best is None else f'{best} req/s'}")
     if not args.no_plots:
-        tag = args.tag or ("smoke" if args.smoke else "-".join(
+        tag = args.tag or ("smoke" + ("-http" if args.http else "") if args.smoke else "-".join(
             [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
              _device_tag(dev) + f"x{desc['devices']}"
              + "".join(f"-{k[0]}{v}" for k, v in (desc["mesh"] or {}).items() if v > 1),
              desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
             + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])
-            + (["nomix"] if args.no_mix_decode else [])))
+            + (["nomix"] if args.no_mix_decode else []) + (["http"] if args.http else [])))
         title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s),\n"
                  f"{desc['weights']} weights, KV {desc['kv_cache']}, "
                  f"{args.slots} slots{f', chunks of {args.prefill_chunk}' if args.prefill_chunk else ''}; "

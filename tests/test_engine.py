@@ -326,11 +326,16 @@ def test_chunked_prefill_matches_generate_and_never_recompiles(model):
     assert prefilling >= 1 and compiles == []
 
 
-def test_serving_smoke_mode(tmp_path):
+@pytest.mark.parametrize("http", [False, True], ids=["in_process", "http"])
+def test_serving_smoke_mode(tmp_path, http):
+    """The serving benchmark end to end on the CPU, in-process and through the HTTP server (streamed
+    completions timed at the client)."""
     from bench import serving
 
-    rows = serving.main(["--smoke", "--rates", "8,inf", "--num-requests", "4", "--out-dir", str(tmp_path)])
+    rows = serving.main(["--smoke", "--rates", "8,inf", "--num-requests", "4", "--out-dir", str(tmp_path)]
+                        + (["--http"] if http else []))
     rates, summary = rows[:-1], rows[-1]
+    assert summary["transport"] == ("http" if http else "in-process")
     assert [r["request_rate"] for r in rates] == [8.0, "inf"]
     for r in rates:
         assert r["completed"] == 4 and r["failed"] == 0
@@ -341,8 +346,9 @@ def test_serving_smoke_mode(tmp_path):
     assert "max_rate_itl_20ms" in summary and "max_rate_e2el_1000ms" in summary
     lines = (tmp_path / "serving.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    assert (tmp_path / "serving_smoke_generation_latency.png").stat().st_size > 0
-    assert (tmp_path / "serving_smoke_total_latency.png").stat().st_size > 0
+    tag = "smoke-http" if http else "smoke"
+    assert (tmp_path / f"serving_{tag}_generation_latency.png").stat().st_size > 0
+    assert (tmp_path / f"serving_{tag}_total_latency.png").stat().st_size > 0
 
 
 def _llama_style_tokenizer():
