@@ -177,6 +177,8 @@ class Generation:
     texts: list[str] | None  # the streamed text per prompt (ending before a stop string), None without a tokenizer
     finish_reasons: list[str]
     prompt_tokens: list[list[int]]
+    # per prompt, each token's log-probability under the model (before temperature, top-p and top-k)
+    logprobs: list[list[float]] = dataclasses.field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -234,6 +236,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
                         stats.texts[event.index] += event.text
                     if event.finished:
                         stats.tokens[event.index] = requests[event.index].tokens
+                        stats.logprobs[event.index] = requests[event.index].logprobs
                         stats.finish_reasons[event.index] = event.finish_reason
             if stats is not None and events:
                 if decode_start is None and len(started) == len(ids):
@@ -252,7 +255,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings.
     Arguments as for `generate_stream`."""
     n = 1 if _is_single_prompt(prompts) else len(prompts)
-    result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[])
+    result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[],
+                        logprobs=[[] for _ in range(n)])
     for _ in generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stop=stop, stats=result):
         pass

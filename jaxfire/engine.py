@@ -105,6 +105,8 @@ class TokenEvent:
     text: str | None  # the text this token adds (None without a tokenizer or with detokenize off)
     finished: bool
     finish_reason: str | None = None  # "eos", "stop" (a stop token or string) or "length" once finished
+    # log-probability of the token under the model's distribution (before temperature, top-p and top-k)
+    logprob: float | None = None
 
 
 @dataclasses.dataclass
@@ -214,6 +216,7 @@ class Request:
         self.ignore_eos = ignore_eos
         self.stop_token_ids = stop_token_ids
         self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
+        self.logprobs: list[float] = []  # each token's log-probability under the model (see TokenEvent)
         self.finish_reason: str | None = None  # "eos", "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None  # what stopped it, for "error"
         self.metrics = RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt))
@@ -303,6 +306,20 @@ def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh
     return SlotState(cache=cache, **rest)
 
 
+def _with_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[2, B] int32: the tokens, and their log-probabilities under the logits as float32 bits, so one
+    transfer brings both to the host (`_read`)."""
+    # logits: [B, V] float32, tokens: [B] int32
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]  # [B]
+    return jnp.stack([tokens, jax.lax.bitcast_convert_type(lp, jnp.int32)])
+
+
+def _read(out: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [B] and log-probabilities [B] from a sampling program's [2, B] output."""
+    host = np.asarray(out)
+    return host[0], host[1].view(np.float32)
+
+
 def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
             top_p: jax.Array, top_k: jax.Array, sample: bool) -> jax.Array:
     """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0.
@@ -371,11 +388,12 @@ def _prefill_piece(*args, last: bool, **kwargs):
 @functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
 def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array, temperature: jax.Array,
            top_p: jax.Array, top_k: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
-    """A prefilled request's first token, and its sampling parameters written into `slot`."""
-    # logits: [1, V], scalars otherwise -> first token [1]
+    """A prefilled request's first token (with its log-probability, `_with_logprobs`), and its sampling
+    parameters written into `slot`."""
+    # logits: [1, V], scalars otherwise -> [2, 1]
     zero = jnp.zeros((1,), jnp.int32)
     first = _sample(logits, seed[None], zero, temperature[None], top_p[None], top_k[None], sample)  # [1]
-    return first, dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
+    return _with_logprobs(logits, first), dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
                                       steps=_put(state.steps, zero + 1, slot),
                                       seeds=_put(state.seeds, seed[None], slot),
                                       temperature=_put(state.temperature, temperature[None], slot),
@@ -398,13 +416,14 @@ def _decode(params: Params, state: SlotState, active: jax.Array, config: Config,
 @functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
 def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
     """Samples the next token of every active slot among the first n; the others keep their token and
-    stream position."""
-    # logits: [n, V], active: [n] bool -> next tokens [n] (meaningless where inactive)
+    stream position. Returns the tokens with their log-probabilities (`_with_logprobs`)."""
+    # logits: [n, V], active: [n] bool -> [2, n] (meaningless where inactive)
     n = active.shape[0]
     nxt = _sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n], state.top_k[:n],
                   sample)  # [n]
     tokens = state.tokens.at[:n].set(jnp.where(active, nxt, state.tokens[:n]))
-    return nxt, dataclasses.replace(state, tokens=tokens, steps=state.steps.at[:n].add(active.astype(jnp.int32)))
+    return _with_logprobs(logits, nxt), dataclasses.replace(state, tokens=tokens,
+                                                            steps=state.steps.at[:n].add(active.astype(jnp.int32)))
 
 
 def slot_buckets(slots: int) -> tuple[int, ...]:
@@ -786,13 +805,13 @@ class Engine:
             self._sample_step(logits, active, live)
 
         for out, snapshot in self._in_flight:
-            host = np.asarray(out)
+            tokens, logprobs = _read(out)
             now = time.perf_counter()
             for s, req in snapshot:
-                self._emit(req, int(host[s]), now, events)
+                self._emit(req, int(tokens[s]), float(logprobs[s]), now, events)
         for req, first in admitted:
-            token = int(np.asarray(first)[0])
-            self._emit(req, token, time.perf_counter(), events)
+            tokens, logprobs = _read(first)
+            self._emit(req, int(tokens[0]), float(logprobs[0]), time.perf_counter(), events)
         self._in_flight, self._dispatched_now = self._dispatched_now, []
         return events
 
@@ -853,7 +872,7 @@ class Engine:
             heapq.heappush(self._free, req._slot)
         req._slot = None
 
-    def _emit(self, req: Request, token: int, now: float, events: list[TokenEvent]) -> None:
+    def _emit(self, req: Request, token: int, logprob: float, now: float, events: list[TokenEvent]) -> None:
         if req.finished:  # cancelled, or ended by EOS while this step was in flight
             return
         req._emitted += 1
@@ -863,11 +882,12 @@ class Engine:
         reason = "eos" if is_eos else "stop" if ends else ("length" if last else None)
         if not ends:
             req.tokens.append(token)
+            req.logprobs.append(logprob)
         req.metrics.token_times.append(now)
         text, hit = (req._detok.flush(), False) if ends else req._detok.stream(token, final=last)
         if hit:  # a stop string: the text ends before it
             last, reason = True, "stop"
-        event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason)
+        event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason, logprob=logprob)
         events.append(event)
         req._events.put(event)
         if req._on_token is not None:

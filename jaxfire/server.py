@@ -5,7 +5,8 @@
     GET  /health           200 once the engine is up
 
 The request fields are OpenAI's (`prompt` as a string or a list of token ids, `max_tokens`,
-`temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`) plus vLLM's
+`temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`, `logprobs` 0: each
+chosen token's log-probability under the model) plus vLLM's
 `top_k` (-1 or 0: no limit), `ignore_eos` and `stop_token_ids`, so that OpenAI clients and vLLM's
 `benchmark_serving.py` (backend "openai") run against it unchanged. A streamed completion is sent
 as server-sent events, one `data: {json}` chunk per token as the engine produces it, then
@@ -39,16 +40,18 @@ class BadRequest(JaxfireError):
     pass
 
 
-def completion_args(body: Any) -> tuple[Any, dict, bool, bool]:
-    """The prompt, `Engine.submit` keywords, whether to stream and whether to end with usage, from a
-    request body; raises BadRequest naming the first bad field."""
+def completion_args(body: Any) -> tuple[Any, dict, bool, bool, bool]:
+    """The prompt, `Engine.submit` keywords, whether to stream, to end with usage and to return
+    logprobs, from a request body; raises BadRequest naming the first bad field."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise BadRequest(f"unsupported field {unknown[0]!r}")
-    if body.get("n", 1) != 1 or body.get("echo", False) or body.get("logprobs") is not None:
-        raise BadRequest("n > 1, echo and logprobs are not supported")
+    if body.get("n", 1) != 1 or body.get("echo", False):
+        raise BadRequest("n > 1 and echo are not supported")
+    if body.get("logprobs") not in (None, 0):
+        raise BadRequest("only logprobs 0 (each chosen token's log-probability) is supported, not alternatives")
     if "prompt" not in body:
         raise BadRequest("'prompt' is required")
     prompt = body["prompt"]
@@ -65,7 +68,8 @@ def completion_args(body: Any) -> tuple[Any, dict, bool, bool]:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
-    return prompt, kwargs, bool(body.get("stream", False)), bool(options.get("include_usage", False))
+    return (prompt, kwargs, bool(body.get("stream", False)), bool(options.get("include_usage", False)),
+            body.get("logprobs") is not None)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -112,32 +116,47 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(400, f"the request body is not JSON: {e}")
             return
         try:
-            prompt, kwargs, stream, usage = completion_args(body)
+            prompt, kwargs, stream, usage, logprobs = completion_args(body)
             req = self.server.engine.submit(prompt, **kwargs)
         except JaxfireError as e:
             self._error(400, str(e))
             return
         if stream:
-            self._stream(req, usage)
+            self._stream(req, usage, logprobs)
         else:
-            self._complete(req)
+            self._complete(req, logprobs)
 
-    def _chunk(self, req: Request, text: str, finish: str | None) -> dict:
+    def _chunk(self, req: Request, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": self.server.created,
                 "model": self.server.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+
+    def _logprobs(self, events: list, offset: int) -> dict:
+        """OpenAI's logprobs object for these tokens, whose text starts at character `offset`."""
+        tok = self.server.engine.model.tokenizer
+        tokens = [tok.decode([e.token], skip_special_tokens=False) if tok is not None else str(e.token)
+                  for e in events]
+        offsets = []
+        for e in events:
+            offsets.append(offset)
+            offset += len(e.text or "")
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events], "top_logprobs": None,
+                "text_offset": offsets}
 
     def _usage(self, req: Request) -> dict:
         done = len(req.metrics.token_times)  # ids generated, an ending EOS or stop id included
         return {"prompt_tokens": len(req.prompt), "completion_tokens": done, "total_tokens": len(req.prompt) + done}
 
-    def _complete(self, req: Request) -> None:
-        text = "".join(event.text or "" for event in req)
-        payload = self._chunk(req, text, _FINISH.get(req.finish_reason, req.finish_reason))
+    def _complete(self, req: Request, logprobs: bool) -> None:
+        events = list(req)
+        text = "".join(event.text or "" for event in events)
+        output = events[:len(req.tokens)]  # not an ending EOS or stop id
+        payload = self._chunk(req, text, _FINISH.get(req.finish_reason, req.finish_reason),
+                              self._logprobs(output, 0) if logprobs else None)
         payload["usage"] = self._usage(req)
         self._json(200, payload)
 
-    def _stream(self, req: Request, usage: bool) -> None:
+    def _stream(self, req: Request, usage: bool, logprobs: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -150,8 +169,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
+            offset = 0
             for event in req:
-                send(self._chunk(req, event.text or "", _FINISH.get(event.finish_reason) if event.finished else None))
+                lp = self._logprobs([event], offset) if logprobs else None
+                offset += len(event.text or "")
+                send(self._chunk(req, event.text or "", _FINISH.get(event.finish_reason) if event.finished else None,
+                                 lp))
             if usage:
                 send({**self._chunk(req, "", None), "choices": [], "usage": self._usage(req)})
             send("[DONE]")

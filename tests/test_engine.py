@@ -419,3 +419,23 @@ def test_stop_strings_end_a_request_before_the_string(model):
             jaxfire.Engine(model, slots=1, max_len=64).submit(prompt, max_tokens=2, stop=bad)
     with pytest.raises(RequestError, match="stop strings need the model's tokenizer"):
         jaxfire.Engine(model, slots=1, max_len=64, detokenize=False).submit(prompt, max_tokens=2, stop="x")
+
+
+def test_each_token_carries_its_log_probability_under_the_model(model):
+    """Greedy or sampled, a token's logprob is log_softmax of the model's logits at its position (before
+    temperature and top-p), on events, on the request and in jaxfire.generate."""
+    rng = np.random.default_rng(21)
+    prompt = random_prompt(rng, model, 4, 8)
+    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN)
+    greedy = engine.submit(prompt, max_tokens=6, ignore_eos=True)
+    hot = engine.submit(prompt, max_tokens=6, temperature=1.5, top_p=0.8, seed=3, ignore_eos=True)
+    events = {r.id: [e.logprob for e in r] for r in (greedy, hot)}
+    engine.close()
+    for req in (greedy, hot):
+        logits = jaxfire.logits(model, [prompt + req.tokens[:-1]])[0, len(prompt) - 1:]  # [6, V]
+        want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(req.tokens)[:, None], 1)
+        np.testing.assert_allclose(req.logprobs, want[:, 0], rtol=1e-4, atol=1e-4)
+        assert events[req.id] == req.logprobs
+    assert max(greedy.logprobs) <= 0 and greedy.logprobs != hot.logprobs
+    out = jaxfire.generate(model, [prompt], max_new_tokens=6)
+    np.testing.assert_allclose(out.logprobs[0], greedy.logprobs[:len(out.tokens[0])], rtol=1e-5)

@@ -94,6 +94,7 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"prompt": PROMPT, "best_of": 2}, "unsupported field 'best_of'"),
     ({"prompt": PROMPT, "n": 2}, "n > 1"),
+    ({"prompt": PROMPT, "logprobs": 3}, "only logprobs 0"),
     ({"prompt": 5}, "'prompt' must be a string or a list of token ids"),
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
 ])
@@ -150,3 +151,18 @@ def test_an_oversized_body_is_refused_unread(url, monkeypatch):
     with pytest.raises(urllib.error.HTTPError) as err:
         post(url, {"prompt": "x" * 100})
     assert err.value.code == 413 and "more than the 64 accepted" in json.loads(err.value.read())["error"]["message"]
+
+
+def test_logprobs_are_the_models(url, model):
+    import numpy as np
+
+    out = post(url, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0, "ignore_eos": True})
+    lp = out["choices"][0]["logprobs"]
+    ids = model.tokenizer.encode(PROMPT)
+    want = jaxfire.generate(model, [PROMPT], max_new_tokens=5)
+    np.testing.assert_allclose(lp["token_logprobs"], want.logprobs[0], rtol=1e-4, atol=1e-5)
+    assert "".join(lp["tokens"]) == out["choices"][0]["text"] == want.texts[0] and len(ids) > 0
+    assert lp["text_offset"][0] == 0 and lp["top_logprobs"] is None
+    chunks = sse_chunks(post(url, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0,
+                                   "stream": True, "ignore_eos": True}, raw=True))
+    assert [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in chunks] == lp["token_logprobs"]
