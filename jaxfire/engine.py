@@ -64,6 +64,7 @@ import dataclasses
 import functools
 import heapq
 import math
+import os
 import queue
 import threading
 import time
@@ -169,7 +170,7 @@ class _Detokenizer:
         if not final and (len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before)):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):] if text.startswith(before) else text
+        return text[len(os.path.commonprefix([before, text])):]  # the emitted text is never repeated
 
     def stream(self, token: int, final: bool) -> tuple[str | None, bool]:
         """The text to emit for this token, and whether it completed a stop string (the text then ends
