@@ -50,7 +50,8 @@ def completion_args(body: Any) -> tuple[Any, dict, bool, bool, bool]:
         raise BadRequest(f"unsupported field {unknown[0]!r}")
     if body.get("n", 1) != 1 or body.get("echo", False):
         raise BadRequest("n > 1 and echo are not supported")
-    if body.get("logprobs") not in (None, 0):
+    logprobs = None if body.get("logprobs") is False else body.get("logprobs")
+    if logprobs not in (None, 0) or logprobs is True:
         raise BadRequest("only logprobs 0 (each chosen token's log-probability) is supported, not alternatives")
     if "prompt" not in body:
         raise BadRequest("'prompt' is required")
@@ -60,7 +61,8 @@ def completion_args(body: Any) -> tuple[Any, dict, bool, bool, bool]:
     if not isinstance(prompt, (str, list)):
         raise BadRequest("'prompt' must be a string or a list of token ids")
     top_k, seed = body.get("top_k", 0), body.get("seed")
-    kwargs = dict(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 1.0),
+    max_tokens = body.get("max_tokens")
+    kwargs = dict(max_tokens=16 if max_tokens is None else max_tokens, temperature=body.get("temperature", 1.0),
                   top_p=body.get("top_p", 1.0), top_k=0 if top_k == -1 else top_k,
                   seed=random.getrandbits(32) if seed is None else seed,  # as OpenAI: unseeded draws differ
                   ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or (),
@@ -69,7 +71,7 @@ def completion_args(body: Any) -> tuple[Any, dict, bool, bool, bool]:
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
     return (prompt, kwargs, bool(body.get("stream", False)), bool(options.get("include_usage", False)),
-            body.get("logprobs") is not None)
+            logprobs is not None)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -52,6 +52,9 @@ def sse_chunks(text):
 
 def test_completion_equals_generate(url, model):
     want = jaxfire.generate(model, [PROMPT], max_new_tokens=12)
+    out = post(url, {"prompt": PROMPT, "max_tokens": None, "temperature": 0, "logprobs": False, "ignore_eos": True})
+    assert out["choices"][0]["logprobs"] is None
+    assert out["usage"]["completion_tokens"] == 16  # null max_tokens: 16, as OpenAI's legacy default
     out = post(url, {"model": "jaxfire", "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
     assert out["object"] == "text_completion"
     assert out["choices"][0]["text"] == want.texts[0]
@@ -95,6 +98,7 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": PROMPT, "best_of": 2}, "unsupported field 'best_of'"),
     ({"prompt": PROMPT, "n": 2}, "n > 1"),
     ({"prompt": PROMPT, "logprobs": 3}, "only logprobs 0"),
+    ({"prompt": PROMPT, "logprobs": True}, "only logprobs 0"),
     ({"prompt": 5}, "'prompt' must be a string or a list of token ids"),
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
 ])
