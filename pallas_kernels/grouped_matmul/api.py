@@ -85,15 +85,16 @@ def _check(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs
 
 
 def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation,
-                    by_id=False, num_rows=None) -> tuple[str, Config]:
-    """The Pallas kernel and config for a problem: decode-sized or rows by id -> Triton, else wgmma if it can."""
+                    rows_by_id: int | None = None) -> tuple[str, Config]:
+    """The Pallas kernel and config for a problem: decode-sized or rows by id -> Triton, else wgmma if it can.
+    rows_by_id: the output rows of a problem given by expert ids (lhs rows times experts each), else None."""
     t, k = lhs.shape
-    t = num_rows or t  # output rows: lhs rows times experts each, for rows by id
+    t = rows_by_id or t
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     n_out = n // 2 if swiglu else n
     t_config = dict(swiglu=swiglu, num_groups=rhs.shape[0], weight_itemsize=jnp.dtype(rhs.dtype).itemsize,
                     gemv=implementation != "pallas_mma")
-    if implementation == "pallas_triton" or by_id:
+    if implementation == "pallas_triton" or rows_by_id is not None:
         return "triton", config or triton_config(t, k, n_out, **t_config)
     m_config = config or mosaic_config(t, k, n_out, itemsize=jnp.dtype(lhs.dtype).itemsize, swiglu=swiglu)
     reason = mosaic.unsupported_reason(
@@ -122,8 +123,8 @@ def _run(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs, 
         if by_id:
             return reference.by_id(ref, lhs, rhs, group_ids, **kw)
         return ref(lhs, rhs, group_sizes, **kw)
-    backend, cfg = _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation, by_id,
-                                   num_rows=group_ids.size if by_id else None)
+    backend, cfg = _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation,
+                                   rows_by_id=group_ids.size if by_id else None)
     if backend == "mosaic":
         return mosaic.grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32), lhs_scale, rhs_scale,
                                      transpose_rhs=transpose_rhs, swiglu=swiglu, out_dtype=out_dtype, config=cfg,
