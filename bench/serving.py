@@ -142,24 +142,32 @@ def serving_metrics(requests: list[jaxfire.Request], duration: float) -> dict[st
     return row
 
 
-def run_rate(engine: jaxfire.Engine, prompts: list[list[int]], rate: float, output_len: int,
-             rng: np.random.Generator, bar) -> tuple[list[jaxfire.Request], float]:
-    """Submits the prompts with exponential gaps of mean 1/rate (all at once for inf); waits for all."""
+def at_arrivals(prompts: list[list[int]], rate: float, rng: np.random.Generator, launch) -> tuple[list, float]:
+    """Calls launch(prompt) for each prompt at Poisson arrival times (exponential gaps of mean 1/rate,
+    all at once for inf); returns what the calls returned and the start time."""
     n = len(prompts)
     gaps = np.zeros(n) if math.isinf(rate) else rng.exponential(1.0 / rate, n)
     offsets = np.cumsum(gaps) - gaps[0]
-
-    def tick(event: jaxfire.TokenEvent) -> None:
-        if event.finished:
-            bar.update(1)
-
-    requests = []
+    launched = []
     start = time.perf_counter()
     for prompt, offset in zip(prompts, offsets):
         delay = start + offset - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        requests.append(engine.submit(prompt, max_tokens=output_len, ignore_eos=True, on_token=tick))
+        launched.append(launch(prompt))
+    return launched, start
+
+
+def run_rate(engine: jaxfire.Engine, prompts: list[list[int]], rate: float, output_len: int,
+             rng: np.random.Generator, bar) -> tuple[list[jaxfire.Request], float]:
+    """Submits the prompts at Poisson arrivals (`at_arrivals`); waits for all."""
+
+    def tick(event: jaxfire.TokenEvent) -> None:
+        if event.finished:
+            bar.update(1)
+
+    requests, start = at_arrivals(prompts, rate, rng, lambda prompt: engine.submit(
+        prompt, max_tokens=output_len, ignore_eos=True, on_token=tick))
     for r in requests:
         r.result()
     return requests, max(r.metrics.finished for r in requests) - start
@@ -202,25 +210,22 @@ def http_completion(port: int, prompt: list[int], output_len: int) -> HttpReques
 def run_rate_http(port: int, prompts: list[list[int]], rate: float, output_len: int,
                   rng: np.random.Generator, bar) -> tuple[list[HttpRequest], float]:
     """`run_rate` through the HTTP server: each request a client thread started at its arrival time."""
-    n = len(prompts)
-    gaps = np.zeros(n) if math.isinf(rate) else rng.exponential(1.0 / rate, n)
-    offsets = np.cumsum(gaps) - gaps[0]
-    results: list[HttpRequest | None] = [None] * n
 
-    def client(i: int) -> None:
-        results[i] = http_completion(port, prompts[i], output_len)
-        bar.update(1)
+    def launch(prompt: list[int]) -> tuple[threading.Thread, dict]:
+        out: dict[str, HttpRequest] = {}
 
-    threads = []
-    start = time.perf_counter()
-    for i, offset in enumerate(offsets):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        threads.append(threading.Thread(target=client, args=(i,), daemon=True))
-        threads[-1].start()
-    for t in threads:
-        t.join()
+        def client() -> None:
+            out["request"] = http_completion(port, prompt, output_len)
+            bar.update(1)
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        return thread, out
+
+    launched, start = at_arrivals(prompts, rate, rng, launch)
+    for thread, _ in launched:
+        thread.join()
+    results = [out["request"] for _, out in launched]
     return results, max(r.metrics.finished for r in results) - start
 
 
