@@ -172,8 +172,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         try:
             offset = 0
-            for event in req:
-                lp = self._logprobs([event], offset) if logprobs else None
+            for i, event in enumerate(req):
+                # An ending EOS or stop id is not output (req.tokens stops short of it), nor listed.
+                lp = self._logprobs([event], offset) if logprobs and i < len(req.tokens) else None
                 offset += len(event.text or "")
                 send(self._chunk(req, event.text or "", _FINISH.get(event.finish_reason) if event.finished else None,
                                  lp))

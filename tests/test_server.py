@@ -170,3 +170,17 @@ def test_logprobs_are_the_models(url, model):
     chunks = sse_chunks(post(url, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0,
                                    "stream": True, "ignore_eos": True}, raw=True))
     assert [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in chunks] == lp["token_logprobs"]
+
+
+def test_an_ending_stop_id_is_listed_nowhere(url, model):
+    """A stop id ends the completion without being output: neither the whole response nor the last
+    streamed chunk lists its log-probability."""
+    full = jaxfire.generate(model, [PROMPT], max_new_tokens=8)
+    stop_id = full.tokens[0][3]
+    cut = full.tokens[0].index(stop_id)
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 0, "stop_token_ids": [stop_id]}
+    whole = post(url, body)["choices"][0]
+    assert whole["finish_reason"] == "stop" and len(whole["logprobs"]["token_logprobs"]) == cut
+    chunks = sse_chunks(post(url, {**body, "stream": True}, raw=True))
+    listed = [c["choices"][0]["logprobs"] for c in chunks]
+    assert len(chunks) == cut + 1 and listed[-1] is None and None not in listed[:-1]
