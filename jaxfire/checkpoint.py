@@ -33,7 +33,7 @@ from jaxfire.errors import JaxfireError
 FORMAT_FILE = "jaxfire.json"
 FORMAT_VERSION = 2  # 2: experts' gate/up stored [E, 2, F, D] (1 stored [E, 2F, D])
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 class CheckpointError(JaxfireError):

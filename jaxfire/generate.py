@@ -14,6 +14,11 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the model's chat template")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="with --chat: this Jinja chat template instead of the checkpoint's own")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--experts-per-token must be at least 1")
     if args.slots is not None and args.slots < 1:
         parser.error("--slots must be at least 1")
+    if (args.system is not None or args.chat_template is not None) and not args.chat:
+        parser.error("--system and --chat-template go with --chat")
     if args.prompts_file:
         path = pathlib.Path(args.prompts_file)
         if not path.is_file():
@@ -59,15 +66,26 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [args.prompt]
 
     import jaxfire  # deferred so that usage errors come back fast
+    from jaxfire.chat import ChatTemplate
     from jaxfire.sharding import mesh_from_spec
 
     try:
+        template = None if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
         mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
         model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token,
                              kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
-        if model.tokenizer is None:
+        tok = model.tokenizer
+        if tok is None:
             raise jaxfire.JaxfireError(f"{model.path} has no tokenizer, so text prompts cannot be encoded")
-        ids = [model.tokenizer.encode(p) for p in prompts]
+        if args.chat:
+            if template is not None:
+                cfg = model.config
+                tok.chat_template = template.with_special_tokens(
+                    tok.special_tokens(cfg.bos_token_id, cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
+            system = [] if args.system is None else [{"role": "system", "content": args.system}]
+            ids = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
+        else:
+            ids = [tok.encode(p) for p in prompts]
         need = max(map(len, ids)) + args.max_new_tokens
         engine = jaxfire.Engine(model, slots=min(args.slots or len(prompts), len(prompts)),
                                 max_len=max(16, 1 << (need - 1).bit_length()))

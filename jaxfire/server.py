@@ -1,23 +1,28 @@
-"""python -m jaxfire.server: an OpenAI-compatible completions endpoint over the serving engine.
+"""python -m jaxfire.server: OpenAI-compatible completions and chat completions over the serving engine.
 
-    POST /v1/completions   {"prompt": "...", "max_tokens": 50, "temperature": 0, "stream": true, ...}
-    GET  /v1/models        the one model served
-    GET  /health           200 once the engine is up
+    POST /v1/completions       {"prompt": "...", "max_tokens": 50, "temperature": 0, "stream": true, ...}
+    POST /v1/chat/completions  {"messages": [{"role": "user", "content": "..."}], "max_tokens": 50, ...}
+    GET  /v1/models            the one model served
+    GET  /health               200 once the engine is up
 
-The request fields are OpenAI's (`prompt` as a string or a list of token ids, `max_tokens`,
-`temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`, `logprobs` 0: each
-chosen token's log-probability under the model) plus vLLM's
-`top_k` (-1 or 0: no limit), `ignore_eos` and `stop_token_ids`, so that OpenAI clients and vLLM's
-`benchmark_serving.py` (backend "openai") run against it unchanged. A streamed completion is sent
-as server-sent events, one `data: {json}` chunk per token as the engine produces it, then
-`data: [DONE]`. Each HTTP request is one engine request: requests from all connections share the
-engine's decode slots (continuous batching). A bad request gets HTTP 400 with OpenAI's error body;
-a client that disconnects mid-stream has its request cancelled, which frees its slot.
+The request fields are OpenAI's (`prompt` as a string or a list of token ids, or chat `messages`;
+`max_tokens` (chat: or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `stop`, `stream`,
+`stream_options.include_usage`, `logprobs`: each chosen token's log-probability under the model,
+without alternatives) plus vLLM's `top_k` (-1 or 0: no limit), `ignore_eos` and `stop_token_ids`, so
+that OpenAI clients and vLLM's `benchmark_serving.py` (backends "openai" and "openai-chat") run
+against it unchanged. Chat messages become the prompt through the model's chat template (the
+checkpoint's, or `--chat-template FILE`); a chat without `max_tokens` may fill the slot's cache. A
+streamed completion is sent as server-sent events, one `data: {json}` chunk per token as the engine
+produces it, then `data: [DONE]`. Each HTTP request is one engine request: requests from all
+connections share the engine's decode slots (continuous batching). A bad request gets HTTP 400 with
+OpenAI's error body; a client that disconnects mid-stream has its request cancelled, which frees its
+slot.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.server
 import json
 import random
@@ -25,6 +30,7 @@ import threading
 import time
 from typing import Any
 
+from jaxfire.chat import ChatTemplate
 from jaxfire.engine import Engine, EngineError, Request
 from jaxfire.errors import JaxfireError
 
@@ -32,24 +38,51 @@ MAX_BODY_BYTES = 1 << 24  # a prompt of a million token ids still fits
 _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
 # The engine's finish reasons as OpenAI's: a stop string, a stop id and EOS all "stop".
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-           "stream_options", "ignore_eos", "stop_token_ids", "n", "echo", "logprobs", "user"}
+_SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
+             "ignore_eos", "stop_token_ids", "n", "logprobs", "user"}
+_FIELDS = {"/v1/completions": _SAMPLING | {"prompt", "echo"},
+           "/v1/chat/completions": _SAMPLING | {"messages", "max_completion_tokens", "top_logprobs",
+                                                "add_generation_prompt"}}
 
 
 class BadRequest(JaxfireError):
     pass
 
 
-def completion_args(body: Any) -> tuple[Any, dict, bool, bool, bool]:
-    """The prompt, `Engine.submit` keywords, whether to stream, to end with usage and to return
-    logprobs, from a request body; raises BadRequest naming the first bad field."""
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One request's body, checked: what to submit and how to answer."""
+    prompt: Any  # a string or token ids; for a chat, the messages
+    kwargs: dict  # `Engine.submit` keywords; a chat's max_tokens None: as many as the cache holds
+    stream: bool
+    usage: bool  # end a stream with a usage chunk
+    logprobs: bool
+    chat: bool = False
+    add_generation_prompt: bool = True
+
+
+def _sampling_args(body: Any, route: str) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - _FIELDS)
+    unknown = sorted(set(body) - _FIELDS[route])
     if unknown:
         raise BadRequest(f"unsupported field {unknown[0]!r}")
     if body.get("n", 1) != 1 or body.get("echo", False):
         raise BadRequest("n > 1 and echo are not supported")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object")
+    top_k, seed = body.get("top_k", 0), body.get("seed")
+    return dict(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
+                top_k=0 if top_k == -1 else top_k,
+                seed=random.getrandbits(32) if seed is None else seed,  # as OpenAI: unseeded draws differ
+                ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or (),
+                stop_token_ids=body.get("stop_token_ids") or ())
+
+
+def completion_args(body: Any) -> Call:
+    """A /v1/completions body checked; raises BadRequest naming the first bad field."""
+    kwargs = _sampling_args(body, "/v1/completions")
     logprobs = None if body.get("logprobs") is False else body.get("logprobs")
     if logprobs not in (None, 0) or logprobs is True:
         raise BadRequest("only logprobs 0 (each chosen token's log-probability) is supported, not alternatives")
@@ -60,18 +93,26 @@ def completion_args(body: Any) -> tuple[Any, dict, bool, bool, bool]:
         prompt = prompt[0]  # a batch of one
     if not isinstance(prompt, (str, list)):
         raise BadRequest("'prompt' must be a string or a list of token ids")
-    top_k, seed = body.get("top_k", 0), body.get("seed")
     max_tokens = body.get("max_tokens")
-    kwargs = dict(max_tokens=16 if max_tokens is None else max_tokens, temperature=body.get("temperature", 1.0),
-                  top_p=body.get("top_p", 1.0), top_k=0 if top_k == -1 else top_k,
-                  seed=random.getrandbits(32) if seed is None else seed,  # as OpenAI: unseeded draws differ
-                  ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or (),
-                  stop_token_ids=body.get("stop_token_ids") or ())
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object")
-    return (prompt, kwargs, bool(body.get("stream", False)), bool(options.get("include_usage", False)),
-            logprobs is not None)
+    kwargs["max_tokens"] = 16 if max_tokens is None else max_tokens  # OpenAI's legacy default
+    return Call(prompt, kwargs, bool(body.get("stream", False)),
+                bool((body.get("stream_options") or {}).get("include_usage", False)), logprobs is not None)
+
+
+def chat_args(body: Any) -> Call:
+    """A /v1/chat/completions body checked; raises BadRequest naming the first bad field."""
+    kwargs = _sampling_args(body, "/v1/chat/completions")
+    if not isinstance(body.get("logprobs", False), bool):
+        raise BadRequest("'logprobs' must be true or false")
+    if body.get("top_logprobs") not in (None, 0):
+        raise BadRequest("only top_logprobs 0 is supported: each chosen token's log-probability, not alternatives")
+    if "messages" not in body:
+        raise BadRequest("'messages' is required")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    kwargs["max_tokens"] = max_tokens
+    return Call(body["messages"], kwargs, bool(body.get("stream", False)),
+                bool((body.get("stream_options") or {}).get("include_usage", False)), bool(body.get("logprobs")),
+                chat=True, add_generation_prompt=bool(body.get("add_generation_prompt", True)))
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -104,7 +145,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}")
 
     def do_POST(self) -> None:  # noqa: N802
-        if self.path != "/v1/completions":
+        if self.path not in _FIELDS:
             self._error(404, f"no route {self.path}")
             return
         try:
@@ -118,26 +159,45 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(400, f"the request body is not JSON: {e}")
             return
         try:
-            prompt, kwargs, stream, usage, logprobs = completion_args(body)
+            call = chat_args(body) if self.path == "/v1/chat/completions" else completion_args(body)
+            prompt, kwargs = call.prompt, call.kwargs
+            if call.chat:
+                prompt = self.server.chat_ids(prompt, call.add_generation_prompt)
+                if kwargs["max_tokens"] is None:
+                    kwargs = {**kwargs, "max_tokens": self.server.room(len(prompt))}
             req = self.server.engine.submit(prompt, **kwargs)
         except JaxfireError as e:
             self._error(400, str(e))
             return
-        if stream:
-            self._stream(req, usage, logprobs)
+        if call.stream:
+            self._stream(req, call)
         else:
-            self._complete(req, logprobs)
+            self._complete(req, call)
 
-    def _chunk(self, req: Request, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
-        return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": self.server.created,
+    def _chunk(self, req: Request, call: Call, text: str, finish: str | None, logprobs: dict | None = None,
+               first: bool = False) -> dict:
+        """One response object: a whole completion, or a streamed piece of one."""
+        if not call.chat:
+            return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": self.server.created,
+                    "model": self.server.model_name,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+        if call.stream:
+            kind, message = "chat.completion.chunk", {"delta": {"role": "assistant", "content": text} if first
+                                                      else {"content": text}}
+        else:
+            kind, message = "chat.completion", {"message": {"role": "assistant", "content": text}}
+        return {"id": f"chatcmpl-{req.id}", "object": kind, "created": self.server.created,
                 "model": self.server.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+                "choices": [{"index": 0, **message, "finish_reason": finish, "logprobs": logprobs}]}
 
-    def _logprobs(self, events: list, offset: int) -> dict:
+    def _logprobs(self, call: Call, events: list, offset: int) -> dict:
         """OpenAI's logprobs object for these tokens, whose text starts at character `offset`."""
         tok = self.server.engine.model.tokenizer
         tokens = [tok.decode([e.token], skip_special_tokens=False) if tok is not None else str(e.token)
                   for e in events]
+        if call.chat:
+            return {"content": [{"token": t, "logprob": e.logprob, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, e in zip(tokens, events)]}
         offsets = []
         for e in events:
             offsets.append(offset)
@@ -149,16 +209,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         done = len(req.metrics.token_times)  # ids generated, an ending EOS or stop id included
         return {"prompt_tokens": len(req.prompt), "completion_tokens": done, "total_tokens": len(req.prompt) + done}
 
-    def _complete(self, req: Request, logprobs: bool) -> None:
+    def _complete(self, req: Request, call: Call) -> None:
         events = list(req)
         text = "".join(event.text or "" for event in events)
         output = events[:len(req.tokens)]  # not an ending EOS or stop id
-        payload = self._chunk(req, text, _FINISH.get(req.finish_reason, req.finish_reason),
-                              self._logprobs(output, 0) if logprobs else None)
+        payload = self._chunk(req, call, text, _FINISH.get(req.finish_reason, req.finish_reason),
+                              self._logprobs(call, output, 0) if call.logprobs else None)
         payload["usage"] = self._usage(req)
         self._json(200, payload)
 
-    def _stream(self, req: Request, usage: bool, logprobs: bool) -> None:
+    def _stream(self, req: Request, call: Call) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -174,12 +234,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             offset = 0
             for i, event in enumerate(req):
                 # An ending EOS or stop id is not output (req.tokens stops short of it), nor listed.
-                lp = self._logprobs([event], offset) if logprobs and i < len(req.tokens) else None
+                lp = self._logprobs(call, [event], offset) if call.logprobs and i < len(req.tokens) else None
                 offset += len(event.text or "")
-                send(self._chunk(req, event.text or "", _FINISH.get(event.finish_reason) if event.finished else None,
-                                 lp))
-            if usage:
-                send({**self._chunk(req, "", None), "choices": [], "usage": self._usage(req)})
+                send(self._chunk(req, call, event.text or "",
+                                 _FINISH.get(event.finish_reason) if event.finished else None, lp, first=i == 0))
+            if call.usage:
+                send({**self._chunk(req, call, "", None), "choices": [], "usage": self._usage(req)})
             send("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -192,17 +252,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class CompletionServer(http.server.ThreadingHTTPServer):
-    """The HTTP server over a started engine; one thread per connection."""
+    """The HTTP server over a started engine; one thread per connection. `chat_template` replaces the
+    tokenizer's own for chat completions."""
 
     daemon_threads = True
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxfire",
-                 verbose: bool = False):
+                 verbose: bool = False, chat_template: ChatTemplate | None = None):
         self.engine = engine
         self.model_name = model_name
         self.verbose = verbose
+        self.chat_template = chat_template
         self.created = int(time.time())
         super().__init__((host, port), _Handler)
+
+    def chat_ids(self, messages: Any, add_generation_prompt: bool) -> list[int]:
+        """The prompt's token ids for chat messages; raises a JaxfireError naming what is missing or wrong."""
+        tok = self.engine.model.tokenizer
+        if tok is None:
+            raise BadRequest("this model has no tokenizer, so it cannot take chat messages")
+        template = self.chat_template or tok.chat_template
+        if template is None:
+            raise BadRequest("this model has no chat template: start the server with --chat-template FILE "
+                             "(a Jinja template), or use /v1/completions")
+        return tok.encode(template.render(messages, add_generation_prompt), add_special_tokens=False)
+
+    def room(self, prompt_tokens: int) -> int:
+        """New tokens a prompt of this length leaves room for in a slot."""
+        limit = min(self.engine.max_len, self.engine.config.max_position_embeddings)
+        if prompt_tokens >= limit:
+            raise BadRequest(f"the chat prompt has {prompt_tokens} tokens, which leaves no room for a reply in the "
+                             f"engine's {limit} positions per slot")
+        return limit - prompt_tokens
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="jaxfire-server", daemon=True)
@@ -222,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", help="bfloat16 | float32 | fp8 (default: the compute dtype)")
     p.add_argument("--experts-per-token", type=int, help="override the model's experts per token")
     p.add_argument("--mesh", help="mesh axis sizes over the devices, e.g. tensor=2 (default: one device)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the checkpoint's own)")
     p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the checkpoint's)")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
@@ -240,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxfire.sharding import mesh_from_spec
 
     try:
+        chat_template = None if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
         mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
         model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token,
                              kv_cache_dtype=args.kv_cache_dtype, mesh=mesh, progress=True)
@@ -247,16 +331,21 @@ def main(argv: list[str] | None = None) -> int:
                                 max_len=min(args.max_len, model.config.max_position_embeddings))
     except jaxfire.JaxfireError as e:
         parser.exit(1, f"error: {e}\n")
+    if chat_template is not None and model.tokenizer is not None:
+        cfg = model.config
+        chat_template = chat_template.with_special_tokens(model.tokenizer.special_tokens(
+            cfg.bos_token_id, cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
     if not args.no_warmup:
         print("compiling every step (--no-warmup skips) ...", flush=True)
         engine.warmup()
     name = args.model_name or (model.path.name if model.path is not None else "jaxfire")
     try:
-        server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose)
+        server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose, chat_template)
     except OSError as e:
         engine.close()
         parser.exit(1, f"error: cannot listen on {args.host}:{args.port}: {e}\n")
-    print(f"serving {name} on http://{args.host}:{server.server_address[1]}/v1/completions", flush=True)
+    print(f"serving {name} on http://{args.host}:{server.server_address[1]}/v1/completions and "
+          "/v1/chat/completions", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,13 +1,17 @@
-"""Tokenizers: a Hugging Face `tokenizer.json` through the `tokenizers` library.
+"""Tokenizers: a Hugging Face `tokenizer.json` through the `tokenizers` library, and the directory's
+chat template (`jaxfire.chat`) for prompts given as messages.
 
 A checkpoint without tokenizer files loads with `tokenizer = None` and works on token ids.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
+from typing import Sequence
 
+from jaxfire.chat import ChatTemplate, special_tokens
 from jaxfire.errors import JaxfireError
 
 
@@ -29,6 +33,28 @@ class Tokenizer:
     def from_dir(cls, directory: str | os.PathLike) -> "Tokenizer | None":
         path = pathlib.Path(directory) / "tokenizer.json"
         return cls(path) if path.is_file() else None
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """The template beside tokenizer.json, read on first use (a broken one fails chat, not loading);
+        None where there is none. Assign a `ChatTemplate` to replace it."""
+        return ChatTemplate.from_dir(self.path.parent)
+
+    def special_tokens(self, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, str]:
+        """The special tokens a chat template may name: the directory's, with BOS and EOS from these ids
+        where its files name none."""
+        tokens = special_tokens(self.path.parent)
+        for name, i in (("bos_token", bos_token_id), ("eos_token", eos_token_id)):
+            if name not in tokens and i is not None and (text := self._tok.id_to_token(i)) is not None:
+                tokens[name] = text
+        return tokens
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the messages as the chat template renders them (its own special tokens only)."""
+        if self.chat_template is None:
+            raise TokenizerError(f"the tokenizer in {self.path.parent} has no chat template; give one "
+                                 "(a Jinja file) to chat with this model")
+        return self.encode(self.chat_template.render(messages, add_generation_prompt), add_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:

@@ -3,7 +3,7 @@
 Each entry: the MixtralConfig arguments, how it is saved, and its source dtype.
 - "gqa": 4 query / 2 KV heads, top-2, safetensors with one tensor per expert (as checkpoints on disk).
 - "mqa_window_tied": one KV head (MQA), top-1, sliding window, tied embeddings, explicit head_dim,
-  legacy `rope_theta` key, and a tokenizer.
+  legacy `rope_theta` key, and a tokenizer with a chat template (`CHAT_TEMPLATE`), saved by transformers.
 - "mha_top3_bin": query heads == KV heads, top-3, PyTorch .bin with the fused expert layout.
 - "sharded_bf16": bf16 safetensors split over several shards with an index.
 - "ep8": 8 experts and 8 query / 4 KV heads, for meshes of up to 8 devices.
@@ -13,6 +13,25 @@ from __future__ import annotations
 
 import json
 import pathlib
+
+# Mixtral-Instruct's conversation format: an optional system message folded into the first user turn,
+# roles alternating, each reply closed by EOS.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system = messages[0]['content'] + '\\n\\n' %}{%- set turns = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system = '' %}{%- set turns = messages %}\n"
+    "{%- endif %}\n"
+    "{{- bos_token }}\n"
+    "{%- for message in turns %}\n"
+    "    {%- if (message['role'] == 'user') != loop.index0 is even %}\n"
+    "        {{- raise_exception('roles must alternate user, assistant, user, ...') }}\n"
+    "    {%- elif message['role'] == 'user' %}\n"
+    "        {{- ' [INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}\n"
+    "    {%- else %}\n"
+    "        {{- ' ' + message['content'] + eos_token }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n")
 
 MODELS = {
     "gqa": dict(
@@ -72,9 +91,12 @@ def save(name: str, out: pathlib.Path) -> pathlib.Path:
         cfg["rope_theta"] = spec["legacy_rope_theta"]
         config_path.write_text(json.dumps(cfg))
     if spec.get("tokenizer"):
+        from transformers import PreTrainedTokenizerFast
+
         from jaxfire.tokenizer import byte_level_tokenizer
 
-        byte_level_tokenizer().save(str(out / "tokenizer.json"))
+        PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(), bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>", chat_template=CHAT_TEMPLATE).save_pretrained(out)
     return out
 
 

@@ -123,10 +123,30 @@ def test_cli_prompts_file(tmp_path):
     (["--prompt", "x", "--stop", ""], "--stop takes a non-empty text"),
     (["--prompts-file", "/nonexistent/p.txt"], "does not exist"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
+    (["--prompt", "x", "--system", "Be brief."], "--system and --chat-template go with --chat"),
 ])
 def test_cli_usage_errors(args, message):
     out = run_cli(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_chat_through_a_template(tmp_path):
+    from jaxfire.chat import ChatTemplate
+    from tests.hf_models import CHAT_TEMPLATE
+
+    out = run_cli("--prompt", "def add(a, b):", "--chat")
+    assert out.returncode == 1 and "has no chat template" in out.stderr and "Traceback" not in out.stderr
+    path = tmp_path / "chat.jinja"
+    path.write_text(CHAT_TEMPLATE)
+    out = run_cli("--prompt", "def add(a, b):", "--chat", "--chat-template", str(path), "--system", "Be brief.",
+                  "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    model = jaxfire.load()
+    text = ChatTemplate(CHAT_TEMPLATE, model.tokenizer.special_tokens(1, 2)).render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}])
+    assert text.startswith("<s> [INST] Be brief.\n\ndef add(a, b): [/INST]")
+    want = jaxfire.generate(model, [model.tokenizer.encode(text, add_special_tokens=False)], max_new_tokens=6)
+    assert out.stdout == "def add(a, b):" + want.texts[0] + "\n"
 
 
 def test_cli_runs_on_a_mesh_with_the_same_tokens():

@@ -81,6 +81,22 @@ def test_text_prompts_through_the_tokenizer(converted):
     assert result.tokens[0] == hf_greedy(ref_model, ids, 8, model.config.eos_token_ids[0])
 
 
+def test_chat_prompts_through_the_converted_template(converted):
+    """The converter carries the chat template (transformers writes it as chat_template.jinja): chat
+    messages become the prompt ids transformers makes of them, and generate as transformers does."""
+    from transformers import AutoTokenizer
+
+    hf_dir, ckpt = converted("mqa_window_tied")
+    assert (ckpt / "chat_template.jinja").is_file()
+    model = jaxfire.load(ckpt, dtype="float32")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):"}]
+    want = AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(messages, add_generation_prompt=True)
+    ids = model.tokenizer.encode_chat(messages)
+    assert ids == list(want["input_ids"]) and ids[0] == model.config.bos_token_id and ids[1] != ids[0]
+    got = jaxfire.generate(model, [ids], max_new_tokens=6).tokens[0]
+    assert got == hf_greedy(hf_models.load_reference(hf_dir), ids, 6, model.config.eos_token_ids[0])
+
+
 def test_greedy_through_the_decode_attention_kernel_matches_generate(converted):
     """The Pallas decode attention kernel (interpret mode on CPU) in the model's decode step."""
     hf_dir, ckpt = converted("mqa_window_tied")

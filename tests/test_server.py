@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server over the engine: completions (whole and streamed) equal
-jaxfire.generate's, concurrent clients share the engine, bad requests get HTTP 400."""
+"""The OpenAI-compatible server over the engine: completions and chat completions (whole and streamed)
+equal jaxfire.generate's, concurrent clients share the engine, bad requests get HTTP 400."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import urllib.request
 import pytest
 
 import jaxfire
+from jaxfire.chat import ChatTemplate
 from jaxfire.server import CompletionServer
+from tests.hf_models import CHAT_TEMPLATE
 
 PROMPT = "def fibonacci(n):"
 
@@ -23,12 +25,17 @@ def model():
 
 @pytest.fixture(scope="module")
 def served(model):
+    """The built-in model (no chat template of its own) served twice over one engine: as it is, and
+    with a chat template given as `--chat-template` gives it."""
     engine = jaxfire.Engine(model, slots=4, max_len=64).start()
-    server = CompletionServer(engine, port=0)  # any free port
-    server.serve_in_thread()
-    yield f"http://127.0.0.1:{server.server_address[1]}", engine
-    server.shutdown()
-    server.server_close()
+    template = ChatTemplate(CHAT_TEMPLATE).with_special_tokens(model.tokenizer.special_tokens(1, 2))
+    servers = [CompletionServer(engine, port=0), CompletionServer(engine, port=0, chat_template=template)]
+    for server in servers:
+        server.serve_in_thread()
+    yield f"http://127.0.0.1:{servers[0].server_address[1]}", engine, f"http://127.0.0.1:{servers[1].server_address[1]}"
+    for server in servers:
+        server.shutdown()
+        server.server_close()
     engine.close()
 
 
@@ -37,8 +44,13 @@ def url(served):
     return served[0]
 
 
-def post(url, body, raw=False):
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+@pytest.fixture
+def chat_url(served):
+    return served[2]
+
+
+def post(url, body, raw=False, route="/v1/completions"):
+    req = urllib.request.Request(url + route, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return resp.read().decode() if raw else json.loads(resp.read())
@@ -123,7 +135,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served, monkeypatch):
     import http.client
     import time
 
-    url, engine = served
+    url, engine, _ = served
     cancelled = []
     cancel = jaxfire.Request.cancel
     monkeypatch.setattr(jaxfire.Request, "cancel", lambda self: cancelled.append(self.id) or cancel(self))
@@ -184,3 +196,76 @@ def test_an_ending_stop_id_is_listed_nowhere(url, model):
     chunks = sse_chunks(post(url, {**body, "stream": True}, raw=True))
     listed = [c["choices"][0]["logprobs"] for c in chunks]
     assert len(chunks) == cut + 1 and listed[-1] is None and None not in listed[:-1]
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+
+
+def chat(url, body, raw=False):
+    return post(url, body, raw, route="/v1/chat/completions")
+
+
+def test_chat_completion_equals_generate_of_the_templated_prompt(chat_url, model):
+    ids = ChatTemplate(CHAT_TEMPLATE, model.tokenizer.special_tokens(1, 2)).render(MESSAGES)
+    ids = model.tokenizer.encode(ids, add_special_tokens=False)
+    assert ids[0] == 1 and ids[1] != 1  # one BOS, the template's
+    want = jaxfire.generate(model, [ids], max_new_tokens=10)
+    assert len(want.tokens[0]) == 10  # no EOS before the limit, so ignore_eos below changes nothing
+    out = chat(chat_url, {"model": "jaxfire", "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+                          "ignore_eos": True, "logprobs": True})
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    choice = out["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": want.texts[0]}
+    assert choice["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10}
+    content = choice["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == want.texts[0]
+    assert [c["bytes"] for c in content] == [list(c["token"].encode()) for c in content]
+    import numpy as np
+    np.testing.assert_allclose([c["logprob"] for c in content], want.logprobs[0], rtol=1e-4, atol=1e-5)
+
+    # streamed as vLLM's benchmark_serving.py (backend "openai-chat") asks for it
+    body = {"model": "jaxfire", "messages": [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                                             for m in MESSAGES],
+            "temperature": 0.0, "max_completion_tokens": 10, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    chunks = sse_chunks(chat(chat_url, body, raw=True))
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and len(deltas) == 10
+    assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+    assert "".join(d["content"] for d in deltas) == want.texts[0]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * 9 + ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_a_chat_without_max_tokens_may_fill_the_slot(served, chat_url, model):
+    engine = served[1]
+    out = chat(chat_url, {"messages": MESSAGES, "temperature": 0, "ignore_eos": True})
+    usage = out["usage"]
+    assert usage["total_tokens"] == engine.max_len and out["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        chat(chat_url, {"messages": [{"role": "user", "content": "x" * engine.max_len}]})
+    assert err.value.code == 400 and "leaves no room for a reply" in json.loads(err.value.read())["error"]["message"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 4}, "'messages' is required"),
+    ({"messages": MESSAGES, "prompt": PROMPT}, "unsupported field 'prompt'"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "only top_logprobs 0"),
+    ({"messages": MESSAGES, "logprobs": 1}, "'logprobs' must be true or false"),
+    ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_tokens must be an integer of at least 1"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "roles must alternate"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text is supported"),
+    ({"messages": "hello"}, "non-empty list"),
+])
+def test_bad_chat_requests_get_400_naming_the_problem(chat_url, body, message):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        chat(chat_url, body)
+    assert err.value.code == 400
+    assert message in json.loads(err.value.read())["error"]["message"]
+
+
+def test_a_model_without_a_chat_template_says_so(url):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        chat(url, {"messages": MESSAGES})
+    assert err.value.code == 400 and "--chat-template" in json.loads(err.value.read())["error"]["message"]
