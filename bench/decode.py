@@ -269,11 +269,12 @@ VARIANTS = {
     "fp8-unfused": ("fp8", "fp8", M.Runtime()),
     # As "fp8" with the MMA kernel for one-token expert products too (no multiply-add kernel).
     "fp8-mma": ("fp8", "fp8", M.Runtime(grouped_matmul="pallas_mma")),
-    # As "fp8" with one token's expert rows ordered by the all-pairs ranking instead of going to the
-    # kernels by expert id.
-    "fp8-rank": ("fp8", "fp8", M.Runtime(moe_dispatch="rank")),
-    # As "fp8" with the routing (logits, softmax, top-k) in XLA instead of the one routing kernel.
-    "fp8-xla-route": ("fp8", "fp8", M.Runtime(moe_route="xla")),
+    # As "fp8" with one token's expert rows going to the kernels by expert id instead of ranked.
+    "fp8-unsorted": ("fp8", "fp8", M.Runtime(moe_dispatch="unsorted")),
+    # As "fp8" with the routing (logits, softmax, top-k) in one kernel instead of XLA's three.
+    "fp8-route-kernel": ("fp8", "fp8", M.Runtime(moe_route="auto")),
+    # Both: the batch-1 path with the fewest kernels.
+    "fp8-b1": ("fp8", "fp8", M.Runtime(moe_dispatch="unsorted", moe_route="auto")),
 }
 
 

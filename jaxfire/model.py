@@ -40,10 +40,12 @@ class Runtime:
     `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn").
     fp8: when FP8 weights also quantize their activations.
     moe_dispatch: how the MoE block orders token-expert assignments by expert (`moe.dispatch`): "auto"
-    (none for one token on the Pallas kernels, which take each row with its expert id; all-pairs
-    ranking for small steps; a sort for large ones), "sort", "rank" or "unsorted" (Pallas only).
-    moe_route: the router's logits, softmax and top-k (`moe.route`): "auto" (one Pallas kernel on
-    GPUs, XLA elsewhere), "xla", or an `implementation=` of `pallas_kernels.moe_route`.
+    (all-pairs ranking for small steps, a sort for large ones), "sort", "rank", or "unsorted" (one
+    token's rows go to the grouped matmul's Triton kernel each with its expert id, no ordering at
+    all; "auto" for larger steps). "unsorted" is tested (interpret mode) but not yet timed on a GPU.
+    moe_route: the router's logits, softmax and top-k (`moe.route`): "xla", "auto" (one Pallas kernel
+    on GPUs, XLA elsewhere: tested in interpret mode, not yet timed on a GPU), or an `implementation=`
+    of `pallas_kernels.moe_route`.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """
@@ -53,7 +55,7 @@ class Runtime:
     prefill_attention: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     moe_dispatch: str = "auto"
-    moe_route: str = "auto"
+    moe_route: str = "xla"
     mesh: Mesh | None = None
 
 

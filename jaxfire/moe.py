@@ -71,9 +71,10 @@ def experts_ffn(p: MoE, xs: jax.Array, group_sizes: jax.Array | None, policy: qu
 # comparing all pairs: a few fused elementwise-and-sum kernels where a sort, a bincount's scatter and
 # the inverse permutation's scatter are several launches each, which dominate a small step.
 RANK_MAX_ASSIGNMENTS = 512
-# Up to this many assignments (one token at top-k <= 3) the Pallas kernels take the rows as routed,
-# each row with its expert id: no ordering, no gathers, no row tables; one token names each expert
-# at most once, so no weights are read twice.
+# With dispatch "unsorted", up to this many assignments (one token at top-k <= 3) go to the Pallas
+# kernels as routed, each row with its expert id: no ordering, no gathers, no row tables; one token
+# names each expert at most once, so no weights are read twice. Not yet timed on a GPU, so "auto"
+# does not take it.
 UNSORTED_MAX_ASSIGNMENTS = 3
 DISPATCH_METHODS = ("auto", "sort", "rank")
 MOE_DISPATCH_METHODS = DISPATCH_METHODS + ("unsorted",)
@@ -110,9 +111,10 @@ def moe_block(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy = quant.
               implementation: str = "xla", mesh: Mesh | None = None, valid: jax.Array | None = None,
               dispatch_method: str = "auto", route_implementation: str = "xla") -> jax.Array:
     """valid: [T] bool, the tokens whose output is needed (None: all); the others' output is zero.
-    dispatch_method: how assignments are ordered by expert (`dispatch`), or "unsorted": not at all,
-    each row going to the kernels with its expert id (Pallas kernels only; "auto" takes it for up to
-    UNSORTED_MAX_ASSIGNMENTS assignments). route_implementation: see `route`."""
+    dispatch_method: how assignments are ordered by expert (`dispatch`), or "unsorted": for steps of
+    up to UNSORTED_MAX_ASSIGNMENTS assignments not at all, each row going to the kernels with its
+    expert id (the grouped matmul's Triton kernel only), "auto" for larger steps.
+    route_implementation: see `route`."""
     # x: [T, D] -> [T, D]
     if dispatch_method not in MOE_DISPATCH_METHODS:
         raise ValueError(f"MoE dispatch method must be one of {MOE_DISPATCH_METHODS}, got {dispatch_method!r}")
@@ -130,14 +132,14 @@ def _local_moe(p: MoE, x: jax.Array, top_k: int, policy: quant.Fp8Policy, implem
     with jax.named_scope("route"):
         weights, experts = route(p.router, x, top_k, valid, route_implementation)  # [T, k]
     a = experts.size
-    if dispatch_method == "unsorted" or (dispatch_method == "auto" and a <= UNSORTED_MAX_ASSIGNMENTS
-                                         and quant.kernel_takes_group_ids(x, implementation)):
+    if dispatch_method == "unsorted" and a <= UNSORTED_MAX_ASSIGNMENTS:
         with jax.named_scope("experts"):
             ys = experts_ffn(p, x, None, policy, implementation, group_ids=experts)  # [A, D], row t*k + j
         with jax.named_scope("combine"):
             return combine(ys, None, weights, x.dtype)
     with jax.named_scope("dispatch"):
-        order, position, group_sizes = dispatch(experts, num_experts, dispatch_method)
+        order, position, group_sizes = dispatch(experts, num_experts,
+                                                "auto" if dispatch_method == "unsorted" else dispatch_method)
         xs = x[order // top_k]  # [A, D]
     with jax.named_scope("experts"):
         ys = experts_ffn(p, xs, group_sizes, policy, implementation)  # [A, D]

@@ -141,17 +141,23 @@ def test_one_token_goes_to_the_kernels_unsorted(top_k, valid, monkeypatch):
     layer = P.init_params(cfg, jax.random.key(top_k), jnp.bfloat16, std=0.2, fp8=True).layers[0]
     x = jax.random.normal(jax.random.key(7), (1, cfg.hidden_size), jnp.bfloat16)
     mask = jnp.asarray([valid])
-    unsorted = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask)
+    unsorted = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask, dispatch_method="unsorted")
     assert seen == [True, True]  # gate/up and down, both by id
     by_sort = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask, dispatch_method="sort")
-    assert seen[2:] == [False, False]
+    moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask)  # "auto" ranks them
+    assert seen[2:] == [False] * 4
+    two = jnp.concatenate([x, -x])  # more assignments than one token's: "unsorted" orders them as "auto" does
+    np.testing.assert_array_equal(
+        np.asarray(moe.moe_block(layer.moe, two, top_k, implementation="pallas", dispatch_method="unsorted")),
+        np.asarray(moe.moe_block(layer.moe, two, top_k, implementation="pallas")))
+    assert seen[6:] == [False] * 4
     np.testing.assert_allclose(np.asarray(unsorted, np.float32), np.asarray(by_sort, np.float32), rtol=1e-2,
                                atol=1e-2 * float(jnp.abs(by_sort.astype(jnp.float32)).max()) + 1e-6)
     assert valid or (np.asarray(unsorted, np.float32) == 0).all()
     for implementation in ("xla", "pallas_mosaic"):
         with pytest.raises(ValueError, match="moe_dispatch='unsorted' needs the grouped matmul's Triton kernel"):
             moe.moe_block(layer.moe, x, top_k, implementation=implementation, dispatch_method="unsorted")
-    assert not quant.kernel_takes_group_ids(x, "pallas_mosaic")  # "auto" dispatch ranks the rows for it
+    assert not quant.kernel_takes_group_ids(x, "pallas_mosaic")
 
 
 def test_routing_kernel_equals_xla_in_the_moe_block():

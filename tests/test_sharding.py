@@ -239,7 +239,7 @@ def test_one_token_on_the_kernels_of_a_mesh_equals_one_device(reference, mesh_na
     """A batch-1 MoE step with every kernel on (routing kernel; on a tensor axis the experts' rows go
     by expert id, half of each expert's width a device) equals the same kernels on one device."""
     ckpt, _ = reference
-    kernels = dict(implementation="pallas", route_implementation="pallas")
+    kernels = dict(implementation="pallas", route_implementation="pallas", dispatch_method="unsorted")
     local = jaxfire.load(ckpt, dtype="bfloat16").params.layers[0].moe
     x = jax.random.normal(jax.random.key(12), (1, local.router.shape[1]), jnp.bfloat16)
     want = np.asarray(moe.moe_block(local, x, 2, **kernels), np.float32)
