@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfire import model as M
-from jaxfire import quant, sampling
+from jaxfire import metrics, quant, sampling
 from jaxfire import sharding as S
 from jaxfire.config import Config
 from jaxfire.errors import JaxfireError
@@ -496,6 +496,12 @@ class Engine:
         # decode_steps (mixed_steps of them inside a prefill call), slot_steps (occupied slot-steps),
         # decode_rows (slots stepped, idle ones in a bucket included), prefills
         self.counters = collections.Counter()
+        self._stats_lock = threading.Lock()  # the scheduler writes the totals below, any thread reads them
+        self._totals = metrics.EngineStats(
+            slots=self.slots, running=0, waiting=0, finished=collections.Counter(), prompt_tokens=0,
+            generated_tokens=0, steps={}, time_to_first_token=metrics.Histogram(metrics.TTFT_BOUNDS),
+            inter_token_latency=metrics.Histogram(metrics.ITL_BOUNDS),
+            e2e_latency=metrics.Histogram(metrics.E2E_BOUNDS), queue_time=metrics.Histogram(metrics.E2E_BOUNDS))
         self._eos = frozenset(cfg.eos_token_ids)
         self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
                                   model.runtime.mesh)
@@ -684,6 +690,19 @@ class Engine:
     def free_slots(self) -> int:
         return len(self._free)
 
+    def stats(self) -> metrics.EngineStats:
+        """A snapshot of the engine's load and its totals since it started (`jaxfire.metrics`); safe
+        from any thread while the engine runs."""
+        with self._cond:
+            inbox = len(self._inbox)
+        with self._stats_lock:
+            t = self._totals
+            return dataclasses.replace(
+                t, running=sum(r is not None for r in self._slot_of), waiting=inbox + len(self._waiting),
+                finished=dict(t.finished), steps=dict(self.counters),
+                time_to_first_token=t.time_to_first_token.copy(), inter_token_latency=t.inter_token_latency.copy(),
+                e2e_latency=t.e2e_latency.copy(), queue_time=t.queue_time.copy())
+
     def warmup(self, prompt_lengths: Sequence[int] | None = None) -> None:
         """Compiles the decode step and the prefill of every bucket (or of those `prompt_lengths` need).
 
@@ -792,6 +811,9 @@ class Engine:
             req._slot = heapq.heappop(self._free)
             self._slot_of[req._slot] = req
             req.metrics.scheduled = time.perf_counter()
+            with self._stats_lock:
+                self._totals.prompt_tokens += req.metrics.prompt_tokens
+                self._totals.queue_time.observe(req.metrics.queue_time)
             first = self._prefill(req)
             if first is None:
                 self._prefilling.append(req)
@@ -884,7 +906,14 @@ class Engine:
         if not ends:
             req.tokens.append(token)
             req.logprobs.append(logprob)
-        req.metrics.token_times.append(now)
+        times = req.metrics.token_times
+        times.append(now)
+        with self._stats_lock:
+            self._totals.generated_tokens += 1
+            if len(times) == 1:
+                self._totals.time_to_first_token.observe(now - req.metrics.arrival)
+            else:
+                self._totals.inter_token_latency.observe(now - times[-2])
         text, hit = (req._detok.flush(), False) if ends else req._detok.stream(token, final=last)
         if hit:  # a stop string: the text ends before it
             last, reason = True, "stop"
@@ -910,6 +939,10 @@ class Engine:
         req._small = None
         req.finish_reason = reason
         req.metrics.finished = now
+        with self._stats_lock:
+            self._totals.finished[reason] += 1
+            if req.metrics.token_times:
+                self._totals.e2e_latency.observe(req.metrics.e2e)
         self._live.discard(req)
         req._events.put(_END)
         req._done.set()

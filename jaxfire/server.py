@@ -4,6 +4,7 @@
     POST /v1/chat/completions  {"messages": [{"role": "user", "content": "..."}], "max_tokens": 50, ...}
     GET  /v1/models            the one model served
     GET  /health               200 once the engine is up
+    GET  /metrics              load, totals and latency histograms in Prometheus' text format
 
 The request fields are OpenAI's (`prompt` as a string or a list of token ids, or chat `messages`;
 `max_tokens` (chat: or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `stop`, `stream`,
@@ -30,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+from jaxfire import metrics
 from jaxfire.chat import ChatTemplate
 from jaxfire.engine import Engine, EngineError, Request
 from jaxfire.errors import JaxfireError
@@ -138,6 +140,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (the http.server hook's name)
         if self.path == "/health":
             self._json(200, {"status": "ok"})
+        elif self.path == "/metrics":
+            data = metrics.prometheus(self.server.engine.stats(), self.server.model_name).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                          "owned_by": "jaxfire"}]})

@@ -154,6 +154,37 @@ def test_cancelling_frees_the_slot(model):
     engine.close()
 
 
+def test_stats_count_every_request_and_token(model):
+    engine = jaxfire.Engine(model, slots=1, max_len=32)
+    long = engine.submit([9, 10, 11], max_tokens=20, ignore_eos=True)
+    short = engine.submit([12, 13, 14, 15], max_tokens=14)
+    never = engine.submit([16, 17], max_tokens=15)
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.slots, stats.generated_tokens) == (0, 3, 1, 0)
+    while len(long.tokens) < 3:
+        engine.step()
+    assert (engine.stats().running, engine.stats().waiting) == (1, 2)
+    long.cancel()
+    never.cancel()
+    drive(engine, [short])
+    stats = engine.stats()
+    served = [long.metrics, short.metrics]
+    assert (stats.running, stats.waiting) == (0, 0)
+    assert stats.finished == {"cancelled": 2, short.finish_reason: 1}
+    assert stats.prompt_tokens == 3 + 4  # the request cancelled while waiting was never admitted
+    assert stats.generated_tokens == sum(len(m.token_times) for m in served)
+    assert stats.time_to_first_token.count == stats.e2e_latency.count == stats.queue_time.count == 2
+    assert stats.inter_token_latency.count == sum(len(m.itl) for m in served)
+    assert stats.inter_token_latency.sum == pytest.approx(sum(sum(m.itl) for m in served))
+    assert stats.time_to_first_token.sum == pytest.approx(sum(m.ttft for m in served))
+    assert stats.steps["decode_steps"] == engine.counters["decode_steps"] > 0
+    stats.finished["eos"] = 99  # a snapshot: the engine's totals are its own
+    stats.inter_token_latency.observe(1.0)
+    assert "eos" not in engine.stats().finished
+    assert engine.stats().inter_token_latency.count == sum(len(m.itl) for m in served)
+    engine.close()
+
+
 def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
     engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN, mix_decode=False)  # only decode steps step slots
     lone = engine.submit([5, 6, 7], max_tokens=6, ignore_eos=True)

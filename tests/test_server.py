@@ -131,6 +131,23 @@ def test_models_health_and_unknown_routes(url):
     assert err.value.code == 404
 
 
+def test_metrics_count_the_served_requests(url):
+    def scrape():
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if not line.startswith("#")}
+
+    done = 'jaxfire:request_success_total{model_name="jaxfire",finished_reason="length"}'
+    tokens = 'jaxfire:generation_tokens_total{model_name="jaxfire"}'
+    before = scrape()
+    post(url, {"prompt": PROMPT, "max_tokens": 7, "temperature": 0, "ignore_eos": True})
+    after = scrape()
+    assert after[done] == before.get(done, 0) + 1 and after[tokens] == before[tokens] + 7
+    assert after['jaxfire:num_slots{model_name="jaxfire"}'] == 4
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(served, monkeypatch):
     import http.client
     import time
