@@ -63,7 +63,8 @@ class Call:
     add_generation_prompt: bool = True
 
 
-def _sampling_args(body: Any, route: str) -> dict:
+def _sampling_args(body: Any, route: str) -> tuple[dict, bool, bool]:
+    """`Engine.submit` keywords but max_tokens, whether to stream and whether to end with usage."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - _FIELDS[route])
@@ -75,16 +76,17 @@ def _sampling_args(body: Any, route: str) -> dict:
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
     top_k, seed = body.get("top_k", 0), body.get("seed")
-    return dict(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
-                top_k=0 if top_k == -1 else top_k,
-                seed=random.getrandbits(32) if seed is None else seed,  # as OpenAI: unseeded draws differ
-                ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or (),
-                stop_token_ids=body.get("stop_token_ids") or ())
+    kwargs = dict(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
+                  top_k=0 if top_k == -1 else top_k,
+                  seed=random.getrandbits(32) if seed is None else seed,  # as OpenAI: unseeded draws differ
+                  ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or (),
+                  stop_token_ids=body.get("stop_token_ids") or ())
+    return kwargs, bool(body.get("stream", False)), bool(options.get("include_usage", False))
 
 
 def completion_args(body: Any) -> Call:
     """A /v1/completions body checked; raises BadRequest naming the first bad field."""
-    kwargs = _sampling_args(body, "/v1/completions")
+    kwargs, stream, usage = _sampling_args(body, "/v1/completions")
     logprobs = None if body.get("logprobs") is False else body.get("logprobs")
     if logprobs not in (None, 0) or logprobs is True:
         raise BadRequest("only logprobs 0 (each chosen token's log-probability) is supported, not alternatives")
@@ -97,23 +99,20 @@ def completion_args(body: Any) -> Call:
         raise BadRequest("'prompt' must be a string or a list of token ids")
     max_tokens = body.get("max_tokens")
     kwargs["max_tokens"] = 16 if max_tokens is None else max_tokens  # OpenAI's legacy default
-    return Call(prompt, kwargs, bool(body.get("stream", False)),
-                bool((body.get("stream_options") or {}).get("include_usage", False)), logprobs is not None)
+    return Call(prompt, kwargs, stream, usage, logprobs is not None)
 
 
 def chat_args(body: Any) -> Call:
     """A /v1/chat/completions body checked; raises BadRequest naming the first bad field."""
-    kwargs = _sampling_args(body, "/v1/chat/completions")
+    kwargs, stream, usage = _sampling_args(body, "/v1/chat/completions")
     if not isinstance(body.get("logprobs", False), bool):
         raise BadRequest("'logprobs' must be true or false")
     if body.get("top_logprobs") not in (None, 0):
         raise BadRequest("only top_logprobs 0 is supported: each chosen token's log-probability, not alternatives")
     if "messages" not in body:
         raise BadRequest("'messages' is required")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    kwargs["max_tokens"] = max_tokens
-    return Call(body["messages"], kwargs, bool(body.get("stream", False)),
-                bool((body.get("stream_options") or {}).get("include_usage", False)), bool(body.get("logprobs")),
+    kwargs["max_tokens"] = body.get("max_completion_tokens", body.get("max_tokens"))
+    return Call(body["messages"], kwargs, stream, usage, bool(body.get("logprobs")),
                 chat=True, add_generation_prompt=bool(body.get("add_generation_prompt", True)))
 
 
