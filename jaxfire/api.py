@@ -179,6 +179,8 @@ class Generation:
     prompt_tokens: list[list[int]]
     # per prompt, each token's log-probability under the model (before temperature, top-p and top-k)
     logprobs: list[list[float]] = dataclasses.field(default_factory=list)
+    # per prompt and token, the `top_logprobs` likeliest (id, log-probability) pairs ([] when not asked)
+    top_logprobs: list[list[tuple[tuple[int, float], ...]]] = dataclasses.field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -194,10 +196,11 @@ class Generation:
 
 def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (),
-                    stats: Generation | None = None) -> Iterator[TokenEvent]:
+                    top_logprobs: int = 0, stats: Generation | None = None) -> Iterator[TokenEvent]:
     """Batched generation yielding each token as it is produced; stops each prompt at EOS, at one of
     `stop_token_ids` (neither is output), once its text holds one of the `stop` strings (the text
-    ends before it) or at the limit. top_k 0 keeps every token.
+    ends before it) or at the limit. top_k 0 keeps every token. top_logprobs N (at most 20) lists the
+    N likeliest ids at each position with their log-probabilities (`TokenEvent.top_logprobs`).
 
     Runs on a `jaxfire.Engine` with one slot per prompt. Prompt i samples with seed + i (mod 2**32),
     so each prompt's tokens are those it gets generated alone with that seed.
@@ -217,7 +220,8 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
     engine = Engine(model, slots=len(ids), max_len=_bucket(longest + max_new_tokens))
     try:
         requests = [engine.submit(p, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=(seed + i) % SEED_LIMIT, stop_token_ids=stop_token_ids, stop=stop)
+                                  seed=(seed + i) % SEED_LIMIT, stop_token_ids=stop_token_ids, stop=stop,
+                                  top_logprobs=top_logprobs)
                     for i, p in enumerate(ids)]
         if stats is not None:
             stats.prompt_tokens = ids
@@ -237,6 +241,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
                     if event.finished:
                         stats.tokens[event.index] = requests[event.index].tokens
                         stats.logprobs[event.index] = requests[event.index].logprobs
+                        stats.top_logprobs[event.index] = requests[event.index].top_logprobs
                         stats.finish_reasons[event.index] = event.finish_reason
             if stats is not None and events:
                 if decode_start is None and len(started) == len(ids):
@@ -251,13 +256,14 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
 
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (),
-             stop: str | Sequence[str] = ()) -> Generation:
+             stop: str | Sequence[str] = (), top_logprobs: int = 0) -> Generation:
     """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings.
     Arguments as for `generate_stream`."""
     n = 1 if _is_single_prompt(prompts) else len(prompts)
     result = Generation(tokens=[[] for _ in range(n)], texts=None, finish_reasons=[""] * n, prompt_tokens=[],
-                        logprobs=[[] for _ in range(n)])
+                        logprobs=[[] for _ in range(n)], top_logprobs=[[] for _ in range(n)])
     for _ in generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stop=stop, stats=result):
+                             top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stop=stop,
+                             top_logprobs=top_logprobs, stats=result):
         pass
     return result

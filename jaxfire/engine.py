@@ -63,6 +63,7 @@ import collections
 import dataclasses
 import functools
 import heapq
+import itertools
 import math
 import os
 import queue
@@ -87,6 +88,9 @@ if TYPE_CHECKING:
     from jaxfire.api import Model
 
 SEED_LIMIT = 2**32  # jax.random.key reads 32 bits of a seed: larger ones would silently collide
+# A step's sampling program returns this many alternatives a token when any request asks for some (one
+# compiled shape; each request keeps its own count), OpenAI's limit.
+MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(JaxfireError):
@@ -108,6 +112,9 @@ class TokenEvent:
     finish_reason: str | None = None  # "eos", "stop" (a stop token or string) or "length" once finished
     # log-probability of the token under the model's distribution (before temperature, top-p and top-k)
     logprob: float | None = None
+    # the request's `top_logprobs` most likely ids at this position, with their log-probabilities, most
+    # likely first (None unless the request asked for them)
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclasses.dataclass
@@ -206,7 +213,7 @@ class Request:
 
     def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
                  top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
-                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: _Detokenizer):
+                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: _Detokenizer, num_top_logprobs: int = 0):
         self.id = rid
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -218,6 +225,8 @@ class Request:
         self.stop_token_ids = stop_token_ids
         self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
         self.logprobs: list[float] = []  # each token's log-probability under the model (see TokenEvent)
+        self.num_top_logprobs = num_top_logprobs
+        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []  # per token, when num_top_logprobs > 0
         self.finish_reason: str | None = None  # "eos", "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None  # what stopped it, for "error"
         self.metrics = RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt))
@@ -307,18 +316,28 @@ def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh
     return SlotState(cache=cache, **rest)
 
 
-def _with_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """[2, B] int32: the tokens, and their log-probabilities under the logits as float32 bits, so one
-    transfer brings both to the host (`_read`)."""
+def _with_logprobs(logits: jax.Array, tokens: jax.Array, top: int = 0) -> jax.Array:
+    """[2 + 2 top, B] int32: the tokens, their log-probabilities under the logits as float32 bits, and
+    with `top` the `top` most likely ids and their log-probabilities (bits), so one transfer brings
+    all to the host (`_read`)."""
     # logits: [B, V] float32, tokens: [B] int32
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]  # [B]
-    return jnp.stack([tokens, jax.lax.bitcast_convert_type(lp, jnp.int32)])
+    lsm = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    lp = jnp.take_along_axis(lsm, tokens[:, None], axis=-1)[:, 0]  # [B]
+    rows = [tokens[None], jax.lax.bitcast_convert_type(lp, jnp.int32)[None]]
+    if top:
+        best, ids = jax.lax.top_k(lsm, top)  # [B, top] each, most likely first
+        rows += [ids.T.astype(jnp.int32), jax.lax.bitcast_convert_type(best, jnp.int32).T]
+    return jnp.concatenate(rows)
 
 
-def _read(out: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens [B] and log-probabilities [B] from a sampling program's [2, B] output."""
+def _read(out: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Tokens [B], log-probabilities [B], and the top ids and their log-probabilities ([B, top] each, or
+    None) from a sampling program's [2 + 2 top, B] output."""
     host = np.asarray(out)
-    return host[0], host[1].view(np.float32)
+    top = (host.shape[0] - 2) // 2
+    if not top:
+        return host[0], host[1].view(np.float32), None, None
+    return host[0], host[1].view(np.float32), host[2:2 + top].T, host[2 + top:].T.view(np.float32)
 
 
 def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
@@ -386,15 +405,15 @@ def _prefill_piece(*args, last: bool, **kwargs):
     return (_prefill_last if last else _prefill_more)(*args, last=last, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("sample", "top"), donate_argnames=("state",))
 def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array, temperature: jax.Array,
-           top_p: jax.Array, top_k: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
-    """A prefilled request's first token (with its log-probability, `_with_logprobs`), and its sampling
-    parameters written into `slot`."""
-    # logits: [1, V], scalars otherwise -> [2, 1]
+           top_p: jax.Array, top_k: jax.Array, sample: bool, top: int = 0) -> tuple[jax.Array, SlotState]:
+    """A prefilled request's first token (with its log-probability and `top` alternatives,
+    `_with_logprobs`), and its sampling parameters written into `slot`."""
+    # logits: [1, V], scalars otherwise -> [2 + 2 top, 1]
     zero = jnp.zeros((1,), jnp.int32)
     first = _sample(logits, seed[None], zero, temperature[None], top_p[None], top_k[None], sample)  # [1]
-    return _with_logprobs(logits, first), dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
+    return _with_logprobs(logits, first, top), dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
                                       steps=_put(state.steps, zero + 1, slot),
                                       seeds=_put(state.seeds, seed[None], slot),
                                       temperature=_put(state.temperature, temperature[None], slot),
@@ -414,16 +433,18 @@ def _decode(params: Params, state: SlotState, active: jax.Array, config: Config,
     return logits, dataclasses.replace(state, cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("sample",), donate_argnames=("state",))
-def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: bool) -> tuple[jax.Array, SlotState]:
+@functools.partial(jax.jit, static_argnames=("sample", "top"), donate_argnames=("state",))
+def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: bool,
+             top: int = 0) -> tuple[jax.Array, SlotState]:
     """Samples the next token of every active slot among the first n; the others keep their token and
-    stream position. Returns the tokens with their log-probabilities (`_with_logprobs`)."""
-    # logits: [n, V], active: [n] bool -> [2, n] (meaningless where inactive)
+    stream position. Returns the tokens with their log-probabilities and `top` alternatives
+    (`_with_logprobs`)."""
+    # logits: [n, V], active: [n] bool -> [2 + 2 top, n] (meaningless where inactive)
     n = active.shape[0]
     nxt = _sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n], state.top_k[:n],
                   sample)  # [n]
     tokens = state.tokens.at[:n].set(jnp.where(active, nxt, state.tokens[:n]))
-    return _with_logprobs(logits, nxt), dataclasses.replace(state, tokens=tokens,
+    return _with_logprobs(logits, nxt, top), dataclasses.replace(state, tokens=tokens,
                                                             steps=state.steps.at[:n].add(active.astype(jnp.int32)))
 
 
@@ -526,7 +547,8 @@ class Engine:
 
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-               stop: str | Sequence[str] = (), on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
+               stop: str | Sequence[str] = (), top_logprobs: int = 0,
+               on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
         """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
 
         prompt: token ids, or a string for a model with a tokenizer. max_tokens counts EOS.
@@ -538,11 +560,16 @@ class Engine:
         stop: strings that end the request once its text contains one (finish_reason "stop"): the text
           streamed ends before it, while `tokens` keeps every id generated. Needs the tokenizer; text
           that could begin a stop string is streamed one token late.
+        top_logprobs: with each token, this many most likely ids at its position and their
+          log-probabilities (at most MAX_TOP_LOGPROBS; `TokenEvent.top_logprobs`, `Request.top_logprobs`).
         on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
           raises, the request ends with finish_reason "error" and the others carry on.
         """
         ids = self._validate(prompt, max_tokens, temperature, top_p, seed)
         top_k, stop_ids = self._validate_limits(top_k, stop_token_ids)
+        if (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer))
+                or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         stop = self._validate_stop(stop)
         detok = _Detokenizer(self.model.tokenizer if self.detokenize else None, stop)
         with self._cond:
@@ -550,7 +577,7 @@ class Engine:
                 raise EngineError("the engine is closed" if self._error is None
                                   else f"the engine stopped after an error: {self._error}")
             req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
-                          bool(ignore_eos), stop_ids, on_token, detok)
+                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs))
             self._next_id += 1
             self._inbox.append(req)
             self._cond.notify_all()
@@ -729,10 +756,10 @@ class Engine:
                     p.params, self._state, small, self._padded([], width), one, slot, active,
                     length=t if first else None, first=first, last=last, config=cfg, runtime=p.runtime)
                 if active is not None:
-                    _, self._state = _advance(self._state, step_logits, active, sample=False)
+                    _, self._state = _advance(self._state, step_logits, active, sample=False, top=0)
                 if last:
-                    for sample in (False, True):
-                        _, self._state = _start(self._state, logits, slot, *params, sample=sample)
+                    for sample, top in itertools.product((False, True), (0, MAX_TOP_LOGPROBS)):
+                        _, self._state = _start(self._state, logits, slot, *params, sample=sample, top=top)
                 return small
 
             # Every order of the steps, twice: on a mesh a step may return the state in other shardings
@@ -747,10 +774,11 @@ class Engine:
                             small = piece(small, t, self.prefill_chunk, False, False, active)
                         piece(small, t, self.prefill_chunk, False, True, active)
                 for n in self.decode_buckets:
-                    for sample in (False, True, False):
+                    for sample, top in [(False, 0), (True, 0), (False, 0), (False, MAX_TOP_LOGPROBS),
+                                        (True, MAX_TOP_LOGPROBS)]:
                         logits, self._state = _decode(p.params, self._state, idle[:n], config=cfg,
                                                       runtime=p.runtime)
-                        out, self._state = _advance(self._state, logits, idle[:n], sample=sample)
+                        out, self._state = _advance(self._state, logits, idle[:n], sample=sample, top=top)
                 jax.block_until_ready(out)
 
     def _chunked(self, n: int) -> bool:
@@ -828,13 +856,15 @@ class Engine:
             self._sample_step(logits, active, live)
 
         for out, snapshot in self._in_flight:
-            tokens, logprobs = _read(out)
+            tokens, logprobs, top_ids, top_lps = _read(out)
             now = time.perf_counter()
             for s, req in snapshot:
-                self._emit(req, int(tokens[s]), float(logprobs[s]), now, events)
+                top = None if top_ids is None else (top_ids[s], top_lps[s])
+                self._emit(req, int(tokens[s]), float(logprobs[s]), top, now, events)
         for req, first in admitted:
-            tokens, logprobs = _read(first)
-            self._emit(req, int(tokens[0]), float(logprobs[0]), time.perf_counter(), events)
+            tokens, logprobs, top_ids, top_lps = _read(first)
+            top = None if top_ids is None else (top_ids[0], top_lps[0])
+            self._emit(req, int(tokens[0]), float(logprobs[0]), top, time.perf_counter(), events)
         self._in_flight, self._dispatched_now = self._dispatched_now, []
         return events
 
@@ -844,7 +874,8 @@ class Engine:
     def _sample_step(self, logits: jax.Array, active: np.ndarray, live: list[int]) -> None:
         """Samples a dispatched decode step of the `live` slots; the host reads the tokens back a step later."""
         sample = any(self._slot_of[s].temperature > 0 for s in live)
-        out, self._state = _advance(self._state, logits, active, sample=sample)
+        top = MAX_TOP_LOGPROBS if any(self._slot_of[s].num_top_logprobs for s in live) else 0
+        out, self._state = _advance(self._state, logits, active, sample=sample, top=top)
         out.copy_to_host_async()
         self.counters["decode_steps"] += 1
         self.counters["slot_steps"] += len(live)
@@ -881,7 +912,8 @@ class Engine:
         if not is_last:
             return None
         token, self._state = _start(self._state, logits, slot, np.uint32(req.seed), np.float32(req.temperature),
-                                    np.float32(req.top_p), np.int32(req.top_k), sample=req.temperature > 0)
+                                    np.float32(req.top_p), np.int32(req.top_k), sample=req.temperature > 0,
+                                    top=MAX_TOP_LOGPROBS if req.num_top_logprobs else 0)
         token.copy_to_host_async()
         self.counters["prefills"] += 1
         req._decoding, req._dispatched = True, 1
@@ -895,7 +927,8 @@ class Engine:
             heapq.heappush(self._free, req._slot)
         req._slot = None
 
-    def _emit(self, req: Request, token: int, logprob: float, now: float, events: list[TokenEvent]) -> None:
+    def _emit(self, req: Request, token: int, logprob: float, top: tuple[np.ndarray, np.ndarray] | None, now: float,
+              events: list[TokenEvent]) -> None:
         if req.finished:  # cancelled, or ended by EOS while this step was in flight
             return
         req._emitted += 1
@@ -903,9 +936,14 @@ class Engine:
         ends = is_eos or token in req.stop_token_ids  # ended by this id, which is not output
         last = ends or req._emitted >= req.max_tokens
         reason = "eos" if is_eos else "stop" if ends else ("length" if last else None)
+        alternatives = None
+        if req.num_top_logprobs and top is not None:
+            alternatives = tuple((int(i), float(v)) for i, v in zip(*(a[:req.num_top_logprobs] for a in top)))
         if not ends:
             req.tokens.append(token)
             req.logprobs.append(logprob)
+            if alternatives is not None:
+                req.top_logprobs.append(alternatives)
         times = req.metrics.token_times
         times.append(now)
         with self._stats_lock:
@@ -917,7 +955,8 @@ class Engine:
         text, hit = (req._detok.flush(), False) if ends else req._detok.stream(token, final=last)
         if hit:  # a stop string: the text ends before it
             last, reason = True, "stop"
-        event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason, logprob=logprob)
+        event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason, logprob=logprob,
+                           top_logprobs=alternatives)
         events.append(event)
         req._events.put(event)
         if req._on_token is not None:

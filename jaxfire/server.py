@@ -9,7 +9,7 @@
 The request fields are OpenAI's (`prompt` as a string or a list of token ids, or chat `messages`;
 `max_tokens` (chat: or `max_completion_tokens`), `temperature`, `top_p`, `seed`, `stop`, `stream`,
 `stream_options.include_usage`, `logprobs`: each chosen token's log-probability under the model,
-without alternatives) plus vLLM's `top_k` (-1 or 0: no limit), `ignore_eos` and `stop_token_ids`, so
+with up to 20 alternatives: completions' `logprobs` N, chat's `top_logprobs` N) plus vLLM's `top_k` (-1 or 0: no limit), `ignore_eos` and `stop_token_ids`, so
 that OpenAI clients and vLLM's `benchmark_serving.py` (backends "openai" and "openai-chat") run
 against it unchanged. Chat messages become the prompt through the model's chat template (the
 checkpoint's, or `--chat-template FILE`); a chat without `max_tokens` may fill the slot's cache. A
@@ -33,7 +33,7 @@ from typing import Any
 
 from jaxfire import metrics
 from jaxfire.chat import ChatTemplate
-from jaxfire.engine import Engine, EngineError, Request
+from jaxfire.engine import MAX_TOP_LOGPROBS, Engine, EngineError, Request
 from jaxfire.errors import JaxfireError
 
 MAX_BODY_BYTES = 1 << 24  # a prompt of a million token ids still fits
@@ -60,6 +60,7 @@ class Call:
     usage: bool  # end a stream with a usage chunk
     logprobs: bool
     chat: bool = False
+    top_logprobs: int = 0  # alternatives per token
     add_generation_prompt: bool = True
 
 
@@ -88,8 +89,8 @@ def completion_args(body: Any) -> Call:
     """A /v1/completions body checked; raises BadRequest naming the first bad field."""
     kwargs, stream, usage = _sampling_args(body, "/v1/completions")
     logprobs = None if body.get("logprobs") is False else body.get("logprobs")
-    if logprobs not in (None, 0) or logprobs is True:
-        raise BadRequest("only logprobs 0 (each chosen token's log-probability) is supported, not alternatives")
+    if logprobs is not None:
+        kwargs["top_logprobs"] = _count(logprobs, "logprobs")
     if "prompt" not in body:
         raise BadRequest("'prompt' is required")
     prompt = body["prompt"]
@@ -99,7 +100,7 @@ def completion_args(body: Any) -> Call:
         raise BadRequest("'prompt' must be a string or a list of token ids")
     max_tokens = body.get("max_tokens")
     kwargs["max_tokens"] = 16 if max_tokens is None else max_tokens  # OpenAI's legacy default
-    return Call(prompt, kwargs, stream, usage, logprobs is not None)
+    return Call(prompt, kwargs, stream, usage, logprobs is not None, top_logprobs=kwargs.get("top_logprobs", 0))
 
 
 def chat_args(body: Any) -> Call:
@@ -107,13 +108,23 @@ def chat_args(body: Any) -> Call:
     kwargs, stream, usage = _sampling_args(body, "/v1/chat/completions")
     if not isinstance(body.get("logprobs", False), bool):
         raise BadRequest("'logprobs' must be true or false")
-    if body.get("top_logprobs") not in (None, 0):
-        raise BadRequest("only top_logprobs 0 is supported: each chosen token's log-probability, not alternatives")
+    if body.get("top_logprobs") is not None:
+        if not body.get("logprobs"):
+            raise BadRequest("'top_logprobs' needs 'logprobs': true")
+        kwargs["top_logprobs"] = _count(body["top_logprobs"], "top_logprobs")
     if "messages" not in body:
         raise BadRequest("'messages' is required")
     kwargs["max_tokens"] = body.get("max_completion_tokens", body.get("max_tokens"))
     return Call(body["messages"], kwargs, stream, usage, bool(body.get("logprobs")),
-                chat=True, add_generation_prompt=bool(body.get("add_generation_prompt", True)))
+                chat=True, top_logprobs=kwargs.get("top_logprobs", 0),
+                add_generation_prompt=bool(body.get("add_generation_prompt", True)))
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"'{field}' must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
+                         f"got {value!r}")
+    return value
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -201,16 +212,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _logprobs(self, call: Call, events: list, offset: int) -> dict:
         """OpenAI's logprobs object for these tokens, whose text starts at character `offset`."""
         tok = self.server.engine.model.tokenizer
-        tokens = [tok.decode([e.token], skip_special_tokens=False) if tok is not None else str(e.token)
-                  for e in events]
+
+        def text(i: int) -> str:
+            return tok.decode([i], skip_special_tokens=False) if tok is not None else str(i)
+
+        tokens = [text(e.token) for e in events]
         if call.chat:
-            return {"content": [{"token": t, "logprob": e.logprob, "bytes": list(t.encode()), "top_logprobs": []}
+            return {"content": [{"token": t, "logprob": e.logprob, "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": text(i), "logprob": v, "bytes": list(text(i).encode())}
+                                                  for i, v in e.top_logprobs or ()]}
                                 for t, e in zip(tokens, events)]}
         offsets = []
         for e in events:
             offsets.append(offset)
             offset += len(e.text or "")
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events], "top_logprobs": None,
+        top = None
+        if call.top_logprobs:  # alternatives by their text, as OpenAI lists them, most likely first
+            top = []
+            for e in events:
+                by_text: dict[str, float] = {}
+                for i, v in e.top_logprobs:
+                    by_text.setdefault(text(i), v)  # ids that decode alike: the likelier one's value
+                top.append(by_text)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events], "top_logprobs": top,
                 "text_offset": offsets}
 
     def _usage(self, req: Request) -> dict:

@@ -309,7 +309,8 @@ def test_no_recompilation_after_warmup(model):
         rng = np.random.default_rng(4)
         with engine:
             requests = [engine.submit(random_prompt(rng, model, lo, hi), max_tokens=int(rng.integers(1, 5)),
-                                      temperature=float(rng.choice([0.0, 0.7])), top_p=0.9, seed=i)
+                                      temperature=float(rng.choice([0.0, 0.7])), top_p=0.9, seed=i,
+                                      top_logprobs=3 * (i % 2))  # some ask for alternatives
                         for i, (lo, hi) in enumerate([(1, 16), (17, 20), (1, 5), (2, 10), (17, 19)])]
             requests[3].cancel()
             for r in requests:
@@ -470,3 +471,34 @@ def test_each_token_carries_its_log_probability_under_the_model(model):
     assert max(greedy.logprobs) <= 0 and greedy.logprobs != hot.logprobs
     out = jaxfire.generate(model, [prompt], max_new_tokens=6)
     np.testing.assert_allclose(out.logprobs[0], greedy.logprobs[:len(out.tokens[0])], rtol=1e-5)
+
+
+def test_top_logprobs_are_the_most_likely_ids_at_each_position(model):
+    """A request's alternatives are the top ids of log_softmax at each position, most likely first (a
+    greedy token is the first); a request beside it that asked for none gets none and the same tokens."""
+    rng = np.random.default_rng(22)
+    prompt, other = random_prompt(rng, model, 4, 8), random_prompt(rng, model, 4, 8)
+    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN)
+    asks = engine.submit(prompt, max_tokens=6, top_logprobs=5, ignore_eos=True)
+    beside = engine.submit(other, max_tokens=6, ignore_eos=True)
+    events = [e.top_logprobs for e in asks]
+    assert [e.top_logprobs for e in beside] == [None] * 6 and beside.top_logprobs == []
+    with pytest.raises(RequestError, match=r"top_logprobs must be an integer in \[0, 20\]"):
+        engine.submit(prompt, max_tokens=2, top_logprobs=21)
+    with pytest.raises(RequestError, match="top_logprobs"):
+        engine.submit(prompt, max_tokens=2, top_logprobs=True)
+    engine.close()
+    assert beside.tokens == alone(model, other, 6)
+    assert events == asks.top_logprobs and len(events) == 6
+    logits = jaxfire.logits(model, [prompt + asks.tokens[:-1]])[0, len(prompt) - 1:]  # [6, V]
+    lsm = np.asarray(jax.nn.log_softmax(logits, -1))
+    for pos, alternatives in enumerate(events):
+        ids = [i for i, _ in alternatives]
+        assert len(ids) == 5 and ids[0] == asks.tokens[pos]
+        np.testing.assert_allclose([v for _, v in alternatives], lsm[pos, ids], rtol=1e-4, atol=1e-4)
+        assert sorted(lsm[pos], reverse=True)[4] == pytest.approx(alternatives[-1][1], abs=1e-4)
+    out = jaxfire.generate(model, [prompt, other], max_new_tokens=3, top_logprobs=5)
+    for got, want in zip(out.top_logprobs[0], events[:len(out.tokens[0])], strict=True):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5, atol=1e-5)
+    assert all(len(a) == 5 for a in out.top_logprobs[1]) and len(out.top_logprobs[1]) == len(out.tokens[1])

@@ -109,8 +109,8 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"prompt": PROMPT, "best_of": 2}, "unsupported field 'best_of'"),
     ({"prompt": PROMPT, "n": 2}, "n > 1"),
-    ({"prompt": PROMPT, "logprobs": 3}, "only logprobs 0"),
-    ({"prompt": PROMPT, "logprobs": True}, "only logprobs 0"),
+    ({"prompt": PROMPT, "logprobs": 21}, "'logprobs' must be an integer in [0, 20]"),
+    ({"prompt": PROMPT, "logprobs": True}, "'logprobs' must be an integer in [0, 20]"),
     ({"prompt": 5}, "'prompt' must be a string or a list of token ids"),
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
 ])
@@ -268,7 +268,8 @@ def test_a_chat_without_max_tokens_may_fill_the_slot(served, chat_url, model):
 @pytest.mark.parametrize("body, message", [
     ({"max_tokens": 4}, "'messages' is required"),
     ({"messages": MESSAGES, "prompt": PROMPT}, "unsupported field 'prompt'"),
-    ({"messages": MESSAGES, "top_logprobs": 2}, "only top_logprobs 0"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": -1}, "'top_logprobs' must be an integer in [0, 20]"),
     ({"messages": MESSAGES, "logprobs": 1}, "'logprobs' must be true or false"),
     ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_tokens must be an integer of at least 1"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "roles must alternate"),
@@ -286,3 +287,25 @@ def test_a_model_without_a_chat_template_says_so(url):
     with pytest.raises(urllib.error.HTTPError) as err:
         chat(url, {"messages": MESSAGES})
     assert err.value.code == 400 and "--chat-template" in json.loads(err.value.read())["error"]["message"]
+
+
+def test_alternatives_per_token(url, chat_url):
+    """Completions' logprobs N and chat's top_logprobs N list the N likeliest tokens at each position,
+    most likely first: a greedy token is the first, with its own log-probability."""
+    out = post(url, {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logprobs": 3, "ignore_eos": True})
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["top_logprobs"]) == 4
+    for token, value, alternatives in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(alternatives) <= 3 and next(iter(alternatives)) == token
+        assert alternatives[token] == pytest.approx(value) and list(alternatives.values()) == \
+            sorted(alternatives.values(), reverse=True)
+    chunks = sse_chunks(post(url, {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logprobs": 3,
+                                   "stream": True, "ignore_eos": True}, raw=True))
+    assert [c["choices"][0]["logprobs"]["top_logprobs"][0] for c in chunks] == lp["top_logprobs"]
+
+    out = chat(chat_url, {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logprobs": True,
+                          "top_logprobs": 2, "ignore_eos": True})
+    for entry in out["choices"][0]["logprobs"]["content"]:
+        top = entry["top_logprobs"]
+        assert len(top) == 2 and top[0]["token"] == entry["token"] and top[0]["logprob"] == entry["logprob"]
+        assert top[1]["logprob"] <= top[0]["logprob"] and top[1]["bytes"] == list(top[1]["token"].encode())
