@@ -17,16 +17,20 @@ streamed completion is sent as server-sent events, one `data: {json}` chunk per 
 produces it, then `data: [DONE]`. Each HTTP request is one engine request: requests from all
 connections share the engine's decode slots (continuous batching). A bad request gets HTTP 400 with
 OpenAI's error body; a client that disconnects mid-stream has its request cancelled, which frees its
-slot.
+slot. With `--api-key` (or JAXFIRE_API_KEY) the /v1 routes need `Authorization: Bearer <key>` (HTTP
+401 without it); /health and /metrics stay open. SIGTERM or Ctrl-C stops the server and the engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
 import http.server
 import json
+import os
 import random
+import signal
 import threading
 import time
 from typing import Any
@@ -37,7 +41,8 @@ from jaxfire.engine import MAX_TOP_LOGPROBS, Engine, EngineError, Request
 from jaxfire.errors import JaxfireError
 
 MAX_BODY_BYTES = 1 << 24  # a prompt of a million token ids still fits
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+                413: "invalid_request_error"}
 # The engine's finish reasons as OpenAI's: a stop string, a stop id and EOS all "stop".
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 _SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
@@ -147,7 +152,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         kind = _ERROR_TYPES.get(status, "server_error")
         self._json(status, {"error": {"message": message, "type": kind, "code": status}})
 
+    def _authorized(self) -> bool:
+        """Whether the request may go on: /v1 routes need the server's API key, where it has one."""
+        key = self.server.api_key
+        if key is None or not self.path.startswith("/v1/"):
+            return True
+        if hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            return True
+        self._error(401, "this server needs an API key: send the header 'Authorization: Bearer <key>'")
+        self.close_connection = True  # a body is never read
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (the http.server hook's name)
+        if not self._authorized():
+            return
         if self.path == "/health":
             self._json(200, {"status": "ok"})
         elif self.path == "/metrics":
@@ -164,6 +182,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}")
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
         if self.path not in _FIELDS:
             self._error(404, f"no route {self.path}")
             return
@@ -285,13 +305,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class CompletionServer(http.server.ThreadingHTTPServer):
     """The HTTP server over a started engine; one thread per connection. `chat_template` replaces the
-    tokenizer's own for chat completions."""
+    tokenizer's own for chat completions; with `api_key`, /v1 routes need it as a bearer token."""
 
     daemon_threads = True
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxfire",
-                 verbose: bool = False, chat_template: ChatTemplate | None = None):
+                 verbose: bool = False, chat_template: ChatTemplate | None = None, api_key: str | None = None):
         self.engine = engine
+        self.api_key = api_key or None
         self.model_name = model_name
         self.verbose = verbose
         self.chat_template = chat_template
@@ -327,7 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfire.server", description=__doc__.split("\n\n")[0].split(": ")[1])
     p.add_argument("--checkpoint", help="converted checkpoint directory (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the one taken is printed)")
     p.add_argument("--slots", type=int, default=32, help="requests decoded at once")
     p.add_argument("--max-len", type=int, default=2048,
                    help="cache positions per slot, prompt plus new tokens (at most the model's positions)")
@@ -337,6 +358,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="mesh axis sizes over the devices, e.g. tensor=2 (default: one device)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template for /v1/chat/completions (default: the checkpoint's own)")
+    p.add_argument("--api-key", default=os.environ.get("JAXFIRE_API_KEY"),
+                   help="require this key as 'Authorization: Bearer <key>' on /v1 routes (default: "
+                        "JAXFIRE_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the checkpoint's)")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
@@ -348,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.slots < 1 or args.max_len < 2:
         parser.error("--slots must be at least 1 and --max-len at least 2")
-    if not 0 < args.port < 65536:
-        parser.error("--port must be in [1, 65535]")
+    if not 0 <= args.port < 65536:
+        parser.error("--port must be in [0, 65535] (0: any free port)")
 
     import jaxfire  # deferred so that usage errors come back fast
     from jaxfire.sharding import mesh_from_spec
@@ -372,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         engine.warmup()
     name = args.model_name or (model.path.name if model.path is not None else "jaxfire")
     try:
-        server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose, chat_template)
+        server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose, chat_template,
+                                  args.api_key)
     except OSError as e:
         engine.close()
         parser.exit(1, f"error: cannot listen on {args.host}:{args.port}: {e}\n")
     print(f"serving {name} on http://{args.host}:{server.server_address[1]}/v1/completions and "
           "/v1/chat/completions", flush=True)
+    # SIGTERM (a container's stop) ends serve_forever, which must be stopped from another thread.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:

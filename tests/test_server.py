@@ -309,3 +309,60 @@ def test_alternatives_per_token(url, chat_url):
         top = entry["top_logprobs"]
         assert len(top) == 2 and top[0]["token"] == entry["token"] and top[0]["logprob"] == entry["logprob"]
         assert top[1]["logprob"] <= top[0]["logprob"] and top[1]["bytes"] == list(top[1]["token"].encode())
+
+
+def test_an_api_key_guards_the_v1_routes(served):
+    engine = served[1]
+    server = CompletionServer(engine, port=0, api_key="sekret")
+    server.serve_in_thread()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            req = urllib.request.Request(url + "/v1/completions", headers=headers,
+                                         data=json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode())
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=30)
+            assert err.value.code == 401 and "API key" in json.loads(err.value.read())["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "/v1/models", timeout=30)
+        assert err.value.code == 401
+        req = urllib.request.Request(url + "/v1/completions", headers={"Authorization": "Bearer sekret"},
+                                     data=json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] <= 2
+        for open_route in ("/health", "/metrics"):
+            with urllib.request.urlopen(url + open_route, timeout=30) as resp:
+                assert resp.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_server_command_serves_and_stops_on_sigterm():
+    """`python -m jaxfire.server` end to end: it prints the port it took, answers with its API key from
+    the environment, and exits cleanly on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "jaxfire.server", "--port", "0", "--slots", "2", "--max-len", "64",
+                             "--no-warmup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAXFIRE_API_KEY": "k"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert lines and lines[-1].startswith("serving builtin on http://127.0.0.1:"), "".join(lines)
+        base = lines[-1].split()[3].removesuffix("/v1/completions")
+        req = urllib.request.Request(base + "/v1/completions", headers={"Authorization": "Bearer k"},
+                                     data=json.dumps({"prompt": PROMPT, "max_tokens": 3, "temperature": 0}).encode())
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.stdout.close()
