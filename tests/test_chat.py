@@ -14,6 +14,21 @@ from tests.hf_models import CHAT_TEMPLATE
 CHATML = ("{% for m in messages %}{% if m['role'] == 'tool' %}{% continue %}{% endif %}"
           "<|im_start|>{{ m['role'] }}\n{% generation %}{{ m['content'] }}{% endgeneration %}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Block tags on lines of their own, indented, without "-": renders right only with trim_blocks and
+# lstrip_blocks, as most published templates assume.
+INDENTED = """{% for message in messages %}
+    {% if message['role'] == 'system' %}
+<|system|>
+{{ message['content'] }}{{ eos_token }}
+    {% else %}
+<|{{ message['role'] }}|>
+{{ message['content'] }}{{ eos_token }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|assistant|>
+{% endif %}
+"""
 JSON_DUMP = "{{ bos_token }}{{ messages | tojson }}{% if add_generation_prompt %}{{ eos_token }}{% endif %}"
 
 CONVERSATIONS = [
@@ -31,7 +46,8 @@ def hf_tokenizer_dir(tmp_path, template):
     return tmp_path
 
 
-@pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHATML, JSON_DUMP], ids=["mixtral", "chatml", "tojson"])
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHATML, INDENTED, JSON_DUMP],
+                         ids=["mixtral", "chatml", "indented", "tojson"])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_templates_render_and_encode_as_transformers_does(tmp_path, template, add_generation_prompt):
     from transformers import AutoTokenizer
@@ -47,7 +63,7 @@ def test_templates_render_and_encode_as_transformers_does(tmp_path, template, ad
         ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
         assert ours.encode_chat(messages, add_generation_prompt) == list(ids["input_ids"])
     # the template wrote BOS itself: encoding must not add a second one
-    if template is not CHATML:
+    if template in (CHAT_TEMPLATE, JSON_DUMP):
         assert ours.encode_chat(CONVERSATIONS[0])[:2] != [1, 1]
 
 
