@@ -65,7 +65,6 @@ import functools
 import heapq
 import itertools
 import math
-import os
 import queue
 import threading
 import time
@@ -82,7 +81,7 @@ from jaxfire.config import Config
 from jaxfire.errors import JaxfireError
 from jaxfire.kv_cache import KVCache, init_cache
 from jaxfire.params import Params
-from jaxfire.tokenizer import Tokenizer
+from jaxfire.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from jaxfire.api import Model
@@ -147,61 +146,6 @@ class RequestMetrics:
         return None if self.scheduled is None else self.scheduled - self.arrival
 
 
-class _Detokenizer:
-    """Incremental text of a growing id list, emitting only text that no later token can change.
-
-    Each push decodes two short windows, not the whole list: the ids not yet emitted with the ones
-    emitted last before them (context such as a word's leading space), with and without the new id;
-    the text the new window adds is the delta. Constant work a token however long the output (a whole
-    decode per token cost 0.3 s of the scheduling thread over a 2000-token output).
-
-    With stop strings, text is also held back until no stop string can begin in it (the last
-    len(longest stop) - 1 characters wait for the next token), and `stream` says when one appeared.
-    """
-
-    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # the window's start: the ids emitted last, kept as context
-        self.read = 0  # ids before this are emitted
-        self.stop = stop
-        self.held = ""  # decoded text not yet emitted: a stop string may start in it
-
-    def push(self, token: int, final: bool) -> str | None:
-        if self.tok is None:
-            return None
-        self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        text = self.tok.decode(self.ids[self.prefix:])
-        # Nothing new yet, or an incomplete UTF-8 sequence: wait for more ids (unless this is the last).
-        if not final and (len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before)):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(os.path.commonprefix([before, text])):]  # the emitted text is never repeated
-
-    def stream(self, token: int, final: bool) -> tuple[str | None, bool]:
-        """The text to emit for this token, and whether it completed a stop string (the text then ends
-        before the stop string)."""
-        delta = self.push(token, final)
-        if delta is None or not self.stop:
-            return delta, False
-        text = self.held + delta
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.held = ""
-            return text[:min(hits)], True
-        keep = 0 if final else min(len(text), max(map(len, self.stop)) - 1)
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str | None:
-        """The held-back text, at an end that is not a stop string."""
-        if self.tok is None:
-            return None
-        held, self.held = self.held, ""
-        return held
-
-
 _END = object()  # closes a request's event queue
 
 
@@ -213,7 +157,7 @@ class Request:
 
     def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
                  top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
-                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: _Detokenizer, num_top_logprobs: int = 0):
+                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: StreamDecoder, num_top_logprobs: int = 0):
         self.id = rid
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -571,7 +515,7 @@ class Engine:
                 or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         stop = self._validate_stop(stop)
-        detok = _Detokenizer(self.model.tokenizer if self.detokenize else None, stop)
+        detok = StreamDecoder(self.model.tokenizer if self.detokenize else None, stop)
         with self._cond:
             if self._closed or self._error is not None:
                 raise EngineError("the engine is closed" if self._error is None

@@ -407,7 +407,7 @@ def _llama_style_tokenizer():
 def test_streamed_text_is_the_whole_decode_at_constant_cost(model, kind, monkeypatch):
     """Each token's text delta, joined, is the decode of all the ids (multi-byte characters split over
     tokens, leading and repeated spaces), while each push decodes a few ids, not the whole output."""
-    from jaxfire.engine import _Detokenizer
+    from jaxfire.tokenizer import StreamDecoder
     from jaxfire.tokenizer import Tokenizer
 
     tok = Tokenizer.__new__(Tokenizer)
@@ -417,7 +417,7 @@ def test_streamed_text_is_the_whole_decode_at_constant_cost(model, kind, monkeyp
     seen = []
     decode = tok.decode
     monkeypatch.setattr(tok, "decode", lambda i, **kw: seen.append(len(i)) or decode(i, **kw))
-    d = _Detokenizer(tok)
+    d = StreamDecoder(tok)
     streamed = "".join(d.push(t, final=k == len(ids) - 1) for k, t in enumerate(ids))
     assert streamed == decode(ids) and len(ids) > 200
     assert max(seen) <= 8  # a window of the ids not yet emitted and those emitted last
