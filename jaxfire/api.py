@@ -18,6 +18,7 @@ import numpy as np
 from jaxfire import checkpoint, model as M
 from jaxfire import params as P
 from jaxfire import sharding as S
+from jaxfire.chat import ChatTemplate
 from jaxfire.config import Config
 from jaxfire.engine import SEED_LIMIT, Engine, TokenEvent
 from jaxfire.errors import JaxfireError
@@ -50,6 +51,15 @@ class Model:
     @property
     def is_fp8(self) -> bool:
         return any(isinstance(w, QArray) for w in jax.tree.leaves(self.params, is_leaf=P.is_weight))
+
+    def bind_chat_template(self, template: ChatTemplate) -> ChatTemplate:
+        """A template given by hand (`ChatTemplate.from_file`) naming this model's special tokens: its
+        tokenizer files', else the tokens of the config's BOS and EOS ids."""
+        if self.tokenizer is None:
+            raise JaxfireError(f"{self.path} has no tokenizer, so it cannot take chat messages")
+        cfg = self.config
+        return template.with_special_tokens(self.tokenizer.special_tokens(
+            cfg.bos_token_id, cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
 
     def with_runtime(self, **changes: Any) -> "Model":
         """The same weights run another way (kernels, FP8 policy); nothing is copied."""

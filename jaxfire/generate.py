@@ -78,12 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if tok is None:
             raise jaxfire.JaxfireError(f"{model.path} has no tokenizer, so text prompts cannot be encoded")
         if args.chat:
-            if template is not None:
-                cfg = model.config
-                tok.chat_template = template.with_special_tokens(
-                    tok.special_tokens(cfg.bos_token_id, cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
+            template = None if template is None else model.bind_chat_template(template)
             system = [] if args.system is None else [{"role": "system", "content": args.system}]
-            ids = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
+            ids = [tok.encode_chat(system + [{"role": "user", "content": p}], template=template) for p in prompts]
         else:
             ids = [tok.encode(p) for p in prompts]
         need = max(map(len, ids)) + args.max_new_tokens

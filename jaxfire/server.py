@@ -328,7 +328,7 @@ class CompletionServer(http.server.ThreadingHTTPServer):
         if template is None:
             raise BadRequest("this model has no chat template: start the server with --chat-template FILE "
                              "(a Jinja template), or use /v1/completions")
-        return tok.encode(template.render(messages, add_generation_prompt), add_special_tokens=False)
+        return tok.encode_chat(messages, add_generation_prompt, template)
 
     def room(self, prompt_tokens: int) -> int:
         """New tokens a prompt of this length leaves room for in a slot."""
@@ -388,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     except jaxfire.JaxfireError as e:
         parser.exit(1, f"error: {e}\n")
     if chat_template is not None and model.tokenizer is not None:
-        cfg = model.config
-        chat_template = chat_template.with_special_tokens(model.tokenizer.special_tokens(
-            cfg.bos_token_id, cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
+        chat_template = model.bind_chat_template(chat_template)
     if not args.no_warmup:
         print("compiling every step (--no-warmup skips) ...", flush=True)
         engine.warmup()

@@ -50,12 +50,15 @@ class Tokenizer:
                 tokens[name] = text
         return tokens
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the messages as the chat template renders them (its own special tokens only)."""
-        if self.chat_template is None:
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    template: ChatTemplate | None = None) -> list[int]:
+        """Token ids of the messages as the chat template (`template`, else the tokenizer's own) renders
+        them, with only the special tokens it writes."""
+        template = template or self.chat_template
+        if template is None:
             raise TokenizerError(f"the tokenizer in {self.path.parent} has no chat template; give one "
                                  "(a Jinja file) to chat with this model")
-        return self.encode(self.chat_template.render(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(template.render(messages, add_generation_prompt), add_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
