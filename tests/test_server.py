@@ -56,6 +56,13 @@ def post(url, body, raw=False, route="/v1/completions"):
         return resp.read().decode() if raw else json.loads(resp.read())
 
 
+def refusal(send, *args):
+    """The HTTP status and OpenAI error message of a request the server refuses."""
+    with pytest.raises(urllib.error.HTTPError) as err:
+        send(*args)
+    return err.value.code, json.loads(err.value.read())["error"]["message"]
+
+
 def sse_chunks(text):
     lines = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -115,10 +122,8 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
 ])
 def test_bad_requests_get_400_naming_the_problem(url, body, message):
-    with pytest.raises(urllib.error.HTTPError) as err:
-        post(url, body)
-    assert err.value.code == 400
-    assert message in json.loads(err.value.read())["error"]["message"]
+    code, said = refusal(post, url, body)
+    assert code == 400 and message in said
 
 
 def test_models_health_and_unknown_routes(url):
@@ -172,18 +177,16 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served, monkeypatch):
 
 def test_a_body_that_is_not_json_gets_400(url):
     req = urllib.request.Request(url + "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=30)
-    assert err.value.code == 400 and "not JSON" in json.loads(err.value.read())["error"]["message"]
+    code, said = refusal(lambda: urllib.request.urlopen(req, timeout=30))
+    assert code == 400 and "not JSON" in said
 
 
 def test_an_oversized_body_is_refused_unread(url, monkeypatch):
     from jaxfire import server
 
     monkeypatch.setattr(server, "MAX_BODY_BYTES", 64)
-    with pytest.raises(urllib.error.HTTPError) as err:
-        post(url, {"prompt": "x" * 100})
-    assert err.value.code == 413 and "more than the 64 accepted" in json.loads(err.value.read())["error"]["message"]
+    code, said = refusal(post, url, {"prompt": "x" * 100})
+    assert code == 413 and "more than the 64 accepted" in said
 
 
 def test_logprobs_are_the_models(url, model):
@@ -260,9 +263,8 @@ def test_a_chat_without_max_tokens_may_fill_the_slot(served, chat_url, model):
     out = chat(chat_url, {"messages": MESSAGES, "temperature": 0, "ignore_eos": True})
     usage = out["usage"]
     assert usage["total_tokens"] == engine.max_len and out["choices"][0]["finish_reason"] == "length"
-    with pytest.raises(urllib.error.HTTPError) as err:
-        chat(chat_url, {"messages": [{"role": "user", "content": "x" * engine.max_len}]})
-    assert err.value.code == 400 and "leaves no room for a reply" in json.loads(err.value.read())["error"]["message"]
+    code, said = refusal(chat, chat_url, {"messages": [{"role": "user", "content": "x" * engine.max_len}]})
+    assert code == 400 and "leaves no room for a reply" in said
 
 
 @pytest.mark.parametrize("body, message", [
@@ -277,16 +279,13 @@ def test_a_chat_without_max_tokens_may_fill_the_slot(served, chat_url, model):
     ({"messages": "hello"}, "non-empty list"),
 ])
 def test_bad_chat_requests_get_400_naming_the_problem(chat_url, body, message):
-    with pytest.raises(urllib.error.HTTPError) as err:
-        chat(chat_url, body)
-    assert err.value.code == 400
-    assert message in json.loads(err.value.read())["error"]["message"]
+    code, said = refusal(chat, chat_url, body)
+    assert code == 400 and message in said
 
 
 def test_a_model_without_a_chat_template_says_so(url):
-    with pytest.raises(urllib.error.HTTPError) as err:
-        chat(url, {"messages": MESSAGES})
-    assert err.value.code == 400 and "--chat-template" in json.loads(err.value.read())["error"]["message"]
+    code, said = refusal(chat, url, {"messages": MESSAGES})
+    assert code == 400 and "--chat-template" in said
 
 
 def test_alternatives_per_token(url, chat_url):
@@ -320,9 +319,8 @@ def test_an_api_key_guards_the_v1_routes(served):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
             req = urllib.request.Request(url + "/v1/completions", headers=headers,
                                          data=json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode())
-            with pytest.raises(urllib.error.HTTPError) as err:
-                urllib.request.urlopen(req, timeout=30)
-            assert err.value.code == 401 and "API key" in json.loads(err.value.read())["error"]["message"]
+            code, said = refusal(lambda: urllib.request.urlopen(req, timeout=30))
+            assert code == 401 and "API key" in said
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url + "/v1/models", timeout=30)
         assert err.value.code == 401
