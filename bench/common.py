@@ -1,13 +1,18 @@
-"""Shared benchmark plumbing: timing on the device, the copy ceiling, and JSON-lines results.
+"""Shared benchmark plumbing: timing on the device, the memory ceilings, and JSON-lines results.
 
 Every benchmark in bench/ times with `time_fn`, measures the ceiling it compares against in the same
 run, and appends one JSON object per measured configuration to a file under bench/results/ through
 `write_results`, which stamps the device, jax version and date.
+
+Two memory ceilings: `read_tbs`, a streaming read of several GiB (what a decode step does: it reads
+weights and cache and writes little), and `copy_bandwidth`, a read-plus-write copy, which on an H200
+gives 2.96-3.35 TB/s where the read gives 4.6 and so overstates how close a read-bound step is.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -72,6 +77,37 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     copy = jax.jit(lambda x: x * 1.0001)
     t = time_fn(copy, arg_sets=[(x,) for x in xs], warmup=3, iters=20)
     return 2 * n * 4 / t
+
+
+# A sum over 8 GiB of bf16 reads 4.60-4.62 TB/s on an H200, over 2 GiB 4.44-4.49: smaller reads do
+# not reach the card's rate. Off a GPU (the CPU test runs) the figure only fills the column.
+READ_BYTES = {"gpu": 8 << 30, "other": 64 << 20}
+
+
+@functools.cache
+def read_tbs(nbytes: int | None = None) -> float:
+    """The device's streaming read bandwidth in TB/s: `jnp.sum` over `nbytes` of bf16 (READ_BYTES by
+    platform, at most a quarter of the device's memory), the median of 10 calls.
+
+    Measured once per process and remembered, so every benchmark of a run can call it; the buffer is
+    freed before it returns.
+    """
+    if nbytes is None:
+        dev = jax.devices()[0]
+        nbytes = READ_BYTES["gpu" if dev.platform == "gpu" else "other"]
+        limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform == "gpu" else None
+        if limit:
+            nbytes = min(nbytes, limit // 4)
+    shape = (max(nbytes // 2 // 4096, 1), 4096)  # 2D: an int32 index of 8 GiB of bf16 would overflow
+    # Filled on the device by a cheap integer pattern (random numbers take seconds on a CPU); the sum
+    # is a separate program, so the buffer is read from memory, never fused with its making.
+    fill = jax.jit(lambda s: ((jax.lax.broadcasted_iota(jnp.int32, shape, 0) * 7
+                               + jax.lax.broadcasted_iota(jnp.int32, shape, 1)) % 251).astype(jnp.bfloat16) * s)
+    x = fill(jnp.bfloat16(0.01))  # [R, 4096]
+    total = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
+    sec = time_fn(total, x, warmup=2, iters=10)
+    del x
+    return shape[0] * shape[1] * 2 / sec / 1e12
 
 
 def parse_mesh(text: str | None):
