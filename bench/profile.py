@@ -123,7 +123,6 @@ def stage_of(inst: Instruction | None, kernel: str) -> str:
 _FAMILIES = ((r"grouped_matmul_swiglu", "experts gate/up (Pallas)"),
              (r"grouped_matmul", "experts down or projections (Pallas)"),
              (r"decode_attention", "decode attention (Pallas)"),
-             (r"moe_route", "routing (Pallas)"),
              (r"cache_append", "cache append (Pallas)"),
              (r"sdpa|flash|fmha", "prompt attention (cuDNN)"),
              (r"nvjet|gemm|cutlass|sm90_xmma", "matmul (cuBLAS)"),

@@ -40,12 +40,7 @@ class Runtime:
     `implementation=` of `jax.nn.dot_product_attention` ("xla", "cudnn").
     fp8: when FP8 weights also quantize their activations.
     moe_dispatch: how the MoE block orders token-expert assignments by expert (`moe.dispatch`): "auto"
-    (all-pairs ranking for small steps, a sort for large ones), "sort", "rank", or "unsorted" (one
-    token's rows go to the grouped matmul's Triton kernel each with its expert id, no ordering at
-    all; "auto" for larger steps). "unsorted" is tested (interpret mode) but not yet timed on a GPU.
-    moe_route: the router's logits, softmax and top-k (`moe.route`): "xla", "auto" (one Pallas kernel
-    on GPUs, XLA elsewhere: tested in interpret mode, not yet timed on a GPU), or an `implementation=`
-    of `pallas_kernels.moe_route`.
+    (all-pairs ranking for small steps, a sort for large ones), "sort" or "rank".
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """
@@ -55,7 +50,6 @@ class Runtime:
     prefill_attention: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     moe_dispatch: str = "auto"
-    moe_route: str = "xla"
     mesh: Mesh | None = None
 
 
@@ -310,7 +304,7 @@ def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], ca
         if any(seg.counts is not None for seg in segments):
             valid = jnp.concatenate([_appended_tokens(x.shape[:2], seg.counts) for x, seg in zip(xs, segments)])
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
-                          runtime.grouped_matmul, runtime.mesh, valid, runtime.moe_dispatch, runtime.moe_route)
+                          runtime.grouped_matmul, runtime.mesh, valid, runtime.moe_dispatch)
     return [x + y for x, y in zip(xs, _split(y, [x.shape[:2] for x in xs]))], caches
 
 

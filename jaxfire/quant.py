@@ -140,26 +140,18 @@ def _grouped_backend(x: jax.Array, implementation: str) -> str | None:
     return implementation
 
 
-def kernel_takes_group_ids(x: jax.Array, implementation: str) -> bool:
-    """Whether `grouped` of these activations can take rows by expert id: the Pallas kernels can,
-    unless the wgmma (Mosaic) kernel, which needs rows sorted by expert, is forced."""
-    return _grouped_backend(x, implementation) not in ("xla", "pallas_mosaic")
-
-
 def _kernel_operands(x: jax.Array, w: jax.Array | QArray, fp8_acts: bool):
     lhs, lhs_scale = quantize(x, axis=-1) if fp8_acts else (x, None)
     rhs, rhs_scale = (w.value, w.scale) if isinstance(w, QArray) else (w.astype(x.dtype), None)
     return dict(lhs=lhs, lhs_scale=lhs_scale, rhs=rhs, rhs_scale=rhs_scale)
 
 
-def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array | None, policy: Fp8Policy = Fp8Policy(),
-            implementation: str = "xla", group_ids: jax.Array | None = None) -> jax.Array:
+def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, policy: Fp8Policy = Fp8Policy(),
+            implementation: str = "xla") -> jax.Array:
     """Per-group x @ w[e].T over rows sorted by expert, w stored [E, N, K]; rows past sum(group_sizes) are zero.
 
     implementation: "xla" runs `jax.lax.ragged_dot_general`; "auto" the Pallas kernels on GPUs (XLA
     elsewhere); any other value is passed as `implementation=` to `pallas_kernels.grouped_matmul`.
-    group_ids: instead of group_sizes, each row's expert [T], rows in any order, or [T, J]: each row
-    through J experts, output row t*J + j (Pallas kernels only; see `kernel_takes_group_ids`).
     """
     # x: [T, K], w: [E, N, K] -> [T, N]
     fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0])
@@ -168,11 +160,9 @@ def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array | None, 
         from pallas_kernels import grouped_matmul
 
         ops = _kernel_operands(x, w, fp8_acts)
-        return grouped_matmul(ops["lhs"], ops["rhs"], group_sizes, group_ids=group_ids, lhs_scale=ops["lhs_scale"],
+        return grouped_matmul(ops["lhs"], ops["rhs"], group_sizes, lhs_scale=ops["lhs_scale"],
                               rhs_scale=ops["rhs_scale"], transpose_rhs=True, preferred_element_type=x.dtype,
                               implementation=backend)
-    if group_ids is not None:
-        raise ValueError("rows given by expert id (group_ids) need the Pallas grouped matmul, not implementation='xla'")
     if not isinstance(w, QArray):
         return _ragged(x, w.astype(x.dtype), group_sizes).astype(x.dtype)
     if fp8_acts:
@@ -183,22 +173,21 @@ def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array | None, 
     return (y * _row_scale(y, w, group_sizes)).astype(x.dtype)
 
 
-def grouped_swiglu(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array | None,
-                   policy: Fp8Policy = Fp8Policy(), implementation: str = "xla",
-                   group_ids: jax.Array | None = None) -> jax.Array:
+def grouped_swiglu(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array,
+                   policy: Fp8Policy = Fp8Policy(), implementation: str = "xla") -> jax.Array:
     """silu(x @ gate.T) * (x @ up.T) per group, w stored [E, 2F, K] (gate rows first); [T, F].
 
     The Pallas path fuses both projections and the product, so the [T, 2F] intermediate never
-    reaches memory. group_ids as for `grouped`.
+    reaches memory.
     """
     backend = _grouped_backend(x, implementation)
     if backend == "xla":
-        gate, up = jnp.split(grouped(x, w, group_sizes, policy, "xla", group_ids), 2, axis=-1)
+        gate, up = jnp.split(grouped(x, w, group_sizes, policy, "xla"), 2, axis=-1)
         return jax.nn.silu(gate) * up
     from pallas_kernels import grouped_matmul_swiglu
 
     fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0])
     ops = _kernel_operands(x, w, fp8_acts)
-    return grouped_matmul_swiglu(ops["lhs"], ops["rhs"], group_sizes, group_ids=group_ids, lhs_scale=ops["lhs_scale"],
+    return grouped_matmul_swiglu(ops["lhs"], ops["rhs"], group_sizes, lhs_scale=ops["lhs_scale"],
                                  rhs_scale=ops["rhs_scale"], transpose_rhs=True, preferred_element_type=x.dtype,
                                  implementation=backend)

@@ -127,55 +127,6 @@ def test_dispatch_by_rank_equals_dispatch_by_sort(tokens, top_k):
         moe.dispatch(experts, 4, "bucket")
 
 
-@pytest.mark.parametrize("top_k, valid", [(2, True), (3, True), (2, False)])
-def test_one_token_goes_to_the_kernels_unsorted(top_k, valid, monkeypatch):
-    """One token's assignments reach the Pallas kernels as routed, each row with its expert id (no
-    dispatch), and give what the sorted dispatch gives; a token routed nowhere gives zeros. The XLA
-    path cannot take rows by id and says so."""
-    from pallas_kernels.grouped_matmul import api
-
-    seen = []
-    real = api._run
-    monkeypatch.setattr(api, "_run", lambda *a, **kw: seen.append(a[3] is not None) or real(*a, **kw))
-    cfg = Config.preset("tiny")
-    layer = P.init_params(cfg, jax.random.key(top_k), jnp.bfloat16, std=0.2, fp8=True).layers[0]
-    x = jax.random.normal(jax.random.key(7), (1, cfg.hidden_size), jnp.bfloat16)
-    mask = jnp.asarray([valid])
-    unsorted = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask, dispatch_method="unsorted")
-    assert seen == [True, True]  # gate/up and down, both by id
-    by_sort = moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask, dispatch_method="sort")
-    moe.moe_block(layer.moe, x, top_k, implementation="pallas", valid=mask)  # "auto" ranks them
-    assert seen[2:] == [False] * 4
-    two = jnp.concatenate([x, -x])  # more assignments than one token's: "unsorted" orders them as "auto" does
-    np.testing.assert_array_equal(
-        np.asarray(moe.moe_block(layer.moe, two, top_k, implementation="pallas", dispatch_method="unsorted")),
-        np.asarray(moe.moe_block(layer.moe, two, top_k, implementation="pallas")))
-    assert seen[6:] == [False] * 4
-    np.testing.assert_allclose(np.asarray(unsorted, np.float32), np.asarray(by_sort, np.float32), rtol=1e-2,
-                               atol=1e-2 * float(jnp.abs(by_sort.astype(jnp.float32)).max()) + 1e-6)
-    assert valid or (np.asarray(unsorted, np.float32) == 0).all()
-    for implementation in ("xla", "pallas_mosaic"):
-        with pytest.raises(ValueError, match="moe_dispatch='unsorted' needs the grouped matmul's Triton kernel"):
-            moe.moe_block(layer.moe, x, top_k, implementation=implementation, dispatch_method="unsorted")
-    assert not quant.kernel_takes_group_ids(x, "pallas_mosaic")
-
-
-def test_routing_kernel_equals_xla_in_the_moe_block():
-    """The MoE block with its routing on the Pallas kernel (interpret mode here) equals XLA's routing,
-    tokens routed nowhere included; a bad implementation name is refused."""
-    cfg = Config.preset("tiny")
-    layer = P.init_params(cfg, jax.random.key(4), jnp.bfloat16, std=0.2).layers[0]
-    x = jax.random.normal(jax.random.key(8), (10, cfg.hidden_size), jnp.bfloat16)
-    valid = jnp.asarray(np.random.default_rng(3).random(10) < 0.6)
-    for a, b in zip(moe.route(layer.moe.router, x, 3, valid, "pallas"), moe.route(layer.moe.router, x, 3, valid)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    out = moe.moe_block(layer.moe, x, 2, valid=valid, route_implementation="pallas")
-    want = np.asarray(moe.moe_block(layer.moe, x, 2, valid=valid), np.float32)
-    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
-    with pytest.raises(ValueError, match="route implementation must be one of"):
-        moe.route(layer.moe.router, x, 2, valid, "cuda")
-
-
 def test_masked_tokens_route_nowhere_and_leave_the_others_unchanged():
     cfg = Config.preset("tiny")
     layer = P.init_params(cfg, jax.random.key(5), jnp.float32, std=0.2).layers[0]

@@ -213,9 +213,8 @@ def test_fused_qkv_equals_three_projections(setup, fp8):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fp8_decode_on_the_pallas_kernels_equals_xla(batch):
-    """The GPU path of an FP8 decode step (the routing kernel; Pallas grouped matmuls: one token's
-    experts by expert id and its projections on the multiply-add kernel at batch 1, ranked rows on
-    the MMA kernel at 3) against XLA's routing and ragged dots, from the same cache."""
+    """The GPU path of an FP8 decode step (Pallas grouped matmuls: the multiply-add kernel at batch 1,
+    the MMA kernel at 3) against XLA's ragged dots, from the same cache."""
     cfg = CONFIGS["gqa"]
     params = init_params(cfg, jax.random.key(11), jnp.bfloat16, std=0.1, fp8=True)
     tokens = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, 7)).astype(np.int32)
@@ -223,10 +222,8 @@ def test_fp8_decode_on_the_pallas_kernels_equals_xla(batch):
     _, cache = M.prefill(params, cache, jnp.asarray(tokens[:, :6]), jnp.full((batch,), 6, jnp.int32), cfg)
     step = jnp.asarray(tokens[:, 6])
     got, _ = M.decode_step(params, jax.tree.map(jnp.copy, cache), step, cfg,
-                           runtime=M.Runtime(grouped_matmul="pallas", moe_route="pallas", moe_dispatch="unsorted",
-                                             decode_attention="xla"))
-    want, _ = M.decode_step(params, cache, step, cfg,
-                            runtime=M.Runtime(grouped_matmul="xla", moe_route="xla", decode_attention="xla"))
+                           runtime=M.Runtime(grouped_matmul="pallas", decode_attention="xla"))
+    want, _ = M.decode_step(params, cache, step, cfg, runtime=M.Runtime(grouped_matmul="xla", decode_attention="xla"))
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     # Both round activations to bf16 between the same kernels; only summation orders differ.
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)

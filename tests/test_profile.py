@@ -27,7 +27,6 @@ def test_stage_drops_the_layer_index_and_books_collectives_to_communication():
     assert P.stage_of(None, "psum_113_0_fusion_1") == "communication"  # XLA's own all-reduce kernel
     assert P.stage_of(None, "mystery") == "unattributed"
     assert P.stage_of(None, "grouped_matmul_swiglu_triton") == "unattributed: experts gate/up (Pallas)"
-    assert P.stage_of(None, "jaxfire_moe_route") == "unattributed: routing (Pallas)"
 
 
 def test_parse_hlo_gives_fusions_the_scope_of_their_body():

@@ -62,13 +62,11 @@ def test_sharded_logits_and_tokens_equal_single_device(reference, mesh_name, ske
         jaxfire.generate(single, prompts, max_new_tokens=12).tokens
 
 
-@pytest.mark.parametrize("mesh_name, dispatch, route", [
-    ("expert8", "auto", "xla"), ("expert2_tensor4", "auto", "xla"), ("tensor2", "auto", "xla"),
-    ("expert8", "sort", "xla"), ("expert2_tensor4", "rank", "xla"),
-    ("expert2_tensor4", "auto", "pallas"), ("tensor2", "auto", "pallas")])
-def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name, dispatch, route):
-    """Masked tokens (idle decode slots, prompt padding) are sent nowhere; the rest match one device,
-    with the routing in XLA or in its kernel (inside the shard_map)."""
+@pytest.mark.parametrize("mesh_name, dispatch", [
+    ("expert8", "auto"), ("expert2_tensor4", "auto"), ("tensor2", "auto"), ("expert8", "sort"),
+    ("expert2_tensor4", "rank")])
+def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name, dispatch):
+    """Masked tokens (idle decode slots, prompt padding) are sent nowhere; the rest match one device."""
     ckpt, single = reference
     mesh = mesh_of(MESHES[mesh_name])
     p = single.params.layers[0].moe
@@ -76,7 +74,7 @@ def test_expert_parallel_masked_tokens_equal_local(reference, mesh_name, dispatc
     valid = jnp.asarray(np.random.default_rng(2).random(21) < 0.4)
     local = moe.moe_block(p, x, 2, valid=valid)
     on_mesh = jaxfire.load(ckpt, dtype="float32", mesh=mesh).params.layers[0].moe
-    sharded = moe.moe_block(on_mesh, x, 2, mesh=mesh, valid=valid, dispatch_method=dispatch, route_implementation=route)
+    sharded = moe.moe_block(on_mesh, x, 2, mesh=mesh, valid=valid, dispatch_method=dispatch)
     np.testing.assert_allclose(sharded, local, rtol=1e-5, atol=1e-5)
     assert (np.asarray(sharded)[~np.asarray(valid)] == 0).all()
 
@@ -236,10 +234,10 @@ def test_default_mesh_puts_every_device_on_the_expert_axis():
 
 @pytest.mark.parametrize("mesh_name", ["tensor2", "expert2"])
 def test_one_token_on_the_kernels_of_a_mesh_equals_one_device(reference, mesh_name):
-    """A batch-1 MoE step with every kernel on (routing kernel; on a tensor axis the experts' rows go
-    by expert id, half of each expert's width a device) equals the same kernels on one device."""
+    """A batch-1 MoE step on the Pallas grouped matmuls (on a tensor axis half of each expert's width
+    a device) equals the same kernels on one device."""
     ckpt, _ = reference
-    kernels = dict(implementation="pallas", route_implementation="pallas", dispatch_method="unsorted")
+    kernels = dict(implementation="pallas")
     local = jaxfire.load(ckpt, dtype="bfloat16").params.layers[0].moe
     x = jax.random.normal(jax.random.key(12), (1, local.router.shape[1]), jnp.bfloat16)
     want = np.asarray(moe.moe_block(local, x, 2, **kernels), np.float32)

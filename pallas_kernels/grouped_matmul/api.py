@@ -1,6 +1,6 @@
 """Grouped (ragged) expert matmul: the public entry points, input checks and backend choice.
 
-Shapes: T rows (sorted by expert, or in any order with `group_ids`), K contraction, N output columns,
+Shapes: T rows (sorted by expert), K contraction, N output columns,
 E experts, F swiglu width.
 """
 
@@ -23,7 +23,7 @@ _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp
 DECODE_MAX_ROWS = {1: 64, 2: 128}  # by lhs itemsize
 
 
-def _check(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config,
+def _check(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config,
            swiglu):
     name = "grouped_matmul_swiglu" if swiglu else "grouped_matmul"
     rhs_name = "rhs_gate_up" if swiglu else "rhs"
@@ -45,17 +45,7 @@ def _check(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs
             f"{name}: lhs has K={k} but the {axis} axis of {rhs_name} {rhs.shape} "
             f"(transpose_rhs={transpose_rhs}) has {rhs_k}."
         )
-    if (group_sizes is None) == (group_ids is None):
-        raise ValueError(f"{name}: pass exactly one of group_sizes (rows sorted by expert) and group_ids "
-                         f"(each row's expert).")
-    if group_ids is not None:
-        if group_ids.shape[:1] != (t,) or group_ids.ndim > 2 or not jnp.issubdtype(group_ids.dtype, jnp.integer):
-            raise ValueError(f"{name}: group_ids must be integers of shape [T] or [T, J] with T={t}, "
-                             f"got {group_ids.dtype} of shape {group_ids.shape}.")
-        if implementation == "pallas_mosaic":
-            raise ValueError(f"{name}: implementation='pallas_mosaic' needs rows sorted by expert (group_sizes), "
-                             f"not group_ids.")
-    elif group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(
             f"{name}: group_sizes must be an integer vector of length E={e}, "
             f"got {group_sizes.dtype} of shape {group_sizes.shape}."
@@ -84,17 +74,14 @@ def _check(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs
         )
 
 
-def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation,
-                    rows_by_id: int | None = None) -> tuple[str, Config]:
-    """The Pallas kernel and config for a problem: decode-sized or rows by id -> Triton, else wgmma if it can.
-    rows_by_id: the output rows of a problem given by expert ids (lhs rows times experts each), else None."""
+def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation) -> tuple[str, Config]:
+    """The Pallas kernel and config for a problem: decode-sized -> Triton, else wgmma if it can."""
     t, k = lhs.shape
-    t = rows_by_id or t
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     n_out = n // 2 if swiglu else n
     t_config = dict(swiglu=swiglu, num_groups=rhs.shape[0], weight_itemsize=jnp.dtype(rhs.dtype).itemsize,
                     gemv=implementation != "pallas_mma")
-    if implementation == "pallas_triton" or rows_by_id is not None:
+    if implementation == "pallas_triton":
         return "triton", config or triton_config(t, k, n_out, **t_config)
     m_config = config or mosaic_config(t, k, n_out, itemsize=jnp.dtype(lhs.dtype).itemsize, swiglu=swiglu)
     reason = mosaic.unsupported_reason(
@@ -109,38 +96,29 @@ def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implemen
     return "triton", config or triton_config(t, k, n_out, **t_config)
 
 
-def _run(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config,
-         swiglu):
+def _run(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config, swiglu):
     out_dtype = jnp.dtype(out_dtype)
-    _check(lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config,
-           swiglu)
+    _check(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config, swiglu)
     on_cpu = jax.default_backend() == "cpu"
-    by_id = group_ids is not None
     if implementation == "reference" or (implementation is None and on_cpu):
         ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
-        kw = dict(lhs_scale=lhs_scale, rhs_scale=rhs_scale, transpose_rhs=transpose_rhs,
-                  preferred_element_type=out_dtype)
-        if by_id:
-            return reference.by_id(ref, lhs, rhs, group_ids, **kw)
-        return ref(lhs, rhs, group_sizes, **kw)
-    backend, cfg = _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation,
-                                   rows_by_id=group_ids.size if by_id else None)
+        return ref(lhs, rhs, group_sizes, lhs_scale=lhs_scale, rhs_scale=rhs_scale, transpose_rhs=transpose_rhs,
+                   preferred_element_type=out_dtype)
+    backend, cfg = _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation)
     if backend == "mosaic":
         return mosaic.grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32), lhs_scale, rhs_scale,
                                      transpose_rhs=transpose_rhs, swiglu=swiglu, out_dtype=out_dtype, config=cfg,
                                      interpret=on_cpu)
-    groups = group_ids.reshape(lhs.shape[0], -1) if by_id else group_sizes
-    return triton.grouped_matmul(lhs, rhs, groups.astype(jnp.int32), lhs_scale,
+    return triton.grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32), lhs_scale,
                                  rhs_scale, transpose_rhs=transpose_rhs, swiglu=swiglu, out_dtype=out_dtype,
-                                 config=cfg, interpret=on_cpu, by_id=by_id)
+                                 config=cfg, interpret=on_cpu)
 
 
 def grouped_matmul(
     lhs: jax.Array,
     rhs: jax.Array,
-    group_sizes: jax.Array | None = None,
+    group_sizes: jax.Array,
     *,
-    group_ids: jax.Array | None = None,
     lhs_scale: jax.Array | None = None,
     rhs_scale: jax.Array | None = None,
     transpose_rhs: bool = False,
@@ -154,11 +132,6 @@ def grouped_matmul(
       lhs: [T, K] bf16 or float8_e4m3fn, rows sorted by expert.
       rhs: [E, K, N], or [E, N, K] (K-major, the fast layout) when `transpose_rhs`; bf16 or fp8.
       group_sizes: [E] int32 rows per expert; rows past their sum come out as zeros.
-      group_ids: instead of group_sizes, each row's expert, rows in any order (one token's few
-        assignments: no sort to do): [T] int32, or [T, J] to send each lhs row to J experts, output
-        row t*J + j through expert group_ids[t, j] (the output has T*J rows). An id outside [0, E)
-        gives a zero row. Each output row is its own row task, so an expert named twice is read
-        twice. Runs the Triton kernel.
       lhs_scale: [T] float32 per-row scale, required for fp8 lhs.
       rhs_scale: [E, N] float32 per-output-channel scale, required for fp8 rhs.
       preferred_element_type: output dtype (bf16, f16 or f32); accumulation is always f32.
@@ -169,10 +142,10 @@ def grouped_matmul(
       config: block sizes (`Config`); a heuristic default per shape when None.
 
     Returns:
-      [T, N] ([T*J, N] for group_ids [T, J]) in `preferred_element_type`.
+      [T, N] in `preferred_element_type`.
     """
     return _run(
-        lhs, rhs, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs, preferred_element_type,
+        lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, preferred_element_type,
         implementation, config, swiglu=False,
     )
 
@@ -180,9 +153,8 @@ def grouped_matmul(
 def grouped_matmul_swiglu(
     lhs: jax.Array,
     rhs_gate_up: jax.Array,
-    group_sizes: jax.Array | None = None,
+    group_sizes: jax.Array,
     *,
-    group_ids: jax.Array | None = None,
     lhs_scale: jax.Array | None = None,
     rhs_scale: jax.Array | None = None,
     transpose_rhs: bool = False,
@@ -196,6 +168,6 @@ def grouped_matmul_swiglu(
     [E, K, 2F]; `rhs_scale` is [E, 2F]. Returns [T, F]. Other arguments as in `grouped_matmul`.
     """
     return _run(
-        lhs, rhs_gate_up, group_sizes, group_ids, lhs_scale, rhs_scale, transpose_rhs, preferred_element_type,
+        lhs, rhs_gate_up, group_sizes, lhs_scale, rhs_scale, transpose_rhs, preferred_element_type,
         implementation, config, swiglu=True,
     )

@@ -90,21 +90,3 @@ def grouped_matmul_swiglu(
     up = grouped_matmul_f32(lhs, up_w, group_sizes, rhs_scale=up_s, **kw)  # [T, F]
     return (jax.nn.silu(gate) * up).astype(preferred_element_type)
 
-
-def by_id(fn, lhs: jax.Array, rhs: jax.Array, group_ids: jax.Array, *, lhs_scale: jax.Array | None = None,
-          **kwargs) -> jax.Array:
-    """`fn` (either function above) on rows in any order, each with its expert id: the rows are sorted
-    by id, multiplied, and put back. An id outside [0, E) gives a zero row. group_ids [T, J] sends
-    each lhs row to J experts (output row t*J + j)."""
-    # lhs: [T, K], group_ids: [T] or [T, J] -> [T*J, N or F]
-    fan_out = group_ids.size // lhs.shape[0]
-    lhs = jnp.repeat(lhs, fan_out, axis=0)  # [T*J, K]
-    lhs_scale = None if lhs_scale is None else jnp.repeat(lhs_scale, fan_out)
-    e = rhs.shape[0]
-    ids = group_ids.reshape(-1).astype(jnp.int32)
-    ids = jnp.where((ids >= 0) & (ids < e), ids, e)  # [T]
-    order = jnp.argsort(ids, stable=True)  # [T]
-    sizes = jnp.bincount(ids, length=e).astype(jnp.int32)  # [E]
-    scale = None if lhs_scale is None else lhs_scale[order]
-    out = fn(lhs[order], rhs, sizes, lhs_scale=scale, **kwargs)  # [T, N or F], rows sorted
-    return jnp.zeros_like(out).at[order].set(out)

@@ -6,10 +6,6 @@ An expert's rows are cut into tiles of `block_m` rows; the first tile starts at 
 row rounded down to a multiple of `align` (TMA-friendly), so no tile serves two experts and no
 row is computed twice. Rows past sum(group_sizes) form one more group, numbered E, whose tiles
 the kernels fill with zeros without reading any weights.
-
-Rows given in any order, each with its expert id (`tasks_by_id`: one token's few assignments), are
-one task each: no cumulative sums to compute, at the price of reading an expert's weights once per
-row that names it.
 """
 
 from __future__ import annotations
@@ -66,11 +62,3 @@ def row_tasks(group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 
     offset = jnp.where(size > 0, lo - start, 0)  # [P]
     start = jnp.minimum(start, num_rows)
     return RowTasks(group=group, start=start, offset=offset, size=size)
-
-
-def tasks_by_id(group_ids: jax.Array, num_groups: int) -> RowTasks:
-    """One task a row, each row's own expert; an id outside [0, E) is the zero-filled group E."""
-    rows = jnp.arange(group_ids.shape[0], dtype=jnp.int32)  # [T]
-    ids = group_ids.astype(jnp.int32)
-    group = jnp.where((ids >= 0) & (ids < num_groups), ids, num_groups)  # [T]
-    return RowTasks(group=group, start=rows, offset=jnp.zeros_like(rows), size=jnp.ones_like(rows))

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.grouped_matmul.config import Config
-from pallas_kernels.grouped_matmul.tiling import row_tasks, tasks_by_id
+from pallas_kernels.grouped_matmul.tiling import row_tasks
 
 
 def _load(ref, mask: jax.Array | None, dtype) -> jax.Array:
@@ -51,8 +51,7 @@ class _Program:
     j: jax.Array  # column band
     split: jax.Array | int  # this program's share of K
     group: jax.Array
-    start: jax.Array  # first output row of the task
-    lhs_start: jax.Array  # its first lhs row: start, or start // fan_out for rows by id that share an lhs row
+    start: jax.Array  # first row of the task
     size: jax.Array
     col_valid: jax.Array  # [BN]
     mask_cols: bool  # a band can run past N
@@ -60,7 +59,7 @@ class _Program:
 
 
 def _program(group_ref, start_ref, size_ref, lhs_ref, refs, *, has_lhs_scale, has_rhs_scale, swiglu, split_k,
-             block_n, block_k, fan_out) -> _Program:
+             block_n, block_k) -> _Program:
     refs = list(refs)
     lhs_scale_ref = refs.pop(0) if has_lhs_scale else None
     rhs_scale_ref = refs.pop(0) if has_rhs_scale else None
@@ -71,7 +70,6 @@ def _program(group_ref, start_ref, size_ref, lhs_ref, refs, *, has_lhs_scale, ha
         lhs_scale_ref=lhs_scale_ref, rhs_scale_ref=rhs_scale_ref, out_ref=out_ref,
         band_offsets=(0, n_out) if swiglu else (0,), j=j, split=pl.program_id(2) if split_k > 1 else 0,
         group=group_ref[p], start=start_ref[p], size=size_ref[p],
-        lhs_start=start_ref[p] // fan_out if fan_out > 1 else start_ref[p],
         col_valid=j * block_n + jnp.arange(block_n) < n_out, mask_cols=n_out % block_n != 0,
         mask_k=lhs_ref.shape[1] % block_k != 0)
 
@@ -122,11 +120,10 @@ def _kernel(
     has_lhs_scale: bool,
     has_rhs_scale: bool,
     swiglu: bool,
-    fan_out: int,
 ):
     prog = _program(group_ref, start_ref, size_ref, lhs_ref, refs, has_lhs_scale=has_lhs_scale,
                     has_rhs_scale=has_rhs_scale, swiglu=swiglu, split_k=config.split_k, block_n=config.block_n,
-                    block_k=config.block_k, fan_out=fan_out)
+                    block_k=config.block_k)
     body = _gemv_program if config.gemv else _mma_program
     body(prog, lhs_ref, rhs_ref, num_groups=num_groups, config=config, transpose_rhs=transpose_rhs,
          has_lhs_scale=has_lhs_scale, has_rhs_scale=has_rhs_scale, swiglu=swiglu)
@@ -150,7 +147,7 @@ def _mma_program(prog: _Program, lhs_ref, rhs_ref, *, num_groups, config, transp
             k0 = pl.multiple_of(i * block_k, block_k)
             k_valid = k0 + jnp.arange(block_k) < k  # [BK]
             x = _load(
-                lhs_ref.at[pl.ds(prog.lhs_start, block_m), pl.ds(k0, block_k)],
+                lhs_ref.at[pl.ds(start, block_m), pl.ds(k0, block_k)],
                 row_valid[:, None] & k_valid[None, :],
                 compute_dtype,
             )  # [BM, BK]
@@ -180,7 +177,7 @@ def _mma_program(prog: _Program, lhs_ref, rhs_ref, *, num_groups, config, transp
                          for acc, offset in zip(accs, prog.band_offsets))
         if has_lhs_scale:
             row_scale = pltriton.load(
-                prog.lhs_scale_ref.at[pl.ds(prog.lhs_start, block_m)], mask=row_valid, other=0.0
+                prog.lhs_scale_ref.at[pl.ds(start, block_m)], mask=row_valid, other=0.0
             )  # [BM]
             accs = tuple(acc * row_scale[:, None] for acc in accs)
         mask = row_valid[:, None] & prog.col_valid[None, :]
@@ -220,8 +217,7 @@ def _gemv_program(prog: _Program, lhs_ref, rhs_ref, *, num_groups, config, trans
             k_valid = k0 + jnp.arange(block_k) < k  # [BK]
             rows = []
             for r in range(block_m):
-                x = _load(lhs_ref.at[prog.lhs_start + r, pl.ds(k0, block_k)], (r < size) & k_valid,
-                          jnp.float32)  # [BK]
+                x = _load(lhs_ref.at[start + r, pl.ds(k0, block_k)], (r < size) & k_valid, jnp.float32)  # [BK]
                 rows.append(x[None, :] if transpose_rhs else x[:, None])
             new = []
             for band, offset in zip(accs, prog.band_offsets):
@@ -246,7 +242,7 @@ def _gemv_program(prog: _Program, lhs_ref, rhs_ref, *, num_groups, config, trans
                 if has_rhs_scale:
                     acc = acc * _column_scale(prog, expert, offset, block_n)
                 if has_lhs_scale:
-                    acc = acc * pltriton.load(prog.lhs_scale_ref.at[pl.ds(prog.lhs_start + r, 1)],
+                    acc = acc * pltriton.load(prog.lhs_scale_ref.at[pl.ds(start + r, 1)],
                                               mask=jnp.full((1,), r, jnp.int32) < size, other=0.0)  # [1]
                 row.append(acc)
             mask = (r < size) & prog.col_valid  # [BN]
@@ -266,12 +262,12 @@ def _gemv_program(prog: _Program, lhs_ref, rhs_ref, *, num_groups, config, trans
 
 @functools.partial(
     jax.jit,
-    static_argnames=("transpose_rhs", "swiglu", "out_dtype", "config", "interpret", "by_id"),
+    static_argnames=("transpose_rhs", "swiglu", "out_dtype", "config", "interpret"),
 )
 def grouped_matmul(
     lhs: jax.Array,  # [T, K]
     rhs: jax.Array,  # [E, N, K] or [E, K, N]
-    groups: jax.Array,  # [E] rows per expert (rows sorted by expert), or [T, J] each lhs row's J experts when by_id
+    group_sizes: jax.Array,  # [E] rows per expert
     lhs_scale: jax.Array | None,  # [T]
     rhs_scale: jax.Array | None,  # [E, N]
     *,
@@ -280,16 +276,13 @@ def grouped_matmul(
     out_dtype,
     config: Config,
     interpret: bool = False,
-    by_id: bool = False,
 ) -> jax.Array:
     k = lhs.shape[1]
     e = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     n_out = n // 2 if swiglu else n
-    # Rows by id: output row t*J + j is lhs row t through expert groups[t, j].
-    fan_out = groups.shape[1] if by_id else 1
-    t = lhs.shape[0] * fan_out
-    tasks = tasks_by_id(groups.reshape(-1), e) if by_id else row_tasks(groups, t, config.block_m)
+    t = lhs.shape[0]
+    tasks = row_tasks(group_sizes, t, config.block_m)
     split = config.split_k
     grid = (pl.cdiv(n_out, config.block_n), tasks.num_tasks) + ((split,) if split > 1 else ())
     if split > 1:
@@ -309,7 +302,6 @@ def grouped_matmul(
         has_lhs_scale=lhs_scale is not None,
         has_rhs_scale=rhs_scale is not None,
         swiglu=swiglu,
-        fan_out=fan_out,
     )
     out = pl.pallas_call(
         kernel,

@@ -160,36 +160,6 @@ class GroupedMatmulTestBase:
             assert_matches(fn(lhs, rhs, gs), want, BF16, min(sum(sizes), case.t))
 
 
-    @pytest.mark.parametrize("swiglu", [False, True], ids=["matmul", "swiglu"])
-    def test_rows_by_id(self, swiglu):
-        """Rows in any order with each row's expert id (one token's assignments, `group_ids`): each
-        row is multiplied by its own expert; ids outside [0, E) give zero rows."""
-        case = Case("by_id", t=3, group_sizes=(0,) * 4, k=256, n=64, lhs_dtype=FP8, rhs_dtype=FP8, lhs_scale=True,
-                    rhs_scale=True)
-        lhs, rhs, _, ls, rs = make_inputs(case, True, seed=_seed("by_id", swiglu))
-        fn = grouped_matmul_swiglu if swiglu else grouped_matmul
-        if self.implementation == "pallas_mosaic":
-            with pytest.raises(ValueError, match="needs rows sorted by expert"):
-                fn(lhs, rhs, group_ids=jnp.zeros((3,), jnp.int32), lhs_scale=ls, rhs_scale=rs, transpose_rhs=True,
-                   implementation=self.implementation)
-            return
-        config = self.config(case, swiglu)
-        if config is not None and config.gemv:
-            config = dataclasses.replace(config, block_m=1)
-        one_row = lambda r, g: oracle(lhs[r:r + 1], rhs, jnp.asarray(np.eye(4, dtype=np.int32)[g]),  # noqa: E731
-                                      ls[r:r + 1], rs, True, swiglu)[0]
-        width = case.n // 2 if swiglu else case.n
-        # distinct; shared; routed nowhere; each of three rows to two experts (output row 2t + j)
-        for ids in [(2, 0, 3), (3, 3, 1), (1, 4, -1), ((0, 2), (3, 1), (1, 4))]:
-            group_ids = jnp.asarray(ids, jnp.int32)
-            out = fn(lhs, rhs, group_ids=group_ids, lhs_scale=ls, rhs_scale=rs, transpose_rhs=True,
-                     preferred_element_type=F32,
-                     implementation=self.implementation, config=config)
-            pairs = [(r, g) for r, row in enumerate(np.asarray(ids).reshape(3, -1)) for g in row]
-            want = np.stack([one_row(r, g) if 0 <= g < 4 else np.zeros(width) for r, g in pairs])
-            assert_matches(out, want, F32, len(pairs))
-
-
 class TestReference(GroupedMatmulTestBase):
     implementation = "reference"
 
@@ -419,8 +389,6 @@ def test_row_tasks_bound_holds_for_few_rows(seed):
         (dict(preferred_element_type=jnp.int8), "preferred_element_type"),
         (dict(implementation="cuda"), "implementation must be one of"),
         (dict(config=dict(block_m=16)), "config must be"),
-        (dict(group_ids=jnp.zeros((8,), jnp.int32)), "exactly one of group_sizes"),
-        (dict(group_sizes=None, group_ids=jnp.zeros((4,), jnp.int32)), r"shape \[T\] or \[T, J\] with T=8"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -470,10 +438,4 @@ def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
         text = lower_for_h100(
             lambda *a: kernel(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config), *args)
         assert "custom_call" in text
-    # One token through two experts by id (a batch-1 step): each task reads lhs row start // 2.
-    by_id = (s((1, k), dtype), args[1], s((1, 2), jnp.int32), s((1,), F32) if dtype == FP8 else None, args[4])
-    config = cfg.triton_config(2, k, n_out, swiglu=swiglu, num_groups=e)
-    text = lower_for_h100(lambda *a: triton.grouped_matmul(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16,
-                                                           config=config, by_id=True), *by_id)
-    assert "custom_call" in text
-    assert verified == [True] * len(kernels)
+    assert verified == [True] * (len(kernels) - 1)  # the Mosaic GPU kernel is not a Triton module
