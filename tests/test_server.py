@@ -12,7 +12,7 @@ import pytest
 
 import jaxfire
 from jaxfire.chat import ChatTemplate
-from jaxfire.server import CompletionServer
+from jaxfire.server import CompletionServer, Limits
 from tests.hf_models import CHAT_TEMPLATE
 
 PROMPT = "def fibonacci(n):"
@@ -115,10 +115,10 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens must be an integer of at least 1"),
     ({"prompt": PROMPT, "temperature": -1}, "temperature"),
     ({"prompt": PROMPT, "best_of": 2}, "unsupported field 'best_of'"),
-    ({"prompt": PROMPT, "n": 2}, "n > 1"),
+    ({"prompt": PROMPT, "n": 17}, "'n' must be an integer in [1, 16]"),
     ({"prompt": PROMPT, "logprobs": 21}, "'logprobs' must be an integer in [0, 20]"),
     ({"prompt": PROMPT, "logprobs": True}, "'logprobs' must be an integer in [0, 20]"),
-    ({"prompt": 5}, "'prompt' must be a string or a list of token ids"),
+    ({"prompt": 5}, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists"),
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
 ])
 def test_bad_requests_get_400_naming_the_problem(url, body, message):
@@ -181,12 +181,15 @@ def test_a_body_that_is_not_json_gets_400(url):
     assert code == 400 and "not JSON" in said
 
 
-def test_an_oversized_body_is_refused_unread(url, monkeypatch):
-    from jaxfire import server
-
-    monkeypatch.setattr(server, "MAX_BODY_BYTES", 64)
-    code, said = refusal(post, url, {"prompt": "x" * 100})
-    assert code == 413 and "more than the 64 accepted" in said
+def test_an_oversized_body_is_refused_unread(served):
+    server = CompletionServer(served[1], port=0, limits=Limits(max_body_bytes=64))
+    server.serve_in_thread()
+    try:
+        code, said = refusal(post, f"http://127.0.0.1:{server.server_address[1]}", {"prompt": "x" * 100})
+        assert code == 413 and "more than the 64 accepted" in said
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_logprobs_are_the_models(url, model):
