@@ -65,172 +65,27 @@ import functools
 import heapq
 import itertools
 import math
-import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxfire import model as M
-from jaxfire import metrics, quant, sampling
+from jaxfire import metrics, quant
 from jaxfire import sharding as S
 from jaxfire.config import Config
-from jaxfire.errors import JaxfireError
+from jaxfire.engine import sampler
+from jaxfire.engine.requests import (MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError, Request, RequestError,
+                                     TokenEvent)
 from jaxfire.kv_cache import KVCache, init_cache
 from jaxfire.params import Params
 from jaxfire.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from jaxfire.api import Model
-
-SEED_LIMIT = 2**32  # jax.random.key reads 32 bits of a seed: larger ones would silently collide
-# A step's sampling program returns this many alternatives a token when any request asks for some (one
-# compiled shape; each request keeps its own count), OpenAI's limit.
-MAX_TOP_LOGPROBS = 20
-
-
-class RequestError(JaxfireError):
-    """A request the engine refuses at submission (nothing else is affected)."""
-
-
-class EngineError(JaxfireError):
-    """The engine is closed, or stopped after a failure."""
-
-
-@dataclasses.dataclass
-class TokenEvent:
-    """One generated token of one request, as streams yield it."""
-
-    index: int  # the request's id (its submission number; the prompt's index for `jaxfire.generate`)
-    token: int
-    text: str | None  # the text this token adds (None without a tokenizer or with detokenize off)
-    finished: bool
-    finish_reason: str | None = None  # "eos", "stop" (a stop token or string) or "length" once finished
-    # log-probability of the token under the model's distribution (before temperature, top-p and top-k)
-    logprob: float | None = None
-    # the request's `top_logprobs` most likely ids at this position, with their log-probabilities, most
-    # likely first (None unless the request asked for them)
-    top_logprobs: tuple[tuple[int, float], ...] | None = None
-
-
-@dataclasses.dataclass
-class RequestMetrics:
-    """Host-side timestamps (`time.perf_counter()`) of one request."""
-
-    arrival: float  # submitted
-    prompt_tokens: int
-    scheduled: float | None = None  # its prefill was dispatched (it held a slot from then on)
-    token_times: list[float] = dataclasses.field(default_factory=list)  # each token became visible
-    finished: float | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        """Time to first token, seconds (queueing and prefill included)."""
-        return self.token_times[0] - self.arrival if self.token_times else None
-
-    @property
-    def itl(self) -> list[float]:
-        """Inter-token latencies, seconds: the gaps between successive tokens."""
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
-
-    @property
-    def e2e(self) -> float | None:
-        """End-to-end latency, seconds, from submission to the last token."""
-        return self.token_times[-1] - self.arrival if self.token_times else None
-
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.scheduled is None else self.scheduled - self.arrival
-
-
-_END = object()  # closes a request's event queue
-
-
-class Request:
-    """A submitted request: its tokens so far, how it ended, its timings. Iterate it (once) for its events.
-
-    Without a running engine thread, iterating or `result()` drives the engine from the calling thread.
-    """
-
-    def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
-                 top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
-                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: StreamDecoder, num_top_logprobs: int = 0):
-        self.id = rid
-        self.prompt = prompt
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.seed = seed
-        self.ignore_eos = ignore_eos
-        self.stop_token_ids = stop_token_ids
-        self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
-        self.logprobs: list[float] = []  # each token's log-probability under the model (see TokenEvent)
-        self.num_top_logprobs = num_top_logprobs
-        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []  # per token, when num_top_logprobs > 0
-        self.finish_reason: str | None = None  # "eos", "stop", "length", "cancelled" or "error"
-        self.error: BaseException | None = None  # what stopped it, for "error"
-        self.metrics = RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt))
-        self._engine = engine
-        self._on_token = on_token
-        self._detok = detokenizer
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._emitted = 0  # tokens seen by the host, EOS included
-        self._dispatched = 0  # tokens whose computation was dispatched
-        self._slot: int | None = None
-        self._decoding = False  # its slot's row of the shared cache holds its prompt
-        self._small: KVCache | None = None  # a chunked prompt's own batch-1 cache while it prefills
-        self._prefilled = 0  # prompt tokens in it
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stops the request; its slot is freed at the engine's next step. No effect once finished."""
-        self._engine._request_cancel(self)
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                if self._engine.running:
-                    item = self._events.get()
-                else:
-                    self._engine.step()
-                    continue
-            if item is _END:
-                if self.finish_reason == "error":
-                    raise EngineError(f"request {self.id} failed: {self.error}") from self.error
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> list[int]:
-        """Waits until the request finishes and returns its generated ids (EOS not included)."""
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while not self._done.is_set():
-            if self._engine.running:
-                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-                if not self._done.wait(left):
-                    break
-            else:
-                if deadline is not None and time.perf_counter() > deadline:
-                    break
-                self._engine.step()
-        if not self._done.is_set():
-            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-        if self.finish_reason == "error":
-            raise EngineError(f"request {self.id} failed: {self.error}") from self.error
-        return self.tokens
-
-    def __repr__(self) -> str:
-        state = self.finish_reason or ("running" if self._slot is not None else "waiting")
-        return f"Request(id={self.id}, prompt_tokens={len(self.prompt)}, tokens={len(self.tokens)}, {state})"
 
 
 @jax.tree_util.register_dataclass
@@ -260,44 +115,6 @@ def _init_state(config: Config, slots: int, max_len: int, cache_dtype: Any, mesh
     return SlotState(cache=cache, **rest)
 
 
-def _with_logprobs(logits: jax.Array, tokens: jax.Array, top: int = 0) -> jax.Array:
-    """[2 + 2 top, B] int32: the tokens, their log-probabilities under the logits as float32 bits, and
-    with `top` the `top` most likely ids and their log-probabilities (bits), so one transfer brings
-    all to the host (`_read`)."""
-    # logits: [B, V] float32, tokens: [B] int32
-    lsm = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-    lp = jnp.take_along_axis(lsm, tokens[:, None], axis=-1)[:, 0]  # [B]
-    rows = [tokens[None], jax.lax.bitcast_convert_type(lp, jnp.int32)[None]]
-    if top:
-        best, ids = jax.lax.top_k(lsm, top)  # [B, top] each, most likely first
-        rows += [ids.T.astype(jnp.int32), jax.lax.bitcast_convert_type(best, jnp.int32).T]
-    return jnp.concatenate(rows)
-
-
-def _read(out: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Tokens [B], log-probabilities [B], and the top ids and their log-probabilities ([B, top] each, or
-    None) from a sampling program's [2 + 2 top, B] output."""
-    host = np.asarray(out)
-    top = (host.shape[0] - 2) // 2
-    if not top:
-        return host[0], host[1].view(np.float32), None, None
-    return host[0], host[1].view(np.float32), host[2:2 + top].T, host[2 + top:].T.view(np.float32)
-
-
-def _sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
-            top_p: jax.Array, top_k: jax.Array, sample: bool) -> jax.Array:
-    """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0.
-
-    `sample` is static, decided by the host (does any row have a temperature above 0?): an all-greedy
-    batch skips the per-row vocabulary sort without a device-side condition, whose predicate XLA would
-    read back to the host in the middle of the step.
-    """
-    # logits: [B, V] float32 -> [B] int32
-    if not sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-    one = lambda row, key, t, p, k: sampling.sample(row[None], key, t, p, k)[0]  # noqa: E731
-    return jax.vmap(one)(logits, keys, temperature, top_p, top_k)
 
 
 def _put(per_slot: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
@@ -353,11 +170,11 @@ def _prefill_piece(*args, last: bool, **kwargs):
 def _start(state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array, temperature: jax.Array,
            top_p: jax.Array, top_k: jax.Array, sample: bool, top: int = 0) -> tuple[jax.Array, SlotState]:
     """A prefilled request's first token (with its log-probability and `top` alternatives,
-    `_with_logprobs`), and its sampling parameters written into `slot`."""
+    `sampler.with_logprobs`), and its sampling parameters written into `slot`."""
     # logits: [1, V], scalars otherwise -> [2 + 2 top, 1]
     zero = jnp.zeros((1,), jnp.int32)
-    first = _sample(logits, seed[None], zero, temperature[None], top_p[None], top_k[None], sample)  # [1]
-    return _with_logprobs(logits, first, top), dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
+    first = sampler.sample(logits, seed[None], zero, temperature[None], top_p[None], top_k[None], sample)  # [1]
+    return sampler.with_logprobs(logits, first, top), dataclasses.replace(state, tokens=_put(state.tokens, first, slot),
                                       steps=_put(state.steps, zero + 1, slot),
                                       seeds=_put(state.seeds, seed[None], slot),
                                       temperature=_put(state.temperature, temperature[None], slot),
@@ -382,13 +199,13 @@ def _advance(state: SlotState, logits: jax.Array, active: jax.Array, sample: boo
              top: int = 0) -> tuple[jax.Array, SlotState]:
     """Samples the next token of every active slot among the first n; the others keep their token and
     stream position. Returns the tokens with their log-probabilities and `top` alternatives
-    (`_with_logprobs`)."""
+    (`sampler.with_logprobs`)."""
     # logits: [n, V], active: [n] bool -> [2 + 2 top, n] (meaningless where inactive)
     n = active.shape[0]
-    nxt = _sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n], state.top_k[:n],
-                  sample)  # [n]
+    nxt = sampler.sample(logits, state.seeds[:n], state.steps[:n], state.temperature[:n], state.top_p[:n],
+                         state.top_k[:n], sample)  # [n]
     tokens = state.tokens.at[:n].set(jnp.where(active, nxt, state.tokens[:n]))
-    return _with_logprobs(logits, nxt, top), dataclasses.replace(state, tokens=tokens,
+    return sampler.with_logprobs(logits, nxt, top), dataclasses.replace(state, tokens=tokens,
                                                             steps=state.steps.at[:n].add(active.astype(jnp.int32)))
 
 
@@ -800,13 +617,13 @@ class Engine:
             self._sample_step(logits, active, live)
 
         for out, snapshot in self._in_flight:
-            tokens, logprobs, top_ids, top_lps = _read(out)
+            tokens, logprobs, top_ids, top_lps = sampler.read(out)
             now = time.perf_counter()
             for s, req in snapshot:
                 top = None if top_ids is None else (top_ids[s], top_lps[s])
                 self._emit(req, int(tokens[s]), float(logprobs[s]), top, now, events)
         for req, first in admitted:
-            tokens, logprobs, top_ids, top_lps = _read(first)
+            tokens, logprobs, top_ids, top_lps = sampler.read(first)
             top = None if top_ids is None else (top_ids[0], top_lps[0])
             self._emit(req, int(tokens[0]), float(logprobs[0]), top, time.perf_counter(), events)
         self._in_flight, self._dispatched_now = self._dispatched_now, []
@@ -927,8 +744,7 @@ class Engine:
             if req.metrics.token_times:
                 self._totals.e2e_latency.observe(req.metrics.e2e)
         self._live.discard(req)
-        req._events.put(_END)
-        req._done.set()
+        req._close()
 
     def _fail(self, error: BaseException) -> None:
         """A failed step leaves the donated state unusable: every unfinished request ends with the error."""
@@ -945,3 +761,4 @@ class Engine:
         self._waiting.clear()
         self._prefilling.clear()
         self._in_flight = []
+

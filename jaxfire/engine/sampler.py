@@ -1,0 +1,54 @@
+"""The sampling programs every engine step ends with: each row drawn from its request's own stream, with
+its log-probability and, when asked, the likeliest alternatives, brought to the host in one transfer.
+
+Dimensions: B rows, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfire import sampling
+
+
+def with_logprobs(logits: jax.Array, tokens: jax.Array, top: int = 0) -> jax.Array:
+    """[2 + 2 top, B] int32: the tokens, their log-probabilities under the logits as float32 bits, and
+    with `top` the `top` most likely ids and their log-probabilities (bits), so one transfer brings
+    all to the host (`read`)."""
+    # logits: [B, V] float32, tokens: [B] int32
+    lsm = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    lp = jnp.take_along_axis(lsm, tokens[:, None], axis=-1)[:, 0]  # [B]
+    rows = [tokens[None], jax.lax.bitcast_convert_type(lp, jnp.int32)[None]]
+    if top:
+        best, ids = jax.lax.top_k(lsm, top)  # [B, top] each, most likely first
+        rows += [ids.T.astype(jnp.int32), jax.lax.bitcast_convert_type(best, jnp.int32).T]
+    return jnp.concatenate(rows)
+
+
+def read(out: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Tokens [B], log-probabilities [B], and the top ids and their log-probabilities ([B, top] each, or
+    None) from a sampling program's [2 + 2 top, B] output."""
+    host = np.asarray(out)
+    top = (host.shape[0] - 2) // 2
+    if not top:
+        return host[0], host[1].view(np.float32), None, None
+    return host[0], host[1].view(np.float32), host[2:2 + top].T, host[2 + top:].T.view(np.float32)
+
+
+def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
+            top_p: jax.Array, top_k: jax.Array, sample: bool) -> jax.Array:
+    """Samples each row from its own stream: key fold_in(key(seeds[b]), steps[b]); argmax at temperature 0.
+
+    `sample` is static, decided by the host (does any row have a temperature above 0?): an all-greedy
+    batch skips the per-row vocabulary sort without a device-side condition, whose predicate XLA would
+    read back to the host in the middle of the step.
+    """
+    # logits: [B, V] float32 -> [B] int32
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+    one = lambda row, key, t, p, k: sampling.sample(row[None], key, t, p, k)[0]  # noqa: E731
+    return jax.vmap(one)(logits, keys, temperature, top_p, top_k)
+
