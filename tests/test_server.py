@@ -339,15 +339,15 @@ def test_an_api_key_guards_the_v1_routes(served):
         server.server_close()
 
 
-def test_the_server_command_serves_and_stops_on_sigterm():
+def test_the_server_command_serves_and_drains_on_sigterm():
     """`python -m jaxfire.server` end to end: it prints the port it took, answers with its API key from
-    the environment, and exits cleanly on SIGTERM."""
+    the environment, and on SIGTERM refuses new requests (503), finishes the one in flight and exits 0."""
     import os
     import signal
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "jaxfire.server", "--port", "0", "--slots", "2", "--max-len", "64",
+    proc = subprocess.Popen([sys.executable, "-m", "jaxfire.server", "--port", "0", "--slots", "2", "--max-len", "512",
                              "--no-warmup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "JAXFIRE_API_KEY": "k"})
     try:
@@ -358,12 +358,204 @@ def test_the_server_command_serves_and_stops_on_sigterm():
                 break
         assert lines and lines[-1].startswith("serving builtin on http://127.0.0.1:"), "".join(lines)
         base = lines[-1].split()[3].removesuffix("/v1/completions")
-        req = urllib.request.Request(base + "/v1/completions", headers={"Authorization": "Bearer k"},
+        key = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+        req = urllib.request.Request(base + "/v1/completions", headers=key,
                                      data=json.dumps({"prompt": PROMPT, "max_tokens": 3, "temperature": 0}).encode())
         with urllib.request.urlopen(req, timeout=120) as resp:
             assert resp.status == 200
+        import http.client
+        conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+                                                            "stream": True}), key)
+        stream = conn.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: ")
         proc.send_signal(signal.SIGTERM)
+        code = 200
+        while code == 200:  # until the signal has been handled
+            try:
+                urllib.request.urlopen(base + "/health", timeout=30)
+            except urllib.error.HTTPError as e:
+                code = e.code
+        assert code == 503
+        assert refusal(lambda: urllib.request.urlopen(req, timeout=30))[0] == 503
+        chunks = sse_chunks(stream.read().decode())
+        assert len(chunks) == 399 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        conn.close()
         assert proc.wait(timeout=60) == 0
+        assert proc.stdout.read().strip().endswith("stopped")
     finally:
         proc.kill()
         proc.stdout.close()
+
+
+def test_prompt_lists_and_n_choices_are_engine_requests(url, model):
+    """A list of prompts (strings or ids) and n > 1: choice i * n + j is prompt i sampled with seed + j."""
+    prompts = [PROMPT, "class Stack:"]
+    want = {(i, j): jaxfire.generate(model, [p], max_new_tokens=6, temperature=0.9, seed=7 + j).texts[0]
+            for i, p in enumerate(prompts) for j in range(2)}
+    assert want[0, 0] != want[0, 1]  # the seeds differ
+    for sent in (prompts, [model.tokenizer.encode(p) for p in prompts]):
+        out = post(url, {"prompt": sent, "n": 2, "max_tokens": 6, "temperature": 0.9, "seed": 7, "ignore_eos": True})
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in out["choices"]] == [want[k] for k in sorted(want)]
+        assert out["usage"]["prompt_tokens"] == sum(len(model.tokenizer.encode(p)) for p in prompts)
+        assert out["usage"]["completion_tokens"] == 24
+    chunks = sse_chunks(post(url, {"prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0.9, "seed": 7,
+                                   "ignore_eos": True, "stream": True}, raw=True))
+    for k, key in enumerate(sorted(want)):
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == k) == want[key]
+
+
+def _reference_logprobs(model, ids):
+    import jax
+    import numpy as np
+
+    lp = np.asarray(jax.nn.log_softmax(jaxfire.logits(model, [ids])[0], axis=-1))  # [T, V]
+    return [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)], [int(np.argmax(lp[t])) for t in range(len(ids) - 1)]
+
+
+def test_echo_lists_the_prompts_log_probabilities(url, model):
+    """lm-eval's loglikelihood request (echo, logprobs 1, max_tokens 1) and echo alone (max_tokens 0):
+    the prompt's tokens with their log-probabilities under the model's forward pass, the first none."""
+    import numpy as np
+
+    ids = model.tokenizer.encode(PROMPT + " return n")
+    values, greedy = _reference_logprobs(model, ids)
+    out = post(url, {"prompt": [ids, ids[:5]], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0})
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    np.testing.assert_allclose(lp["token_logprobs"][1:-1], values, rtol=1e-4, atol=1e-4)
+    tok = model.tokenizer
+    assert [next(iter(top)) for top in lp["top_logprobs"][1:-1]] == [tok.decode([g], skip_special_tokens=False)
+                                                                     for g in greedy]
+    next_id = jaxfire.generate(model, [ids], max_new_tokens=1).tokens[0][0]
+    assert lp["tokens"][-1] == tok.decode([next_id], skip_special_tokens=False)
+    assert out["choices"][0]["text"] == tok.decode(ids) + out["choices"][0]["text"][len(tok.decode(ids)):]
+    short = out["choices"][1]["logprobs"]["token_logprobs"]
+    np.testing.assert_allclose(short[1:-1], values[:4], rtol=1e-4, atol=1e-4)
+
+    only = post(url, {"prompt": PROMPT, "echo": True, "logprobs": 0, "max_tokens": 0})
+    choice = only["choices"][0]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert len(choice["logprobs"]["token_logprobs"]) == len(tok.encode(PROMPT)) and only["usage"]["completion_tokens"] == 0
+    streamed = sse_chunks(post(url, {"prompt": PROMPT, "echo": True, "max_tokens": 3, "temperature": 0, "stream": True,
+                                     "ignore_eos": True}, raw=True))
+    want = jaxfire.generate(model, [PROMPT], max_new_tokens=3).texts[0]
+    assert streamed[0]["choices"][0]["text"] == PROMPT
+    assert "".join(c["choices"][0]["text"] for c in streamed) == PROMPT + want
+
+
+@pytest.mark.parametrize("route, body, message", [
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 10}}, "logit_bias is not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["x"] * 17}, "'stop' has 17 strings, more than the server's limit of 16"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": "y" * 257}, "limit of 256 characters"),
+    ("/v1/completions", {"prompt": [PROMPT] * 5, "n": 16}, "make 80 choices, more than the server's limit of 64"),
+    ("/v1/completions", {"prompt": "z " * 200}, "more than the server's limit of 64 prompt tokens"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 2}, "'prompt' is an empty list"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": 2**32}, "'seed' must be an integer in [0, 2**32)"),
+    ("/v1/completions", {"prompt": PROMPT, "stream_options": {"x": 1}}, "unsupported field 'stream_options.x'"),
+    ("/v1/completions", [PROMPT], "the request body must be a JSON object"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+     "response_format 'json_object' is not supported"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools (function calling) are not supported"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 0}, "'n' must be an integer in [1, 16]"),
+    ("/tokenize", {"prompt": PROMPT, "messages": MESSAGES}, "either 'prompt' or 'messages'"),
+    ("/detokenize", {"tokens": [1, 10**6]}, "outside the vocabulary"),
+])
+def test_refused_fields_and_limits_name_themselves(chat_url, route, body, message):
+    code, said = refusal(post, chat_url, body, False, route)
+    assert code == 400 and message in said
+
+
+def test_user_is_ignored_and_a_text_response_format_is_plain_chat(chat_url):
+    out = chat(chat_url, {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "user": "u-1",
+                          "response_format": {"type": "text"}, "tool_choice": "none"})
+    plain = chat(chat_url, {"messages": MESSAGES, "max_tokens": 3, "temperature": 0})
+    assert out["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+def test_tokenize_detokenize_and_version(chat_url, model):
+    ids = post(chat_url, {"prompt": PROMPT}, route="/tokenize")
+    assert ids["tokens"] == model.tokenizer.encode(PROMPT) and ids["count"] == len(ids["tokens"])
+    assert ids["max_model_len"] == 64
+    bare = post(chat_url, {"prompt": PROMPT, "add_special_tokens": False}, route="/tokenize")["tokens"]
+    assert bare == model.tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert post(chat_url, {"tokens": bare}, route="/detokenize")["prompt"] == PROMPT
+    templated = post(chat_url, {"messages": MESSAGES}, route="/tokenize")["tokens"]
+    assert templated[0] == 1 and len(templated) > len(bare)
+    with urllib.request.urlopen(chat_url + "/version", timeout=30) as resp:
+        assert json.loads(resp.read())["version"] == jaxfire.__version__
+    with urllib.request.urlopen(chat_url + "/tokenizer_info", timeout=30) as resp:
+        assert json.loads(resp.read())["eos_token"] == "</s>"
+
+
+def _open_stream(url, body):
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the first chunk has come
+    return conn, resp
+
+
+def test_beyond_max_concurrent_requests_the_server_answers_429(served):
+    server = CompletionServer(served[1], port=0, max_concurrent_requests=1)
+    server.serve_in_thread()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        conn, resp = _open_stream(url, {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(url, {"prompt": PROMPT, "max_tokens": 2})
+        assert err.value.code == 429 and err.value.headers["Retry-After"] == "1"
+        assert "--max-concurrent-requests" in json.loads(err.value.read())["error"]["message"]
+        assert sse_chunks(resp.read().decode())  # the first one still finishes
+        conn.close()
+        assert post(url, {"prompt": PROMPT, "max_tokens": 2})["choices"]  # admitted again
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_request_past_its_timeout_is_cancelled_with_504(served):
+    engine = served[1]
+    server = CompletionServer(engine, port=0, request_timeout=1e-4)
+    server.serve_in_thread()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, said = refusal(post, url, {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True})
+        assert code == 504 and "--request-timeout" in said
+        chunks = post(url, {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "stream": True}, raw=True)
+        assert "--request-timeout" in chunks and chunks.rstrip().endswith("data: [DONE]")
+    finally:
+        server.shutdown()
+        server.server_close()
+    import time
+    deadline = time.time() + 30
+    while engine.free_slots < engine.slots and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.free_slots == engine.slots
+
+
+def test_a_drain_refuses_new_requests_and_lets_those_in_flight_finish(served):
+    server = CompletionServer(served[1], port=0)
+    thread = server.serve_in_thread()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        conn, resp = _open_stream(url, {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True})
+        server.drain()
+        code, said = refusal(post, url, {"prompt": PROMPT, "max_tokens": 2})
+        assert code == 503 and "shutting down" in said
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "/health", timeout=30)
+        assert err.value.code == 503
+        rest = sse_chunks(resp.read().decode())
+        assert len(rest) == 39 and rest[-1]["choices"][0]["finish_reason"] == "length"
+        conn.close()
+        thread.join(timeout=30)
+        assert not thread.is_alive()  # it stopped by itself once nothing was in flight
+    finally:
+        server.shutdown()
+        server.server_close()
