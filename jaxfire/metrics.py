@@ -57,6 +57,13 @@ class EngineStats:
     inter_token_latency: Histogram  # seconds between a request's successive tokens
     e2e_latency: Histogram  # seconds from submission to the last token
     queue_time: Histogram  # seconds from submission to holding a slot
+    # The paged engine's KV cache (zero for the contiguous engine)
+    kv_pages_total: int = 0  # pages a request may hold (the null page aside)
+    kv_pages_used: int = 0  # referenced by running requests
+    kv_pages_cached: int = 0  # unreferenced, kept for their tokens until evicted
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, found there
+    preemptions: int = 0  # requests sent back to the queue to recompute later
 
 
 def prometheus(stats: EngineStats, model_name: str, prefix: str = "jaxfire") -> str:
@@ -73,6 +80,14 @@ def prometheus(stats: EngineStats, model_name: str, prefix: str = "jaxfire") -> 
     metric("num_requests_running", "gauge", "Requests holding a decode slot.", [("", "", stats.running)])
     metric("num_requests_waiting", "gauge", "Requests waiting for a decode slot.", [("", "", stats.waiting)])
     metric("num_slots", "gauge", "Decode slots of the engine.", [("", "", stats.slots)])
+    metric("kv_cache_usage_perc", "gauge", "Fraction of the KV cache pages referenced by running requests (0 to 1).",
+           [("", "", stats.kv_pages_used / stats.kv_pages_total if stats.kv_pages_total else 0.0)])
+    metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           [("", "", stats.prefix_cache_queries)])
+    metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+           [("", "", stats.prefix_cache_hits)])
+    metric("num_preemptions_total", "counter", "Requests preempted to free KV cache pages.",
+           [("", "", stats.preemptions)])
     metric("request_success_total", "counter", "Requests finished, by finish reason.",
            [("", f',finished_reason="{_escape(r)}"', n) for r, n in sorted(stats.finished.items())])
     metric("prompt_tokens_total", "counter", "Prompt tokens of requests admitted.", [("", "", stats.prompt_tokens)])

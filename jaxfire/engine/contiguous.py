@@ -65,24 +65,22 @@ import functools
 import heapq
 import itertools
 import math
-import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxfire import model as M
-from jaxfire import metrics, quant
+from jaxfire import quant
 from jaxfire import sharding as S
 from jaxfire.config import Config
 from jaxfire.engine import sampler
-from jaxfire.engine.requests import (MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError, Request, RequestError,
-                                     TokenEvent)
+from jaxfire.engine.base import EngineBase
+from jaxfire.engine.requests import MAX_TOP_LOGPROBS, EngineError, Request, TokenEvent
 from jaxfire.kv_cache import KVCache, init_cache
 from jaxfire.params import Params
-from jaxfire.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from jaxfire.api import Model
@@ -223,7 +221,7 @@ def prefill_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
     return tuple(buckets) + (max_len,)
 
 
-class Engine:
+class ContiguousEngine(EngineBase):
     """Continuous batching over `slots` decode slots sharing one `[slots, max_len]` KV cache.
 
     model: a `jaxfire.Model`; its `runtime` (kernels, FP8 policy, device mesh: the cache is sharded
@@ -251,19 +249,12 @@ class Engine:
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
                  prefills_per_step: int | None = None, prefill_chunk: int | None = None, detokenize: bool = True,
                  decode_buckets: Sequence[int] | None = None, mix_decode: bool = True):
-        cfg = model.config
-        if max_len is None:
-            max_len = min(cfg.max_position_embeddings, 4096)
-        for name, value in (("slots", slots), ("max_len", max_len), ("min_bucket", min_bucket)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+        super().__init__(model, slots, max_len, detokenize)
+        if not isinstance(min_bucket, (int, np.integer)) or min_bucket < 1:
+            raise EngineError(f"min_bucket must be a positive integer, got {min_bucket!r}")
         for name, value in (("prefills_per_step", prefills_per_step), ("prefill_chunk", prefill_chunk)):
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise EngineError(f"{name} must be a positive integer or None, got {value!r}")
-        self.model = model
-        self.config = cfg
-        self.slots = int(slots)
-        self.max_len = int(max_len)
         self.buckets = prefill_buckets(self.max_len, int(min_bucket))
         if decode_buckets is None:
             decode_buckets = slot_buckets(self.slots)
@@ -273,29 +264,11 @@ class Engine:
         self.decode_buckets = tuple(sorted({int(n) for n in decode_buckets} | {self.slots}))
         self.prefills_per_step = prefills_per_step
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
-        self.detokenize = detokenize
         self.mix_decode = bool(mix_decode)
-        # decode_steps (mixed_steps of them inside a prefill call), slot_steps (occupied slot-steps),
-        # decode_rows (slots stepped, idle ones in a bucket included), prefills
-        self.counters = collections.Counter()
-        self._stats_lock = threading.Lock()  # the scheduler writes the totals below, any thread reads them
-        self._totals = metrics.EngineStats(
-            slots=self.slots, running=0, waiting=0, finished=collections.Counter(), prompt_tokens=0,
-            generated_tokens=0, steps={}, time_to_first_token=metrics.Histogram(metrics.TTFT_BOUNDS),
-            inter_token_latency=metrics.Histogram(metrics.ITL_BOUNDS),
-            e2e_latency=metrics.Histogram(metrics.E2E_BOUNDS), queue_time=metrics.Histogram(metrics.E2E_BOUNDS))
-        self._eos = frozenset(cfg.eos_token_ids)
-        self._state = _init_state(cfg, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
+        # counters: decode_steps (mixed_steps of them inside a prefill call), slot_steps (occupied
+        # slot-steps), decode_rows (slots stepped, idle ones in a bucket included), prefills
+        self._state = _init_state(model.config, self.slots, self.max_len, model.kv_cache_dtype or model.dtype,
                                   model.runtime.mesh)
-        self._cond = threading.Condition()  # guards the inbox, cancellations and the flags below
-        self._inbox: list[Request] = []
-        self._cancels: list[Request] = []
-        self._next_id = 0
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._step_lock = threading.Lock()  # one scheduler at a time; guards everything below
-        self._live: set[Request] = set()  # submitted and not finished
         self._waiting: collections.deque[Request] = collections.deque()
         self._slot_of: list[Request | None] = [None] * self.slots
         self._free = list(range(self.slots))  # a heap: the lowest free slot is taken first
@@ -304,164 +277,6 @@ class Engine:
         self._in_flight: list[tuple[jax.Array, list[tuple[int, Request]]]] = []
         self._dispatched_now: list[tuple[jax.Array, list[tuple[int, Request]]]] = []  # by this step so far
 
-    # ----- submission (any thread) -----
-
-    def submit(self, prompt: str | Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-               stop: str | Sequence[str] = (), top_logprobs: int = 0,
-               on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
-        """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
-
-        prompt: token ids, or a string for a model with a tokenizer. max_tokens counts EOS.
-        temperature: 0 is greedy; top_p in (0, 1]; top_k >= 0 (0: no limit); seed in [0, 2**32) picks
-          the sampling stream.
-        ignore_eos: generate exactly max_tokens tokens (benchmarks), unless a stop token comes.
-        stop_token_ids: more ids that end the request as EOS does (finish_reason "stop"; the id is not
-          part of the output).
-        stop: strings that end the request once its text contains one (finish_reason "stop"): the text
-          streamed ends before it, while `tokens` keeps every id generated. Needs the tokenizer; text
-          that could begin a stop string is streamed one token late.
-        top_logprobs: with each token, this many most likely ids at its position and their
-          log-probabilities (at most MAX_TOP_LOGPROBS; `TokenEvent.top_logprobs`, `Request.top_logprobs`).
-        on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
-          raises, the request ends with finish_reason "error" and the others carry on.
-        """
-        ids = self._validate(prompt, max_tokens, temperature, top_p, seed)
-        top_k, stop_ids = self._validate_limits(top_k, stop_token_ids)
-        if (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer))
-                or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
-            raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
-        stop = self._validate_stop(stop)
-        detok = StreamDecoder(self.model.tokenizer if self.detokenize else None, stop)
-        with self._cond:
-            if self._closed or self._error is not None:
-                raise EngineError("the engine is closed" if self._error is None
-                                  else f"the engine stopped after an error: {self._error}")
-            req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
-                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs))
-            self._next_id += 1
-            self._inbox.append(req)
-            self._cond.notify_all()
-        return req
-
-    def _validate_limits(self, top_k, stop_token_ids) -> tuple[int, frozenset[int]]:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
-        try:
-            stop = list(stop_token_ids)
-        except TypeError:
-            raise RequestError(f"stop_token_ids must be a sequence of token ids, got {stop_token_ids!r}") from None
-        for t in stop:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
-                raise RequestError(f"stop_token_ids has {t!r}, not a token id in [0, {self.config.vocab_size})")
-        return int(top_k), frozenset(int(t) for t in stop)
-
-    def _validate_stop(self, stop) -> tuple[str, ...]:
-        stop = (stop,) if isinstance(stop, str) else stop
-        try:
-            stop = tuple(stop)
-        except TypeError:
-            raise RequestError(f"stop must be a string or a sequence of strings, got {stop!r}") from None
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise RequestError(f"stop must hold non-empty strings, got {stop!r}")
-        if stop and (self.model.tokenizer is None or not self.detokenize):
-            raise RequestError("stop strings need the model's tokenizer and an engine with detokenize on")
-        return stop
-
-    def _validate(self, prompt, max_tokens, temperature, top_p, seed) -> list[int]:
-        cfg = self.config
-        if isinstance(prompt, str):
-            if self.model.tokenizer is None:
-                raise RequestError("this model has no tokenizer: pass the prompt as a list of token ids")
-            ids = self.model.tokenizer.encode(prompt)
-        else:
-            try:
-                ids = list(prompt)
-            except TypeError:
-                raise RequestError("the prompt must be a string or a sequence of token ids") from None
-            if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
-                raise RequestError("the prompt must be a string or a sequence of integer token ids")
-            ids = [int(t) for t in ids]
-        if not ids:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise RequestError(f"the prompt has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer of at least 1, got {max_tokens!r}")
-        if not isinstance(temperature, (int, float, np.number)) or not (math.isfinite(temperature)
-                                                                        and temperature >= 0):
-            raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
-            raise RequestError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-        need = len(ids) + max_tokens
-        if need > cfg.max_position_embeddings:
-            raise RequestError(f"prompt of {len(ids)} tokens plus {max_tokens} new tokens exceeds the model's "
-                               f"{cfg.max_position_embeddings} positions")
-        if need > self.max_len:
-            raise RequestError(f"prompt of {len(ids)} tokens plus {max_tokens} new tokens exceeds the engine's "
-                               f"{self.max_len} cache positions per slot")
-        return ids
-
-    def _request_cancel(self, req: Request) -> None:
-        with self._cond:
-            if not req.finished:
-                self._cancels.append(req)
-                self._cond.notify_all()
-
-    # ----- the background thread -----
-
-    @property
-    def running(self) -> bool:
-        """Whether the engine's own thread schedules (else consumers drive `step()`)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> "Engine":
-        """Runs the scheduler on a daemon thread until `close()`."""
-        with self._cond:
-            if self._closed:
-                raise EngineError("the engine is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="jaxfire-engine", daemon=True)
-                self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not self._inbox and not self._cancels and not self._busy():
-                    self._cond.wait()
-                if self._closed:
-                    return
-            try:
-                self.step()
-            except BaseException:  # step() already failed every request with it
-                return
-
-    def close(self) -> None:
-        """Stops the thread, cancels unfinished requests and releases the cache."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        with self._step_lock:
-            with self._cond:
-                pending = self._inbox + list(self._live)
-                self._inbox = []
-            for req in pending:
-                self._finish(req, "cancelled", time.perf_counter())
-            self._state = None
-            self._in_flight = []
-
-    def __enter__(self) -> "Engine":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ----- scheduling -----
 
     def _busy(self) -> bool:
@@ -469,27 +284,8 @@ class Engine:
                 or any(r is not None for r in self._slot_of))
 
     @property
-    def busy(self) -> bool:
-        """Whether anything is queued, running or in flight."""
-        with self._cond:
-            return bool(self._inbox) or bool(self._cancels) or self._busy()
-
-    @property
     def free_slots(self) -> int:
         return len(self._free)
-
-    def stats(self) -> metrics.EngineStats:
-        """A snapshot of the engine's load and its totals since it started (`jaxfire.metrics`); safe
-        from any thread while the engine runs."""
-        with self._cond:
-            inbox = len(self._inbox)
-        with self._stats_lock:
-            t = self._totals
-            return dataclasses.replace(
-                t, running=sum(r is not None for r in self._slot_of), waiting=inbox + len(self._waiting),
-                finished=dict(t.finished), steps=dict(self.counters),
-                time_to_first_token=t.time_to_first_token.copy(), inter_token_latency=t.inter_token_latency.copy(),
-                e2e_latency=t.e2e_latency.copy(), queue_time=t.queue_time.copy())
 
     def warmup(self, prompt_lengths: Sequence[int] | None = None) -> None:
         """Compiles the decode step and the prefill of every bucket (or of those `prompt_lengths` need).
@@ -553,30 +349,11 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            raise EngineError(f"the engine stopped after an error: {self._error}") from self._error
-        if self._state is None:
-            raise EngineError("the engine is closed")
-
-    def step(self) -> list[TokenEvent]:
-        """One scheduling round (see the module docstring); returns the events it emitted, in order."""
-        with self._step_lock:
-            self._check_usable()
-            try:
-                return self._step()
-            except BaseException as e:
-                self._fail(e)
-                raise
-
     def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         p, cfg = self.model, self.config
-        with self._cond:
-            self._waiting.extend(self._inbox)
-            self._live.update(self._inbox)
-            self._inbox = []
-            cancels, self._cancels = self._cancels, []
+        new, cancels = self._take_inbox()
+        self._waiting.extend(new)
         for req in cancels:
             if not req.finished:
                 if req in self._waiting:
@@ -688,77 +465,22 @@ class Engine:
             heapq.heappush(self._free, req._slot)
         req._slot = None
 
-    def _emit(self, req: Request, token: int, logprob: float, top: tuple[np.ndarray, np.ndarray] | None, now: float,
-              events: list[TokenEvent]) -> None:
-        if req.finished:  # cancelled, or ended by EOS while this step was in flight
-            return
-        req._emitted += 1
-        is_eos = not req.ignore_eos and token in self._eos
-        ends = is_eos or token in req.stop_token_ids  # ended by this id, which is not output
-        last = ends or req._emitted >= req.max_tokens
-        reason = "eos" if is_eos else "stop" if ends else ("length" if last else None)
-        alternatives = None
-        if req.num_top_logprobs and top is not None:
-            alternatives = tuple((int(i), float(v)) for i, v in zip(*(a[:req.num_top_logprobs] for a in top)))
-        if not ends:
-            req.tokens.append(token)
-            req.logprobs.append(logprob)
-            if alternatives is not None:
-                req.top_logprobs.append(alternatives)
-        times = req.metrics.token_times
-        times.append(now)
-        with self._stats_lock:
-            self._totals.generated_tokens += 1
-            if len(times) == 1:
-                self._totals.time_to_first_token.observe(now - req.metrics.arrival)
-            else:
-                self._totals.inter_token_latency.observe(now - times[-2])
-        text, hit = (req._detok.flush(), False) if ends else req._detok.stream(token, final=last)
-        if hit:  # a stop string: the text ends before it
-            last, reason = True, "stop"
-        event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason, logprob=logprob,
-                           top_logprobs=alternatives)
-        events.append(event)
-        req._events.put(event)
-        if req._on_token is not None:
-            try:
-                req._on_token(event)
-            except Exception as e:  # a consumer's bug ends its own request only
-                req.error = e
-                self._finish(req, "error", now)
-                return
-        if last:
-            self._finish(req, reason, now)
 
-    def _finish(self, req: Request, reason: str, now: float) -> None:
-        if req.finished:
-            return
+    def _drop(self, req: Request) -> None:
         self._release(req)
         if req in self._prefilling:
             self._prefilling.remove(req)
+        if req in self._waiting:
+            self._waiting.remove(req)
         req._small = None
-        req.finish_reason = reason
-        req.metrics.finished = now
-        with self._stats_lock:
-            self._totals.finished[reason] += 1
-            if req.metrics.token_times:
-                self._totals.e2e_latency.observe(req.metrics.e2e)
-        self._live.discard(req)
-        req._close()
 
-    def _fail(self, error: BaseException) -> None:
-        """A failed step leaves the donated state unusable: every unfinished request ends with the error."""
-        with self._cond:
-            self._error = error
-            pending = self._inbox + list(self._live) + list(self._waiting)
-            self._inbox = []
-            self._cond.notify_all()
-        now = time.perf_counter()
-        for req in pending:
-            if not req.finished:
-                req.error = error
-                self._finish(req, "error", now)
+    def _clear(self) -> None:
         self._waiting.clear()
         self._prefilling.clear()
         self._in_flight = []
 
+    def _num_running(self) -> int:
+        return sum(r is not None for r in self._slot_of)
+
+    def _num_waiting(self) -> int:
+        return len(self._waiting)

@@ -47,7 +47,7 @@ class PagePool:
         self.caching = caching
         self._refs = [0] * num_pages
         self._fresh = collections.deque(range(1, num_pages))  # unreferenced, holding no key
-        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced with a key, oldest first
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced, keyed; oldest first
         self._page_of: dict[bytes, int] = {}  # key -> cached page
         self._key_of: dict[int, bytes] = {}  # cached page -> key
 
