@@ -121,8 +121,8 @@ class Preset:
 PRESETS = {
     "cpu": Preset(("stdlib",), 4096, cpu_model_config, TrainConfig(), "float32", fp8=False),
     "gpu": Preset(("stdlib", "site-packages"), 4096, gpu_model_config,
-                  TrainConfig(steps=40000, batch=128, seq_len=512, lr=2e-3, warmup=200, eval_every=500,
-                              time_budget=420.0), "bfloat16", fp8=True),
+                  TrainConfig(steps=40000, batch=128, seq_len=512, lr=3e-3, warmup=200, eval_every=250,
+                              time_budget=370.0), "bfloat16", fp8=True),
 }
 
 
