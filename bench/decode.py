@@ -1,6 +1,12 @@
 """Whole-model step times at full Mixtral geometry with random weights: decode at several batch sizes
 and prefill of a 1024-token prompt, bf16 against FP8, against the memory roofline.
 
+A decode step reads its weights and cache and writes little, so its ceiling is the card's streaming
+read bandwidth, measured in the same run (`bench.common.read_tbs`): each decode row carries it
+("read_tbs"), the bytes the step must read over its time ("tbs") as a share of it ("of_read_bw"),
+and the whole model's bytes over it ("roofline_ms"); the read-plus-write copy figure ("copy_bw_tbs",
+"of_copy_bw") stays beside it for comparison with earlier rows.
+
     PYTHONPATH=. python bench/decode.py [--preset mixtral-8x7b] [--layers 8] [--mesh expert=2] [--out-dir DIR]
 
 Layers beyond `--layers` are not built: per-step times scale with the layer count (each layer reads
@@ -36,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import copy_bandwidth, parse_mesh, print_table, write_results  # noqa: E402
+from bench.common import copy_bandwidth, parse_mesh, print_table, read_tbs, write_results  # noqa: E402
 from jaxfire import model as M  # noqa: E402
 from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
@@ -44,7 +50,6 @@ from jaxfire.config import Config  # noqa: E402
 from jaxfire.kv_cache import KVCache, init_cache  # noqa: E402
 from jaxfire.params import fuse_qkv, init_params  # noqa: E402
 
-DATASHEET_BW = 3.35e12  # H100 SXM HBM3, bytes/s
 PEAK_FLOPS = {"bf16": 661e12, "fp8": 1257e12}  # dense matmul ceilings measured on the H100 (shared/GPU.md)
 
 
@@ -58,6 +63,12 @@ def step_bytes(c: Config, layers: int, batch: int, context: int, weight_bytes: f
     kv = batch * context * 2 * c.num_kv_heads * c.head_dim * kv_bytes
     per_layer = attn + experts + e * d * 2 + kv
     return layers * per_layer + c.vocab_size * d * 2
+
+
+def element_bytes(c: Config, weights: str, kv_dtype) -> tuple[float, float]:
+    """Bytes per weight and per cached key/value element of a variant (an FP8 cache also reads its
+    float32 scale per head and position)."""
+    return (1.0 if weights == "fp8" else 2.0), (1.0 + 4.0 / c.head_dim if kv_dtype == "fp8" else 2.0)
 
 
 def prefill_flops(c: Config, layers: int, tokens: int) -> float:
@@ -235,8 +246,7 @@ def check_against_xla(params, c: Config, runtime, kv_dtype) -> float:
     """Relative error of prefill + one decode step of the first layer against XLA's own ops on the
     same inputs: the kernels are checked on the GPU before they are timed. One layer, because over
     many layers bf16 rounding flips some top-k routing choices and the logits then legitimately part."""
-    xla = dataclasses.replace(runtime, decode_attention="xla", grouped_matmul="xla", prefill_attention="einsum",
-                              moe_route="xla")
+    xla = dataclasses.replace(runtime, decode_attention="xla", grouped_matmul="xla", prefill_attention="einsum")
     c = c.replace(num_layers=1)
     params = dataclasses.replace(params, layers=params.layers[:1])
     tokens = jax.random.randint(jax.random.key(4), (4, 96), 0, c.vocab_size)
@@ -269,12 +279,6 @@ VARIANTS = {
     "fp8-unfused": ("fp8", "fp8", M.Runtime()),
     # As "fp8" with the MMA kernel for one-token expert products too (no multiply-add kernel).
     "fp8-mma": ("fp8", "fp8", M.Runtime(grouped_matmul="pallas_mma")),
-    # As "fp8" with one token's expert rows going to the kernels by expert id instead of ranked.
-    "fp8-unsorted": ("fp8", "fp8", M.Runtime(moe_dispatch="unsorted")),
-    # As "fp8" with the routing (logits, softmax, top-k) in one kernel instead of XLA's three.
-    "fp8-route-kernel": ("fp8", "fp8", M.Runtime(moe_route="auto")),
-    # Both: the batch-1 path with the fewest kernels.
-    "fp8-b1": ("fp8", "fp8", M.Runtime(moe_dispatch="unsorted", moe_route="auto")),
 }
 
 
@@ -306,9 +310,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         S.check_experts(mesh, c.num_experts)
         overrides["mesh"] = mesh
     devices = mesh.size if mesh is not None else 1
+    read_bw = read_tbs() * 1e12
     copy_bw = copy_bandwidth()
     warm_up_clocks()
-    print(f"device {jax.devices()[0].device_kind}, copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)")
+    print(f"device {jax.devices()[0].device_kind}, read bandwidth {read_bw / 1e12:.2f} TB/s, "
+          f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)")
     rows = []
     written = {}
 
@@ -331,22 +337,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         params = weights_cache[weights, fused]
         check = check_against_xla(params, c, runtime, kv_dtype)
         print(name, f"kernels against XLA: relative error {check:.2e}", flush=True)
-        wb = 1.0 if weights == "fp8" else 2.0
-        kvb = 1.0 + 4.0 / c.head_dim if kv_dtype == "fp8" else 2.0
+        wb, kvb = element_bytes(c, weights, kv_dtype)
         base = dict(preset=args.preset, layers_built=args.layers, layers_model=full.num_layers, variant=name,
                     weights=weights, kv_cache="fp8" if kv_dtype == "fp8" else "bf16",
                     runtime=repr(dataclasses.replace(runtime, mesh=None)), experts_per_token=c.num_experts_per_tok,
                     mesh=dict(mesh.shape) if mesh is not None else None, devices=devices, rel_err_vs_xla=check,
-                    copy_bw_tbs=copy_bw / 1e12)
+                    read_tbs=read_bw / 1e12, copy_bw_tbs=copy_bw / 1e12)
         for batch in map(int, args.batches.split(",")):
             sec, compile_s, warmup_ms = time_decode(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             device_sec = time_decode_loop(params, c, runtime, batch, args.context, kv_dtype, args.steps)
             nbytes = step_bytes(c, args.layers, batch, args.context, wb, kvb)
+            model_bytes = step_bytes(full, full.num_layers, batch, args.context, wb, kvb)  # the LM head once
             comm = time_collectives(mesh, c, batch, args.layers) if mesh is not None else 0.0
             record(dict(base, job="decode", batch=batch, context=args.context,
                              ms=sec * 1e3, model_ms=sec * 1e3 * scale, device_ms=device_sec * 1e3,
                              device_model_ms=device_sec * 1e3 * scale, bytes=nbytes, tbs=nbytes / sec / 1e12,
-                             roofline_ms=nbytes * scale / DATASHEET_BW / devices * 1e3,
+                             roofline_ms=model_bytes / read_bw / devices * 1e3,
+                             of_read_bw=nbytes / sec / read_bw / devices,
                              of_copy_bw=nbytes / sec / copy_bw / devices, compile_s=compile_s,
                              warmup_ms=[round(w, 3) for w in warmup_ms],
                              comm_ms=comm * 1e3, comm_share=comm / sec))
@@ -372,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(name, f"prefill carrying a B={batch} decode step {mixed * 1e3:.2f} ms, apart {apart:.2f} ms",
                   flush=True)
     print_table(rows, ["variant", "devices", "job", "batch", "ms", "model_ms", "device_model_ms", "roofline_ms", "tbs",
-                       "of_copy_bw", "tflops", "apart_ms", "comm_share"])
+                       "of_read_bw", "of_copy_bw", "tflops", "apart_ms", "comm_share"])
     print(f"wrote {written['path']}")
     return rows
 

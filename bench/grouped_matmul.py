@@ -1,11 +1,16 @@
 # T rows (tokens x top-k, sorted by expert), K contraction, N output columns, E experts, F expert width.
 """Grouped expert matmul: TFLOP/s and weight TB/s of jaxfire's kernels beside XLA, JAX's Mosaic GPU
-ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the copy bandwidth (memory ceiling).
+ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the read bandwidth (memory ceiling).
 
     PYTHONPATH=. python3 bench/grouped_matmul.py --out-dir bench/results            # the grid
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode                      # a decode step's problems
     PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
     PYTHONPATH=. python3 bench/grouped_matmul.py --study gemv-sweep                  # MMA vs multiply-add
+
+Every row carries the card's streaming read bandwidth measured in the same run ("read_tbs",
+`bench.common.read_tbs`) and its weight bytes per second as a share of it ("of_read_bw"), beside the
+read-plus-write copy figure of earlier rows ("copy_tbps", "pct_copy").
 
 Mixtral expert shapes with 8 experts, weights stored K-major ([E, N, K], as jaxfire keeps them).
 Bytes counted: the weights of the experts that own at least one row, each read once (the ideal;
@@ -76,13 +81,18 @@ class Bench:
         self.name, self.out_dir, self.run = name, out_dir, run
         self.rows: list[dict[str, Any]] = []
         self.failures: list[str] = []
+        self.read_tbs = common.read_tbs()  # the memory ceiling every row is set against
 
     def add(self, row: dict[str, Any]) -> None:
-        """Keeps a measured row and appends it to the results file at once (a cut-short run keeps it)."""
-        row = dict(row, run=self.run)
+        """Keeps a measured row, with the read ceiling and its weight bytes' share of it, and appends it
+        to the results file at once (a cut-short run keeps it)."""
+        row = dict(row, run=self.run, read_tbs=self.read_tbs)
+        if "weight_tbps" in row:
+            row["of_read_bw"] = row["weight_tbps"] / self.read_tbs
         self.rows.append(row)
         common.write_results(self.name, [row], self.out_dir)
-        keys = ("shape", "t", "routing", "impl", "dtype", "config", "ms", "tflops", "weight_tbps", "rel_err")
+        keys = ("shape", "t", "routing", "impl", "dtype", "config", "ms", "tflops", "weight_tbps", "of_read_bw",
+                "rel_err")
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
         print("  ".join(f"{k}={fmt(row[k])}" for k in keys if k in row), flush=True)
 
@@ -412,25 +422,85 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
                        copy_tbps=copy_bw / 1e12))
 
 
-def main() -> None:
+def _balanced(t: int) -> tuple[int, ...]:
+    return tuple(int(s) for s in routing("balanced", t))
+
+
+# The weight-only FP8 problems of a decode step as the model runs them: one token through its two
+# experts, 8-64 rows over all experts (batches 4-32 at top-2), the attention projections (q/k/v fused)
+# of one token and of 32: (name, K, N, experts, group sizes, swiglu).
+DECODE_STEP_PROBLEMS = (
+    ("gate_up_b1", 4096, 2 * 14336, E, (1, 1) + (0,) * (E - 2), True),
+    ("down_b1", 14336, 4096, E, (1, 1) + (0,) * (E - 2), False),
+    *((f"gate_up_t{t}", 4096, 2 * 14336, E, _balanced(t), True) for t in (8, 16, 32, 64)),
+    *((f"down_t{t}", 14336, 4096, E, _balanced(t), False) for t in (8, 16, 32, 64)),
+    ("qkv_b1", 4096, 6144, 1, (1,), False),
+    ("o_b1", 4096, 4096, 1, (1,), False),
+    ("qkv_b32", 4096, 6144, 1, (32,), False),
+    ("o_b32", 4096, 4096, 1, (32,), False),
+)
+
+
+def run_decode(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
+    """A decode step's expert and projection problems through the public entry points with their
+    defaults (the kernel and config the model gets), checked against the reference, then timed from a
+    profiler trace (the kernels and the XLA ops around them) over weight sets that overflow the L2, as
+    `run_gemv_sweep` does: each layer of a model reads its own weights. The weight bytes of the live
+    experts over that time, against the read ceiling, is how close each problem is to the memory."""
+    key = jax.random.key(4)
+    for name, k, n, e, sizes, swiglu in DECODE_STEP_PROBLEMS:
+        if problems and name not in problems.split(","):
+            continue
+        t = sum(sizes)
+        wbytes = sum(1 for s_ in sizes if s_) * n * k
+        key, sub = jax.random.split(key)
+        copies = -(-L2_OVERFLOW_BYTES // wbytes)
+        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
+        sets = [jnp.roll(g, j * e) for j in range(copies)]  # group sizes that make set j's experts live
+        fn = ours(None, swiglu=swiglu)
+        err = b.check(f"decode {name}", lambda x_: fn(x_, w8, g, rhs_scale=ws), (x,), want)
+        if err is None:
+            continue
+        calls = [functools.partial(fn, x, w8, rolled, rhs_scale=ws) for rolled in sets] * iters
+        try:
+            sec = profile.traced_seconds(calls)
+        except Exception as ex:  # recorded, not fatal: the other problems still run
+            b.failures.append(f"decode {name}: {type(ex).__name__}: {str(ex)[:200]}")
+            continue
+        backend, config = api._pallas_backend(x, w8, True, swiglu, jnp.bfloat16, None, None)
+        b.add(dict(study="decode", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire",
+                   dtype="w8a16", backend=backend, config=str(config), timing="profiler", weight_sets=copies,
+                   ms=sec * 1e3, tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
+                   pct_copy=100 * wbytes / sec / copy_bw, rel_err=err, copy_tbps=copy_bw / 1e12))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=("grid", "sweep", "decode-sweep", "gemv-sweep"), default="grid")
+    p.add_argument("--study", choices=("grid", "decode", "sweep", "decode-sweep", "gemv-sweep"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--problems", default="", help="gemv-sweep: problem names to run (all when empty)")
+    p.add_argument("--problems", default="", help="decode, gemv-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    known = {"decode": DECODE_STEP_PROBLEMS, "gemv-sweep": GEMV_PROBLEMS}.get(args.study, ())
+    unknown = set(filter(None, args.problems.split(","))) - {prob[0] for prob in known}
+    if unknown:
+        p.error(f"--problems: {', '.join(sorted(unknown))} not among the {args.study} study's problems "
+                f"({', '.join(prob[0] for prob in known) or 'it takes none'})")
 
     name = "grouped_matmul"
     # Rows of one invocation share a run id, so each figure can be read beside its peers and ceiling.
     run = f"{args.study}-{common.device_info()['date']}"
     b = Bench(args.iters, name, args.out_dir, run)
     copy_bw = common.copy_bandwidth()
-    print(f"{common.device_info()}\ncopy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", flush=True)
-    if args.study == "sweep":
+    print(f"{common.device_info()}\nread bandwidth {b.read_tbs:.2f} TB/s, copy bandwidth (read + write): "
+          f"{copy_bw / 1e12:.2f} TB/s", flush=True)
+    if args.study == "decode":
+        run_decode(b, copy_bw, args.iters, args.problems)
+    elif args.study == "sweep":
         run_sweep(b, copy_bw, tuple(args.sweep_impls.split(",")))
     elif args.study == "decode-sweep":
         run_decode_sweep(b, copy_bw)
@@ -443,13 +513,14 @@ def main() -> None:
         run_grid(b, rows, shapes, copy_bw, swiglu_rows)
     path = common.RESULTS_DIR if args.out_dir is None else args.out_dir
     cols = ["study", "shape", "t", "routing", "impl", "dtype", "config", "backend", "ms", "tflops", "weight_tbps",
-            "pct_copy", "rel_err"]
+            "of_read_bw", "pct_copy", "rel_err"]
     common.print_table(b.rows, [c for c in cols if any(c in r for r in b.rows)])
     print(f"wrote {len(b.rows)} rows to {path}/{name}.jsonl")
     if b.failures:
         print(f"{len(b.failures)} FAILURES:")
         for f in b.failures:
             print("  " + f)
+    return b.rows
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ Kernels are matched to the compiled program's HLO instructions (through the prof
 annotation, or the kernel's own name for XLA's fusions), and each instruction to the innermost
 `jax.named_scope` path in its metadata. Collectives (all_to_all, all-reduce, ...) form a stage of
 their own, "communication". One row per measured job goes to bench/results/profile.jsonl: wall time
-per step, device busy time, idle time, the stages and the ten costliest kernels.
+per step, device busy time, idle time, kernels per step and per layer, the stages and the ten
+costliest kernels; decode rows also carry the bytes the step must read (`bench/decode.py`'s count)
+over its wall time ("tbs") as a share of the card's read bandwidth measured in the same run
+("read_tbs", "of_read_bw").
 
 While the profiler traces, XLA runs programs without CUDA graphs (its default), so a traced step's
 idle time includes launch gaps that the same step run untraced does not have: compare `wall_ms` with
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import parse_mesh, print_table, write_results  # noqa: E402
+from bench.common import parse_mesh, print_table, read_tbs, write_results  # noqa: E402
 
 COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                "all-reduce-start", "all-gather-start", "collective-permute-start", "ragged-all-to-all")
@@ -283,12 +286,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     c = Config.preset(args.preset).replace(num_layers=args.layers)
     weights, kv_dtype, runtime = D.VARIANTS[args.variant]
+    wb, kvb = D.element_bytes(c, weights, kv_dtype)
+    read_bw = read_tbs()  # before the weights are placed: it takes several GiB for a moment
     mesh = parse_mesh(args.mesh)
     runtime = dataclasses.replace(runtime, mesh=mesh, **dict(kv.split("=") for kv in args.runtime.split(",") if kv))
     params = fuse_qkv(init_params(c, jax.random.key(0), jnp.bfloat16, fp8=weights == "fp8",
                                   sharding_fn=S.param_sharding_fn(mesh)), c, mesh)
     base = dict(preset=args.preset, layers_built=args.layers, variant=args.variant,
-                command_buffers=args.command_buffers,
+                command_buffers=args.command_buffers, read_tbs=read_bw,
                 runtime=repr(dataclasses.replace(runtime, mesh=None)), mesh=dict(mesh.shape) if mesh else None)
     rows = []
     for batch in map(int, filter(None, args.batches.split(","))):
@@ -302,8 +307,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         text = M.decode_step.lower(params, state["cache"], tokens, c, runtime=runtime).compile().as_text()
         step()
-        rows.append(dict(base, job="decode", batch=batch, context=args.context,
-                         **profile(step, text, args.steps, top=args.top)))
+        row = dict(base, job="decode", batch=batch, context=args.context,
+                   **profile(step, text, args.steps, top=args.top))
+        nbytes = D.step_bytes(c, args.layers, batch, args.context, wb, kvb)
+        tbs = nbytes / row["wall_ms"] / 1e9
+        devices = mesh.size if mesh is not None else 1
+        rows.append(dict(row, bytes=nbytes, tbs=tbs, of_read_bw=tbs / read_bw / devices,
+                         kernels_per_layer=row["kernels_per_step"] / args.layers))
         del state
     if args.prefill_tokens:
         t = args.prefill_tokens
@@ -323,6 +333,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"\n{r['variant']} {r['job']} B={r['batch']}: {r['wall_ms']:.3f} ms a step, device busy "
               f"{r['busy_ms']:.3f} ms, idle {r['idle_ms']:.3f} ms, {r['kernels_per_step']:.0f} kernels "
               f"({r['matched_share']:.0%} matched to HLO)")
+        if r["job"] == "decode":
+            print(f"{r['kernels_per_layer']:.1f} kernels a layer; the bytes it must read at {r['tbs']:.2f} TB/s, "
+                  f"{r['of_read_bw']:.0%} of the {r['read_tbs']:.2f} TB/s read bandwidth")
         print_table([dict(stage=s, ms=ms, share=ms / r["wall_ms"]) for s, ms in r["stages_ms"].items()],
                     ["stage", "ms", "share"])
         print_table(r["top_kernels"], ["kernel", "stage", "ms", "calls_per_step"])

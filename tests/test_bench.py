@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import decode, profile
+from bench import common, decode, profile
 from bench.common import parse_mesh
 from jaxfire import model as M
 from jaxfire import sharding as S
@@ -39,6 +39,25 @@ def test_decode_bench_on_a_mesh_writes_rows_with_communication(tmp_path, mesh):
     assert written[0]["device_ms"] > 0 and "device_ms" not in written[1]  # decode also timed in one program
     assert 3 <= len(written[0]["warmup_ms"]) <= decode.WARMUP_CALLS[1] and min(written[0]["warmup_ms"]) > 0
     assert written[2]["apart_ms"] == pytest.approx(written[0]["ms"] + written[1]["ms"])
+    # the read ceiling of the same run on every row; a decode step's bytes as a share of it
+    assert all(r["read_tbs"] == common.read_tbs() > 0 for r in written)
+    assert written[0]["of_read_bw"] == pytest.approx(written[0]["tbs"] / written[0]["read_tbs"] / 8)
+
+
+def test_read_ceiling_sums_the_whole_buffer_once_per_process(monkeypatch):
+    """read_tbs times its sum over a buffer of exactly the bytes it is given and, called again for the
+    same size, returns its first figure without measuring again (every benchmark of a run calls it)."""
+    timed = []
+    real = common.time_fn
+    monkeypatch.setattr(common, "time_fn", lambda fn, *a, **kw: timed.append(a[0].nbytes) or real(fn, *a, **kw))
+    common.read_tbs.cache_clear()
+    try:
+        first = common.read_tbs(32 << 20)
+        assert common.read_tbs(32 << 20) == first and timed == [32 << 20]
+        common.read_tbs(64 << 20)
+        assert timed == [32 << 20, 64 << 20] and np.isfinite(first) and first > 0
+    finally:
+        common.read_tbs.cache_clear()
 
 
 @pytest.mark.parametrize("flags", [["--prefill-tokens", "-1"], ["--steps", "0"]])
@@ -102,6 +121,10 @@ def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
         assert r["matched_share"] > 0.5, r
         stages = r["stages_ms"]
         assert any(s.startswith("moe/") for s in stages) and any(s.startswith("attention") for s in stages)
+    step = rows[0]
+    assert step["kernels_per_layer"] == pytest.approx(step["kernels_per_step"] / 2)
+    assert step["bytes"] == decode.step_bytes(Config.preset("tiny").replace(num_layers=2), 2, 2, 16, 2.0, 2.0)
+    assert step["of_read_bw"] == pytest.approx(step["bytes"] / step["wall_ms"] / 1e9 / step["read_tbs"])
 
 
 def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
@@ -121,3 +144,22 @@ def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
     assert {r["weight_sets"] for r in b.rows} == {2} and {r["timing"] for r in b.rows} == {"profiler"}
     written = [json.loads(line) for line in (tmp_path / "grouped_matmul.jsonl").read_text().splitlines()]
     assert len(written) == len(b.rows) and all(r["ms"] > 0 and r["rel_err"] < G.MAX_REL_ERR for r in written)
+
+
+def test_decode_study_checks_and_times_each_problem_against_the_read_ceiling(tmp_path, monkeypatch):
+    """The decode-size problems run through the public entry points with their defaults, checked
+    against the reference and timed from a profiler trace; each row carries the read ceiling and its
+    weight bytes' share of it."""
+    from bench import grouped_matmul as G
+
+    monkeypatch.setattr(G, "DECODE_STEP_PROBLEMS", (("tiny_gate_up_b1", 64, 128, 4, (1, 1, 0, 0), True),
+                                                    ("tiny_down_t8", 64, 32, 4, (2, 2, 2, 2), False)))
+    monkeypatch.setattr(G, "L2_OVERFLOW_BYTES", 3 * 64 * 128)
+    rows = G.main(["--study", "decode", "--iters", "1", "--out-dir", str(tmp_path)])
+    assert [r["shape"] for r in rows] == ["tiny_gate_up_b1", "tiny_down_t8"]
+    for r in rows:
+        assert r["rel_err"] < G.MAX_REL_ERR and r["ms"] > 0 and r["read_tbs"] == common.read_tbs()
+        assert r["of_read_bw"] == pytest.approx(r["weight_tbps"] / r["read_tbs"])
+    assert [r["weight_sets"] for r in rows] == [2, 3]  # enough weight sets to pass the (patched) L2 size
+    with pytest.raises(SystemExit):
+        G.main(["--study", "decode", "--problems", "gate_up_b7"])
