@@ -1,5 +1,7 @@
 """Mixtral as pure functions over the params pytree: the full forward pass, `prefill`, `decode_step`, and
-`mixed_step` (a decode step and a prefill sharing one pass over the weights).
+`mixed_step` (a decode step and a prefill sharing one pass over the weights), and `ragged_step` (any mix of
+decode tokens, prompt chunks and whole prompts of many sequences as one set of token rows over the paged
+cache).
 
 Dimensions: B batch, T tokens, S cache positions, D model width, H query heads, G key/value heads,
 R = H / G query heads per key/value head, K head dim, V vocab.
@@ -20,6 +22,7 @@ from jax.sharding import Mesh
 
 from jaxfire import kv_cache as kvc
 from jaxfire import moe, quant
+from jaxfire import paged_cache as pc
 from jaxfire import sharding as S
 from jaxfire.config import Config
 from jaxfire.params import Layer, Params, describe_layer, qkv_spec
@@ -41,6 +44,9 @@ class Runtime:
     fp8: when FP8 weights also quantize their activations.
     moe_dispatch: how the MoE block orders token-expert assignments by expert (`moe.dispatch`): "auto"
     (all-pairs ranking for small steps, a sort for large ones), "sort" or "rank".
+    paged_attention: attention of `ragged_step` over the paged cache: "auto" (the Pallas kernel on GPUs
+    for the head sizes it takes, the jnp reference elsewhere) or an `implementation=` name of
+    `pallas_kernels.paged_attention`.
     mesh: the device mesh the weights and cache are placed on (`jaxfire.sharding.make_mesh`); the MoE
     block runs expert- and tensor-parallel over it, attention tensor-parallel. None for one device.
     """
@@ -50,6 +56,7 @@ class Runtime:
     prefill_attention: str = "auto"
     fp8: quant.Fp8Policy = quant.Fp8Policy()
     moe_dispatch: str = "auto"
+    paged_attention: str = "auto"
     mesh: Mesh | None = None
 
 
@@ -96,7 +103,8 @@ class Segment:
     pass); counts[b] of row b are real (None: all), the rest are padding that writes nothing and
     reaches no expert. `fresh` promises every sequence starts empty (new prompts). The projections
     and experts of all segments run as one set of token rows, so a prompt's prefill and a decode step
-    of other sequences read each weight once between them; attention runs per segment.
+    of other sequences read each weight once between them; attention runs per segment. A `ragged`
+    segment is one row of tokens from many sequences over a paged `cache` (`ragged_step`).
     """
 
     tokens: jax.Array
@@ -104,6 +112,7 @@ class Segment:
     cache: kvc.KVCache | None = None
     counts: jax.Array | None = None
     fresh: bool = False
+    ragged: pc.RaggedBatch | None = None
 
 
 def _join(xs: list[jax.Array]) -> jax.Array:
@@ -163,6 +172,9 @@ def _attend(q, k, v, seg: Segment, cache: kvc.LayerCache | None, config: Config,
     # q: [B, T, H, K], k/v: [B, T, G, K] -> [B, T, H, K]
     b, t = q.shape[:2]
     c, positions, counts = config, seg.positions, seg.counts
+    if seg.ragged is not None:
+        o, cache = _paged_attention(q[0], k[0], v[0], seg.ragged, cache, c.sliding_window, runtime)
+        return o[None], cache
     if cache is None:
         with jax.named_scope("attend"):
             return attend(q, k, v, positions, c.sliding_window), None
@@ -290,6 +302,46 @@ def _decode_attention(q, k, v, positions, counts, cache: kvc.LayerCache, window,
     return o[:n], cache
 
 
+def _paged_attention(q, k, v, batch: pc.RaggedBatch, cache: pc.PagedLayer, window, runtime: Runtime):
+    """Every row's key and value go into its page slot, then every row attends over its own sequence's
+    keys in the pages. On a mesh both run per device over its KV heads (and their query heads); the
+    rows and page tables are whole on every device."""
+    # q: [T, H, K], k/v: [T, G, K] -> [T, H, K] and the layer's pages
+    from pallas_kernels.paged_attention import paged_attention  # lazily: the kernels' package
+
+    implementation = runtime.paged_attention
+    if implementation == "auto":
+        from pallas_kernels.paged_attention.api import HEAD_DIMS
+
+        on_gpu = jax.default_backend() == "gpu" and q.shape[-1] in HEAD_DIMS
+        implementation = "pallas" if on_gpu else "reference"
+    slots = batch.slots(cache.k.shape[1])  # [T]
+
+    def local(q, k, v, slots, batch, cache):
+        with jax.named_scope("cache_write"):
+            cache = cache.write(k, v, slots)
+        with jax.named_scope("attend"):
+            o = paged_attention(q, cache.k, cache.v, batch.page_table, batch.seq_ids, batch.positions,
+                                batch.context_lens, k_scale=cache.k_scale, v_scale=cache.v_scale, window=window,
+                                implementation=implementation)
+        return o, cache
+
+    mesh = runtime.mesh
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v, slots, batch, cache)
+    P = jax.sharding.PartitionSpec
+    kv_spec = S.partition_spec(mesh, pc.VALUE_AXES, cache.k.shape)
+    # Query heads split with their KV heads; with one KV head (replicated) they may split alone.
+    heads = "heads" if kv_spec[2] is not None or cache.k.shape[2] == 1 else None
+    q_spec = S.partition_spec(mesh, (None, heads, None), q.shape)
+    new_spec = P(None, kv_spec[2], None)
+    scale_spec = None if cache.k_scale is None else P(*kv_spec[:3])
+    cache_spec = pc.PagedLayer(kv_spec, kv_spec, scale_spec, scale_spec)
+    batch_spec = jax.tree.map(lambda _: P(), batch)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, new_spec, new_spec, P(), batch_spec, cache_spec),
+                         out_specs=(q_spec, cache_spec), check_vma=False)(q, k, v, slots, batch, cache)
+
+
 def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], caches: list, config: Config,
                   runtime: Runtime) -> tuple[list[jax.Array], list]:
     # xs: per segment [B, T, D]
@@ -301,8 +353,9 @@ def decoder_layer(layer: Layer, xs: list[jax.Array], segments: list[Segment], ca
         y = _join([rms_norm(x, layer.moe_norm, config.rms_norm_eps) for x in xs])
         # Only the tokens a call appends (counts[b] of row b) go to the experts.
         valid = None
-        if any(seg.counts is not None for seg in segments):
-            valid = jnp.concatenate([_appended_tokens(x.shape[:2], seg.counts) for x, seg in zip(xs, segments)])
+        if any(seg.counts is not None or seg.ragged is not None for seg in segments):
+            valid = jnp.concatenate([_appended_tokens(x.shape[:2], seg.counts) if seg.ragged is None
+                                     else seg.ragged.seq_ids >= 0 for x, seg in zip(xs, segments)])
         y = moe.moe_block(layer.moe, y.reshape(-1, y.shape[-1]), config.num_experts_per_tok, runtime.fp8,
                           runtime.grouped_matmul, runtime.mesh, valid, runtime.moe_dispatch)
     return [x + y for x, y in zip(xs, _split(y, [x.shape[:2] for x in xs]))], caches
@@ -419,6 +472,21 @@ def mixed_step_fn(params: Params, cache: kvc.KVCache, tokens: jax.Array, active:
     return (logits[:n], logits[n:]), _grown_cache(step, step_layers), _grown_cache(prompt, prompt_layers)
 
 
+def ragged_step_fn(params: Params, cache: pc.PagedKVCache, batch: pc.RaggedBatch, config: Config,
+                   runtime: Runtime = Runtime()) -> tuple[jax.Array, pc.PagedKVCache]:
+    """One step over any mix of token rows: decode tokens, chunks continuing prompts, whole prompts.
+
+    All rows go through the projections and experts as one set (padding rows, seq_ids -1, reach no
+    expert); each row's key and value are written into its page slot before attention, and row t
+    attends over positions 0..positions[t] of its own sequence, read from the pages. Returns the
+    next-token logits of row logit_rows[s] for every page-table row s, and the cache.
+    """
+    # batch: tokens/positions/seq_ids [T], page_table [S, M] -> logits [S, V] float32
+    seg = Segment(batch.tokens[None], batch.positions[None], cache, ragged=batch)
+    (h,), (layers,) = _trunk(params, [seg], config, runtime)
+    return _lm_head(params, h[0][batch.logit_rows], config), pc.PagedKVCache.from_layers(layers)
+
+
 # The jitted programs. Compiler options can only be set on the outermost jit, so programs that run
 # these inside their own jit (the engine's) call the `*_fn` functions.
 prefill = jax.jit(prefill_fn, static_argnames=("config", "runtime", "fresh"), donate_argnames=("cache",),
@@ -427,3 +495,5 @@ decode_step = jax.jit(decode_step_fn, static_argnames=("config", "runtime"), don
                       compiler_options=S.COMPILER_OPTIONS)
 mixed_step = jax.jit(mixed_step_fn, static_argnames=("config", "runtime", "fresh"),
                      donate_argnames=("cache", "prompt_cache"), compiler_options=S.COMPILER_OPTIONS)
+ragged_step = jax.jit(ragged_step_fn, static_argnames=("config", "runtime"), donate_argnames=("cache",),
+                      compiler_options=S.COMPILER_OPTIONS)

@@ -1,0 +1,41 @@
+# Z page size, R = Hq // Hkv query heads per KV head.
+"""Tuning parameters of the ragged paged attention kernel and their heuristic default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionConfig:
+    """Block sizes and launch shape of the kernel.
+
+    block_q: token rows of one sequence per program (a power of two). A program's tile holds
+        block_q x R' query rows (R' = R padded to a power of two), which must be at least 16 (the
+        smallest tensor-core tile); decode rows fill one row of it, prompt chunks all of them.
+    num_warps, num_stages: Triton launch width and software-pipelining depth.
+    """
+
+    block_q: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def validate(self) -> None:
+        if self.block_q < 1 or self.block_q & (self.block_q - 1):
+            raise ValueError(f"config.block_q must be a power of two, got {self.block_q}.")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
+        if self.num_stages < 1:
+            raise ValueError(f"config.num_stages must be >= 1, got {self.num_stages}.")
+
+
+def query_heads_padded(group: int) -> int:
+    return 1 << max(0, (group - 1).bit_length())
+
+
+def default_config(group: int, page_size: int) -> PagedAttentionConfig:
+    """About 64 query rows per program: enough to keep the tensor cores busy on prompt chunks while the
+    [64, Z] logits and the [64, K] accumulator stay in registers; at least 16."""
+    rows = query_heads_padded(group)
+    block_q = max(1, 64 // rows, 16 // rows)
+    return PagedAttentionConfig(block_q=block_q, num_warps=4 if page_size <= 64 else 8, num_stages=2)
