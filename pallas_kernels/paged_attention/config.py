@@ -13,16 +13,21 @@ class PagedAttentionConfig:
     block_q: token rows of one sequence per program (a power of two). A program's tile holds
         block_q x R' query rows (R' = R padded to a power of two), which must be at least 16 (the
         smallest tensor-core tile); decode rows fill one row of it, prompt chunks all of them.
+    num_splits: programs per (block, KV head), each taking an equal share of the pages the block's
+        rows see (flash-decoding: a few long sequences still spread over the multiprocessors).
     num_warps, num_stages: Triton launch width and software-pipelining depth.
     """
 
     block_q: int = 16
+    num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
     def validate(self) -> None:
         if self.block_q < 1 or self.block_q & (self.block_q - 1):
             raise ValueError(f"config.block_q must be a power of two, got {self.block_q}.")
+        if self.num_splits < 1:
+            raise ValueError(f"config.num_splits must be >= 1, got {self.num_splits}.")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
         if self.num_stages < 1:
@@ -38,4 +43,4 @@ def default_config(group: int, page_size: int) -> PagedAttentionConfig:
     [64, Z] logits and the [64, K] accumulator stay in registers; at least 16."""
     rows = query_heads_padded(group)
     block_q = max(1, 64 // rows, 16 // rows)
-    return PagedAttentionConfig(block_q=block_q, num_warps=4 if page_size <= 64 else 8, num_stages=2)
+    return PagedAttentionConfig(block_q=block_q, num_splits=1, num_warps=4 if page_size <= 64 else 8, num_stages=2)
