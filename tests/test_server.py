@@ -438,6 +438,9 @@ def test_echo_lists_the_prompts_log_probabilities(url, model):
     choice = only["choices"][0]
     assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["token_logprobs"]) == len(tok.encode(PROMPT)) and only["usage"]["completion_tokens"] == 0
+    offsets, tokens = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+    assert offsets[:2] == [0, 0]  # BOS is not in the text
+    assert [PROMPT[a:b] for a, b in zip(offsets[1:], offsets[2:] + [len(PROMPT)])] == tokens[1:]
     streamed = sse_chunks(post(url, {"prompt": PROMPT, "echo": True, "max_tokens": 3, "temperature": 0, "stream": True,
                                      "ignore_eos": True}, raw=True))
     want = jaxfire.generate(model, [PROMPT], max_new_tokens=3).texts[0]
@@ -559,3 +562,28 @@ def test_a_drain_refuses_new_requests_and_lets_those_in_flight_finish(served):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_burst_of_streamed_clients_is_answered_or_refused_with_429(served):
+    """scripts/load_test.py at small scale: 60 streamed clients at once against a limit of 30 in flight,
+    every third hanging up after its first chunk: no reset, no 5xx, and every slot free afterwards."""
+    import asyncio
+    import time
+
+    from scripts import load_test
+
+    engine = served[1]
+    server = CompletionServer(engine, port=0, max_concurrent_requests=30)
+    server.serve_in_thread()
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0.7, "ignore_eos": True}
+        tally = asyncio.run(load_test.run(server.server_address[1], 60, 60, body))
+        assert load_test.check(tally, 60) == [] and tally["429"] > 0 and tally["ok"] > 0, tally
+        assert load_test.idle(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+    deadline = time.time() + 30
+    while engine.free_slots < engine.slots and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.free_slots == engine.slots and server.in_flight == 0

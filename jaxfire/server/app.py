@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 import uvicorn
@@ -292,8 +293,9 @@ class CompletionServer:
     # ----- responses -----
 
     def _logprobs(self, call: Call, tokens: list[int], values: list[float | None], tops: list | None,
-                  offset: int) -> dict:
-        """OpenAI's logprobs object for these tokens, whose text starts at character `offset`."""
+                  offset: int, lengths: list[int]) -> dict:
+        """OpenAI's logprobs object for these tokens, whose text starts at character `offset` and where
+        each adds `lengths` characters (a special token, such as BOS, adds none)."""
         texts = [self._text(t) for t in tokens]
         if call.chat:
             return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
@@ -301,9 +303,9 @@ class CompletionServer:
                                                    "bytes": list(self._text(i).encode())} for i, a in top or ()]}
                                 for t, v, top in zip(texts, values, tops or [None] * len(texts))]}
         offsets = []
-        for t in texts:
+        for n in lengths:
             offsets.append(offset)
-            offset += len(t)
+            offset += n
         top = None
         if call.top_logprobs:  # alternatives by their text, as OpenAI lists them, most likely first
             top = []
@@ -324,7 +326,9 @@ class CompletionServer:
         if not call.logprobs:
             return text, None
         values, tops = scores
-        return text, self._logprobs(call, ids, [None, *values], [None, *tops] if call.top_logprobs else None, 0)
+        lengths = [len(tok.decode([i])) if tok is not None else 0 for i in ids]
+        return text, self._logprobs(call, ids, [None, *values], [None, *tops] if call.top_logprobs else None, 0,
+                                    lengths)
 
     def _choice(self, call: Call, k: int, text: str, finish: str | None, logprobs: dict | None,
                 first: bool = False) -> dict:
@@ -356,7 +360,7 @@ class CompletionServer:
         reqs = self._submit(call, prompts, queue)
         loop = asyncio.get_running_loop()
         deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
-        rid = f"{reqs[0].id if reqs else 'echo'}-{len(reqs)}"
+        rid = uuid.uuid4().hex
         echo_only = not reqs
         choices = [(i, j) for i in range(len(prompts)) for j in range(call.n)]  # choice k: (prompt, sample)
         if call.stream:
@@ -378,7 +382,8 @@ class CompletionServer:
                     r = reqs[k]
                     output = events[k][:len(r.tokens)]  # not an ending EOS or stop id
                     gen = self._logprobs(call, [e.token for e in output], [e.logprob for e in output],
-                                         [e.top_logprobs for e in output], len(text)) if call.logprobs else None
+                                         [e.top_logprobs for e in output], len(text),
+                                         [len(e.text or "") for e in output]) if call.logprobs else None
                     lp = gen if lp is None else _joined(lp, gen)
                     text += "".join(e.text or "" for e in events[k])
                     finish = _FINISH.get(r.finish_reason, r.finish_reason)
@@ -420,7 +425,7 @@ class CompletionServer:
                     # An ending EOS or stop id is not output (req.tokens stops short of it), nor listed.
                     listed = call.logprobs and seen[k] < len(reqs[k].tokens)
                     lp = self._logprobs(call, [event.token], [event.logprob], [event.top_logprobs],
-                                        offsets[k]) if listed else None
+                                        offsets[k], [len(event.text or "")]) if listed else None
                     offsets[k] += len(event.text or "")
                     finish = _FINISH.get(event.finish_reason) if event.finished else None
                     yield sse(self._envelope(call, rid, [self._choice(call, k, event.text or "", finish, lp,
