@@ -77,8 +77,9 @@ def _kernel(
         o, m, l = carry  # [Q R', K], [Q R'], [Q R']
         page = pages_ref[i]
         kv_pos = i * page_size + offs  # [Z]
-        # The page's tail past the sequence's end holds anything (stale or NaN): zeroed, not only masked.
-        kv_ok = kv_pos < hi  # [Z]
+        # A page's slots past the sequence's end (or before the block's window) hold anything, stale or
+        # NaN: zeroed, not only masked.
+        kv_ok = (kv_pos >= lo) & (kv_pos < hi)  # [Z]
         kv_tile = jnp.broadcast_to(kv_ok[:, None], (page_size, head_dim))  # [Z, K]
         k = jnp.where(kv_tile, k_ref[page].astype(compute_dtype), 0.0).astype(compute_dtype)  # [Z, K]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [Q R', Z] f32

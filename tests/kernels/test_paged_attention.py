@@ -1,0 +1,302 @@
+# T token rows, S sequences, M pages per sequence, P pages, Z page size, Hq query heads, Hkv key/value
+# heads, K head dim.
+"""paged_attention against a float64 NumPy computation, for every implementation.
+
+`PagedAttentionCases` holds the cases; each implementation subclasses it (the Pallas kernel runs in
+interpret mode on a CPU, natively with a GPU). Every case draws fresh inputs from its own seed: pages
+handed out in a random order, rows of several sequences (decode rows, prompt chunks that continue a
+sequence, whole prompts, padding rows) in a random order, and every slot of the pool that no row may
+read (the null page, free pages, page tails past a sequence's length, before a window) holding NaN:
+values and per-token scales alike.
+
+Tolerances as in tests/kernels/test_decode_attention.py: elementwise |out - ref| <= atol + rtol |ref|
+and ||out - ref|| / ||ref|| <= rel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention import PagedAttentionConfig, append, paged_attention
+from tests.kernels.lowering import lower_for_h100, verify_triton_modules
+
+FP8 = jnp.float8_e4m3fn
+TOLERANCES = {  # output dtype -> (atol, rtol, rel)
+    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2, 1e-2),
+    jnp.dtype(jnp.float32): (1e-4, 1e-4, 1e-5),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    q: np.ndarray  # [T, Hq, K]
+    k: np.ndarray  # [P, Z, Hkv, K]
+    v: np.ndarray  # [P, Z, Hkv, K]
+    page_table: np.ndarray  # [S, M]
+    seq_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    context_lens: np.ndarray  # [S]
+    k_scale: np.ndarray | None  # [P, Z, Hkv]
+    v_scale: np.ndarray | None
+    window: int | None
+
+    def args(self):
+        return tuple(jnp.asarray(a) for a in (self.q, self.k, self.v, self.page_table, self.seq_ids,
+                                               self.positions, self.context_lens))
+
+    def scales(self) -> dict:
+        if self.k_scale is None:
+            return {}
+        return {"k_scale": jnp.asarray(self.k_scale), "v_scale": jnp.asarray(self.v_scale)}
+
+
+def make_case(seed: int, *, steps: list[tuple[int, int]] | None = None, padding: int = 3, page_size: int = 16,
+              pages_per_seq: int = 5, q_heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
+              q_dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16, window: int | None = None,
+              shuffle: bool = True) -> Case:
+    """steps[s] = (length after the step, rows of the step) of sequence s: (n, 1) a decode row, (n, n)
+    a whole prompt, (n, c) a chunk continuing one, (0, 0) an unused page-table row."""
+    rng = np.random.default_rng(seed)
+    if steps is None:
+        steps = [(37, 1), (16, 16), (70, 21), (0, 0), (5, 2), (48, 1)]
+    num_seqs, z = len(steps), page_size
+    needed = [-(-n // z) for n, _ in steps]
+    assert max(needed) <= pages_per_seq
+    num_pages = 1 + sum(needed) + 3  # the null page, the sequences' pages, three free pages
+    handed = rng.permutation(np.arange(1, num_pages))  # pages out of order
+    page_table = np.zeros((num_seqs, pages_per_seq), np.int32)
+    at = 0
+    for s, n in enumerate(needed):
+        page_table[s, :n] = handed[at:at + n]
+        at += n
+    fp8 = cache_dtype == FP8
+    spread = 64.0 if fp8 else 1.0  # fp8 values span the format's range, as a quantized cache's do
+    shape = (num_pages, z, kv_heads, head_dim)
+    k = (spread * rng.standard_normal(shape)).astype(np.float32)
+    v = (spread * rng.standard_normal(shape)).astype(np.float32)
+    k_scale = v_scale = None
+    if fp8:
+        k_scale = rng.uniform(0.5, 2.0, shape[:3]).astype(np.float32) / spread
+        v_scale = rng.uniform(0.5, 2.0, shape[:3]).astype(np.float32) / spread
+    seq_ids, positions = [], []
+    for s, (n, c) in enumerate(steps):
+        seq_ids += [s] * c
+        positions += list(range(n - c, n))
+    seq_ids += [-1] * padding
+    positions += [0] * padding
+    seq_ids, positions = np.array(seq_ids, np.int32), np.array(positions, np.int32)
+    if shuffle:
+        order = rng.permutation(len(seq_ids))
+        seq_ids, positions = seq_ids[order], positions[order]
+    context_lens = np.array([n for n, _ in steps], np.int32)
+    # Poison every slot no row may read: all but each sequence's positions (after the window's start).
+    readable = np.zeros(shape[:2], bool)
+    for s, (n, c) in enumerate(steps):
+        first = 0 if window is None or c == 0 else max(n - c - window + 1, 0)
+        for p in range(first, n):
+            readable[page_table[s, p // z], p % z] = True
+    for a in (k, v) + ((k_scale, v_scale) if fp8 else ()):
+        a[~readable] = np.nan
+    q = rng.standard_normal((len(seq_ids), q_heads, head_dim)).astype(q_dtype)
+    return Case(q, k.astype(cache_dtype), v.astype(cache_dtype), page_table, seq_ids, positions, context_lens,
+                k_scale, v_scale, window)
+
+
+def numpy_reference(case: Case, sm_scale: float | None = None) -> np.ndarray:
+    """float64 attention of each row over its own sequence's readable positions, gathered page by page."""
+    rows, q_heads, head_dim = case.q.shape
+    z, kv_heads = case.k.shape[1:3]
+    group = q_heads // kv_heads
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    k, v = case.k.astype(np.float64), case.v.astype(np.float64)
+    if case.k_scale is not None:
+        k, v = k * case.k_scale[..., None], v * case.v_scale[..., None]
+    out = np.zeros((rows, q_heads, head_dim))
+    for t in range(rows):
+        s, pos = int(case.seq_ids[t]), int(case.positions[t])
+        if s < 0:
+            continue
+        hi = min(pos + 1, int(case.context_lens[s]))
+        lo = 0 if case.window is None else max(pos - case.window + 1, 0)
+        at = [(case.page_table[s, p // z], p % z) for p in range(lo, hi)]
+        if not at:
+            continue
+        pages, offsets = np.array(at).T
+        for h in range(q_heads):
+            logits = k[pages, offsets, h // group] @ case.q[t, h].astype(np.float64) * sm_scale
+            p = np.exp(logits - logits.max())
+            out[t, h] = (p / p.sum()) @ v[pages, offsets, h // group]
+    return out
+
+
+def assert_close(out: jax.Array, ref: np.ndarray) -> None:
+    atol, rtol, rel = TOLERANCES[jnp.dtype(out.dtype)]
+    got = np.asarray(out.astype(jnp.float32), np.float64)
+    assert np.isfinite(got).all(), "the output holds NaN or inf"
+    np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol)
+    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err <= rel, f"relative L2 error {err:.3g} > {rel}"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+class PagedAttentionCases:
+    """Cases every implementation must pass; subclasses set `implementation` (and a small config)."""
+
+    implementation: str = "reference"
+    config: PagedAttentionConfig | None = None
+
+    def run(self, case: Case, **kwargs) -> jax.Array:
+        if self.config is not None:
+            kwargs.setdefault("config", self.config)
+        return paged_attention(*case.args(), **case.scales(), window=case.window,
+                               implementation=self.implementation, **kwargs)
+
+    def check(self, case: Case, **kwargs) -> jax.Array:
+        out = self.run(case, **kwargs)
+        assert out.shape == case.q.shape and out.dtype == case.q.dtype
+        assert_close(out, numpy_reference(case, kwargs.get("sm_scale")))
+        return out
+
+    def test_decode_rows_chunks_and_prompts_in_one_call(self, seed):
+        # Rows in a random order; lengths that do not divide the page, a chunk crossing pages, an
+        # unused page-table row, padding rows.
+        case = make_case(seed)
+        out = self.check(case)
+        assert (np.asarray(out, np.float32)[case.seq_ids < 0] == 0).all(), "padding rows must give zeros"
+
+    def test_mqa_fp8_pages_with_window(self, seed):
+        case = make_case(seed, q_heads=4, kv_heads=1, cache_dtype=FP8, window=12, steps=[(70, 25), (31, 1), (9, 9)])
+        self.check(case, sm_scale=0.37)
+
+    def test_odd_group_float32_larger_pages_and_window_one(self, seed):
+        # A group of 3 query heads (not a power of two), 32-position pages, head dim 128, rows in order.
+        case = make_case(seed, q_heads=6, kv_heads=2, q_dtype=jnp.float32, cache_dtype=jnp.float32, page_size=32,
+                         head_dim=128, pages_per_seq=3, window=1, shuffle=False, steps=[(70, 5), (33, 33), (1, 1)])
+        self.check(case)
+
+
+class TestReference(PagedAttentionCases):
+    implementation = "reference"
+
+    def test_only_padding_rows_give_zeros(self, seed):
+        case = make_case(seed, steps=[(9, 0), (0, 0)], padding=5)
+        assert (np.asarray(self.run(case), np.float32) == 0).all()
+
+    def test_poison_inside_the_span_reaches_the_output(self, seed):
+        # Guards the poisoning: a NaN at a position a row must read does show up, in that sequence only.
+        case = make_case(seed, steps=[(20, 1), (20, 1)], padding=0, shuffle=False)
+        case.v[case.page_table[0, 0], 3] = np.nan
+        out = np.asarray(self.run(case), np.float32)
+        assert np.isnan(out[0]).any() and np.isfinite(out[1]).all()
+
+
+class TestPallas(PagedAttentionCases):
+    implementation = "pallas"
+    # Small row blocks and two splits, so that the interpret-mode grids cut chunks into several blocks
+    # and exercise the split/combine path.
+    config = PagedAttentionConfig(block_q=4, num_splits=2)
+
+    def test_widened_block_and_empty_splits(self, seed):
+        # A block the kernel widens to a 16-row tile, more splits than pages, one page per sequence.
+        case = make_case(seed, steps=[(50, 17), (12, 1), (0, 0)])
+        self.check(case, config=PagedAttentionConfig(block_q=1, num_splits=5))
+
+
+def test_default_implementation_on_cpu_is_the_reference():
+    if jax.default_backend() == "gpu":
+        pytest.skip("the default differs on GPU")
+    case = make_case(1, steps=[(20, 3)])
+    got = paged_attention(*case.args())
+    want = paged_attention(*case.args(), implementation="reference")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_append_writes_each_row_at_its_slot_and_drops_the_rest(fp8):
+    rng = np.random.default_rng(3)
+    dtype = FP8 if fp8 else jnp.bfloat16
+    pool = rng.standard_normal((4, 16, 2, 64)).astype(dtype)
+    new = rng.standard_normal((5, 2, 64)).astype(dtype)
+    slots = np.array([17, -1, 63, 64, 5], np.int32)  # 64 is past the pool: dropped, as is -1
+    scales = {}
+    if fp8:
+        pool_scale, new_scale = rng.uniform(size=(4, 16, 2)).astype(np.float32), rng.uniform(size=(5, 2)).astype(
+            np.float32)
+        scales = dict(k_scale=pool_scale, v_scale=pool_scale, k_new_scale=new_scale, v_new_scale=new_scale)
+    out = append(jnp.asarray(pool), jnp.asarray(pool), jnp.asarray(new), jnp.asarray(new), jnp.asarray(slots),
+                 **{name: jnp.asarray(a) for name, a in scales.items()})
+    want = pool.reshape(64, 2, 64).copy()
+    want[[17, 63, 5]] = new[[0, 2, 4]]
+    for got in out[:2]:
+        np.testing.assert_array_equal(np.asarray(got, np.float32).reshape(64, 2, 64), want.astype(np.float32))
+    if fp8:
+        want_scale = pool_scale.reshape(64, 2).copy()
+        want_scale[[17, 63, 5]] = new_scale[[0, 2, 4]]
+        np.testing.assert_array_equal(np.asarray(out[2]).reshape(64, 2), want_scale)
+
+
+def _good(**over):
+    args = dict(q=jnp.zeros((4, 8, 64), jnp.bfloat16), k_pages=jnp.zeros((3, 16, 2, 64), jnp.bfloat16),
+                v_pages=jnp.zeros((3, 16, 2, 64), jnp.bfloat16), page_table=jnp.zeros((2, 2), jnp.int32),
+                seq_ids=jnp.zeros((4,), jnp.int32), positions=jnp.zeros((4,), jnp.int32),
+                context_lens=jnp.ones((2,), jnp.int32))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(q=jnp.zeros((4, 64), jnp.bfloat16)), "q must have rank 3"),
+    (dict(k_pages=jnp.zeros((3, 16, 64), jnp.bfloat16)), "k_pages must have rank 4"),
+    (dict(v_pages=jnp.zeros((3, 16, 2, 64), jnp.float32)), "v_pages must match k_pages"),
+    (dict(q=jnp.zeros((4, 8, 32), jnp.bfloat16)), "disagree on the head dim"),
+    (dict(q=jnp.zeros((4, 5, 64), jnp.bfloat16)), "multiple of the pages' 2 KV heads"),
+    (dict(page_table=jnp.zeros((2,), jnp.int32)), "page_table must be an int array"),
+    (dict(seq_ids=jnp.zeros((3,), jnp.int32)), "seq_ids must be an int array of shape"),
+    (dict(positions=jnp.zeros((4,), jnp.float32)), "positions must be an int array"),
+    (dict(context_lens=jnp.zeros((3,), jnp.int32)), "context_lens must be an int array of shape"),
+    (dict(k_pages=jnp.zeros((3, 16, 2, 64), FP8), v_pages=jnp.zeros((3, 16, 2, 64), FP8)), "need both k_scale"),
+    (dict(k_scale=jnp.ones((3, 16, 2)), v_scale=jnp.ones((3, 16, 2))), "only fp8 pages take them"),
+    (dict(window=0), "window must be a positive int"),
+    (dict(implementation="cuda"), "implementation must be one of"),
+    (dict(k_pages=jnp.zeros((3, 24, 2, 64), jnp.bfloat16), v_pages=jnp.zeros((3, 24, 2, 64), jnp.bfloat16),
+          implementation="pallas"), "page size must be a power of two of at least 16 positions, got 24"),
+    (dict(config=PagedAttentionConfig(block_q=3), implementation="pallas"), "block_q must be a power of two"),
+])
+def test_bad_input_raises_one_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        paged_attention(**_good(**override))
+
+
+@pytest.mark.parametrize("cache,splits,window", [("bf16", 1, None), ("fp8", 2, 4096), ("bf16", 4, 100)])
+def test_kernel_lowers_for_h100(cache, splits, window, monkeypatch):
+    """Mixtral shapes (a 256-row step over 64-position pages) lower through Pallas to a Triton module that
+    passes the MLIR verifier: catches what the Triton lowering lacks before a GPU run."""
+    from pallas_kernels.paged_attention import triton as triton_backend
+
+    verified = verify_triton_modules(monkeypatch)
+    dtype = {"bf16": jnp.bfloat16, "fp8": FP8}[cache]
+    rows, pages, page_size, kv_heads, head_dim, seqs, per_seq = 256, 1000, 64, 8, 128, 32, 64
+    s = jax.ShapeDtypeStruct
+    pool = s((pages, page_size, kv_heads, head_dim), dtype)
+    scale = s((pages, page_size, kv_heads), jnp.float32) if cache == "fp8" else None
+    config = PagedAttentionConfig(block_q=16, num_splits=splits)
+
+    def fn(q, k, v, page_table, seq_ids, positions, context_lens, k_scale, v_scale):
+        return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens, k_scale=k_scale,
+                                              v_scale=v_scale, sm_scale=head_dim**-0.5, window=window, config=config)
+
+    i32 = jnp.int32
+    text = lower_for_h100(fn, s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((seqs, per_seq), i32),
+                          s((rows,), i32), s((rows,), i32), s((seqs,), i32), scale, scale)
+    assert "jaxfire_paged_attention" in text
+    assert verified == [True]
