@@ -457,7 +457,7 @@ def train(params: P.Params, config: Config, tc: TrainConfig, data: Data, compute
             history.append(evaluate(i, smooth, time.perf_counter() - start))
         if timing and tc.time_budget:  # the first evaluation (it compiles) is behind: the rest cost little
             left = tc.time_budget - (time.perf_counter() - start)
-            total = max(i, min(tc.steps, i + int(0.97 * left / per_step)))
+            total = max(i, min(tc.steps, i + int(0.93 * left / per_step)))
             print(f"{total} steps fit the {tc.time_budget:.0f}s budget (--steps {total} --time-budget 0 repeats "
                   f"this run)", flush=True)
         elif i % 100 == 0:
@@ -465,13 +465,13 @@ def train(params: P.Params, config: Config, tc: TrainConfig, data: Data, compute
                   f"lr {schedule(tc, i - 1, total):.2e}, {time.perf_counter() - start:.0f}s", flush=True)
         if tc.time_budget and i < total and time.perf_counter() - start > 1.1 * tc.time_budget:
             print(f"stopping at step {i} of {total}: past the time budget", flush=True)
-            total = i
             if not history or history[-1]["step"] != i:
                 history.append(evaluate(i, smooth, time.perf_counter() - start))
+            break
     seconds = time.perf_counter() - start
-    record = {**dataclasses.asdict(tc), "steps": total, "experts": experts_impl,
+    record = {**dataclasses.asdict(tc), "steps": i, "scheduled_steps": total, "experts": experts_impl,
               "compute_dtype": jnp.dtype(compute_dtype).name, "parameters": config.param_count(),
-              "tokens_seen": total * tokens_per_step, "seconds": round(seconds),
+              "tokens_seen": i * tokens_per_step, "seconds": round(seconds),
               "machine": f"{platform.machine()} {jax.devices()[0].device_kind}", "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "history": history}
     return params, record
