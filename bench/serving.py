@@ -6,6 +6,8 @@ each latency cut-off (1 s and 3 s end to end, 20 ms between tokens).
     PYTHONPATH=. python bench/serving.py --preset mixtral-8x7b --layers 8 --fp8 --slots 32
     PYTHONPATH=. python bench/serving.py --checkpoint ckpt/mixtral-fp8 --experts-per-token 3
     PYTHONPATH=. python bench/serving.py --smoke          # the built-in tiny model on the CPU, a few requests
+    PYTHONPATH=. python bench/serving.py --preset mixtral-8x7b --fp8 --kv-cache fp8 --workload chat --rates 1,2,4
+    PYTHONPATH=. python bench/serving.py --smoke --workload chat
 
 Metric names follow vLLM's benchmarks/benchmark_serving.py: ttft is the time to first token, tpot the
 time per output token after the first, itl the gaps between successive tokens, e2el the end-to-end
@@ -22,6 +24,21 @@ layers, and then every figure is that of the N-layer model (not scaled). Each ro
 same run's zero-load figures (one request alone) as the reference the loaded figures compare with.
 Rows go to bench/results/serving.jsonl; two figures (requests/s against generation latency, and
 against total latency) go beside it as PNG.
+
+The engine is `jaxfire.Engine` (paged KV cache, token-budget scheduler, prefix caching; flags
+`--page-size`, `--kv-pages`, `--no-prefix-caching`, `--max-batched-tokens`), or with `--contiguous`
+the engine over a contiguous `[slots, max_len]` cache (`jaxfire.engine.ContiguousEngine`; flags
+`--prefills-per-step`, `--prefill-chunk`, `--no-mix-decode`, `--decode-buckets`), the old behaviour
+to compare with. `--compare` runs the sweep once more on the contiguous engine (whole prompts, one per
+call) in the same process, its rows beside the paged engine's.
+
+`--workload chat` is a multi-turn chat: conversations arrive at Poisson times (`--rates` counts
+conversations per second); each has `--turns` turns (8) over one `--system-len`-token system prompt
+(1024) shared by every conversation, each turn a user message of about `--user-len` tokens (200)
+answered in `--output-len` tokens (50), and each turn's prompt is the whole conversation so far. A
+turn is sent when the previous answer ends. The sweep runs twice in the same process, prefix caching
+on and off; each row carries the median time to first token of turns 2 and later, and the summary
+their ratio.
 """
 
 from __future__ import annotations
@@ -50,12 +67,14 @@ from bench.common import RESULTS_DIR, parse_mesh, print_table, write_results  # 
 from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
 from jaxfire.config import Config  # noqa: E402
+from jaxfire.engine import ContiguousEngine  # noqa: E402
 from jaxfire.model import Runtime  # noqa: E402
 from jaxfire.params import fuse_qkv, init_params  # noqa: E402
 
 CUTOFFS = (("e2el", 1000.0), ("e2el", 3000.0), ("itl", 20.0))  # (metric, limit in ms)
 PERCENTILES = (90, 99)
 SMOKE = dict(prompt_len=32, output_len=8, rates="4,16,inf", num_requests=6, slots=4)
+SMOKE_CHAT = dict(system_len=32, user_len=8, output_len=4, rates="2,inf", num_requests=3, slots=4)
 
 
 def build_model(args: argparse.Namespace) -> tuple[jaxfire.Model, dict[str, Any]]:
@@ -229,6 +248,55 @@ def run_rate_http(port: int, prompts: list[list[int]], rate: float, output_len: 
     return results, max(r.metrics.finished for r in results) - start
 
 
+def chat_conversations(n: int, args: argparse.Namespace, vocab: int, rng: np.random.Generator) -> list[list[list[int]]]:
+    """n conversations of --turns user messages (about --user-len random ids each, within 25%), after
+    one --system-len system prompt, as [system + message 1, message 2, ...]."""
+    system = rng.integers(0, vocab, args.system_len).tolist()
+    out = []
+    for _ in range(n):
+        lo, hi = max(1, args.user_len * 3 // 4), args.user_len * 5 // 4 + 1
+        turns = [rng.integers(0, vocab, int(rng.integers(lo, hi))).tolist() for _ in range(args.turns)]
+        out.append([system + turns[0]] + turns[1:])
+    return out
+
+
+@dataclasses.dataclass
+class Turn:
+    """One turn's request, with its conversation's place."""
+
+    turn: int  # from 1
+    request: Any  # a jaxfire.Request or an HttpRequest
+
+
+def run_chat(conversations: list[list[list[int]]], rate: float, output_len: int, rng: np.random.Generator,
+             complete) -> tuple[list[Turn], float]:
+    """Each conversation on its own thread from its Poisson arrival: turn k's prompt is every message and
+    answer before it plus message k; `complete(prompt)` returns the finished request."""
+
+    def launch(messages: list[list[int]]) -> tuple[threading.Thread, list[Turn]]:
+        turns: list[Turn] = []
+
+        def client() -> None:
+            history: list[int] = []
+            for k, message in enumerate(messages, 1):
+                history = history + message
+                req = complete(history)
+                turns.append(Turn(k, req))
+                if req.finish_reason not in ("eos", "stop", "length"):
+                    return
+                history = history + list(getattr(req, "tokens", None) or [0] * output_len)
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        return thread, turns
+
+    launched, start = at_arrivals(conversations, rate, rng, launch)
+    for thread, _ in launched:
+        thread.join()
+    turns = [t for _, ts in launched for t in ts]
+    return turns, max(t.request.metrics.finished for t in turns) - start
+
+
 def max_rates(rows: list[dict[str, Any]], stat: str) -> dict[str, Any]:
     """The highest offered rate whose `stat` of each cut-off metric stays within its limit."""
     out = {"cutoff_stat": stat}
@@ -310,8 +378,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--rates", default="1,2,4,8,10,16",
                     help="offered requests/s, comma separated; inf sends all (1 and 10: vLLM's published points)")
     ap.add_argument("--num-requests", type=int, default=64, help="requests per rate")
+    ap.add_argument("--workload", choices=("seed", "chat"), default="seed",
+                    help="seed: --prompt-len prompts, --output-len answers; chat: multi-turn conversations")
+    ap.add_argument("--turns", type=int, default=8, help="chat: turns per conversation")
+    ap.add_argument("--system-len", type=int, default=1024, help="chat: the shared system prompt's tokens")
+    ap.add_argument("--user-len", type=int, default=200, help="chat: tokens of a user message (within 25%%)")
     ap.add_argument("--slots", type=int, default=32)
-    ap.add_argument("--max-len", type=int, help="cache positions per slot (default prompt + output length)")
+    ap.add_argument("--max-len", type=int, help="cache positions per request (default: the longest request)")
+    ap.add_argument("--page-size", type=int, default=16, help="KV cache positions per page")
+    ap.add_argument("--kv-pages", type=int, help="KV cache pages (default: as many as fit the free memory)")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="reuse no cached prompt pages")
+    ap.add_argument("--max-batched-tokens", type=int, help="token rows per engine step (default: the engine's)")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="the engine over a contiguous [slots, max_len] cache (the flags below are its own)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run the sweep on the contiguous engine, whole prompts one per call")
     ap.add_argument("--prefills-per-step", type=int, help="prefill calls between decode steps (default: all)")
     ap.add_argument("--prefill-chunk", type=int, help="prefill long prompts this many tokens per step")
     ap.add_argument("--no-mix-decode", action="store_true",
@@ -328,30 +409,96 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="serve through jaxfire.server on a local port and time streamed HTTP completions")
     args = ap.parse_args(argv)
     if args.smoke:
-        for k, v in SMOKE.items():
+        for k, v in (SMOKE_CHAT if args.workload == "chat" else SMOKE).items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
+    if args.workload == "chat" and (args.http or args.contiguous or args.compare):
+        raise SystemExit("--workload chat runs in-process on the paged engine (prefix caching on and off)")
     rates = parse_rates(args.rates)
 
     model, desc = build_model(args)
-    max_len = args.max_len or args.prompt_len + args.output_len
+    rng = np.random.default_rng(args.seed)
+    if args.workload == "chat":
+        work = chat_conversations(args.num_requests * len(rates) + 1, args, model.config.vocab_size, rng)
+        longest = args.system_len + args.turns * (args.user_len * 5 // 4 + args.output_len)
+        variants = [dict(prefix_caching=True), dict(prefix_caching=False)]
+    else:
+        work = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
+        longest = max(map(len, work)) + args.output_len
+        variants = [dict(contiguous=args.contiguous)] + ([dict(contiguous=True, compared=True)] if args.compare else [])
+    max_len = args.max_len or longest
+    results = []
+    for variant in variants:
+        results += sweep(args, model, desc, work, rates, max_len, rng, **variant)
+    if args.workload == "chat":
+        on, off = (r for r in results if r["job"] == "summary")
+        ratio = (off["median_ttft_later_turns_ms"] or 0) / max(on["median_ttft_later_turns_ms"] or 0, 1e-9)
+        print(f"median TTFT of turns 2-{args.turns}: {on['median_ttft_later_turns_ms']:.1f} ms with prefix caching, "
+              f"{off['median_ttft_later_turns_ms']:.1f} ms without ({ratio:.1f}x)")
+        on["ttft_later_turns_speedup"] = ratio
+    out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS_DIR
+    path = write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in results], out_dir)
+    print(f"wrote {path}")
+    return results
+
+
+def make_engine(args: argparse.Namespace, model: jaxfire.Model, max_len: int, contiguous: bool,
+                prefix_caching: bool):
+    """The engine the flags describe (`--contiguous` or the paged one)."""
     try:
-        buckets = None if args.decode_buckets is None else (
-            (args.slots,) if args.decode_buckets == "slots" else tuple(int(n) for n in args.decode_buckets.split(",")))
-        engine = jaxfire.Engine(model, slots=args.slots, max_len=max_len, prefills_per_step=args.prefills_per_step,
-                                prefill_chunk=args.prefill_chunk, detokenize=False, decode_buckets=buckets,
-                                mix_decode=not args.no_mix_decode)
+        if contiguous:
+            buckets = None if args.decode_buckets is None else (
+                (args.slots,) if args.decode_buckets == "slots"
+                else tuple(int(n) for n in args.decode_buckets.split(",")))
+            return ContiguousEngine(model, slots=args.slots, max_len=max_len,
+                                    prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk,
+                                    detokenize=False, decode_buckets=buckets, mix_decode=not args.no_mix_decode)
+        return jaxfire.Engine(model, slots=args.slots, max_len=max_len, page_size=args.page_size,
+                              kv_pages=args.kv_pages, prefix_caching=prefix_caching,
+                              max_batched_tokens=args.max_batched_tokens, detokenize=False)
     except ValueError as e:  # a JaxfireError, or --decode-buckets that are not integers
         raise SystemExit(f"engine options: {e}") from None
-    rng = np.random.default_rng(args.seed)
-    prompts = load_prompts(args, model, args.num_requests * len(rates) + 1, rng)
+
+
+def engine_desc(engine) -> dict[str, Any]:
+    if isinstance(engine, ContiguousEngine):
+        return dict(engine="contiguous", prefills_per_step=engine.prefills_per_step,
+                    prefill_chunk=engine.prefill_chunk, decode_buckets=list(engine.decode_buckets),
+                    mix_decode=engine.mix_decode)
+    return dict(engine="paged", page_size=engine.page_size, kv_pages=engine.kv_pages,
+                prefix_caching=engine.prefix_caching, max_batched_tokens=engine.max_batched_tokens)
+
+
+def step_figures(engine, before: dict[str, int]) -> dict[str, Any]:
+    """What the engine's steps did over one rate: the mean running batch and the steps' rows."""
+    c = {k: v - before.get(k, 0) for k, v in engine.counters.items()}
+    if isinstance(engine, ContiguousEngine):
+        steps = max(c.get("decode_steps", 0), 1)
+        return dict(mean_running_batch=c.get("slot_steps", 0) / steps, mean_decode_rows=c.get("decode_rows", 0) / steps,
+                    decode_steps=c.get("decode_steps", 0), mixed_steps=c.get("mixed_steps", 0))
+    steps = max(c.get("steps", 0), 1)
+    return dict(mean_running_batch=c.get("decode_tokens", 0) / steps,
+                mean_step_tokens=(c.get("decode_tokens", 0) + c.get("prefill_tokens", 0)) / steps,
+                mean_padding_tokens=c.get("padding_tokens", 0) / steps, steps=c.get("steps", 0))
+
+
+def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], work: list, rates: list[float],
+          max_len: int, rng: np.random.Generator, contiguous: bool = False, prefix_caching: bool = True,
+          compared: bool = False) -> list[dict[str, Any]]:
+    """Every rate on one engine; returns the rows and the summary (and writes the figures)."""
+    chat = args.workload == "chat"
+    prefix_caching = prefix_caching and not args.no_prefix_caching
+    engine = make_engine(args, model, max_len, contiguous, prefix_caching)
     t0 = time.perf_counter()
-    engine.warmup(sorted({len(p) for p in prompts}))
+    if contiguous:
+        engine.warmup(sorted({len(p) for p in work}))
+    else:
+        engine.warmup()
     warmup_s = time.perf_counter() - t0
     dev = jax.devices()[0]
     print(f"{desc['model']}: {desc['layers_built']} layers, weights {desc['weights']}, KV cache {desc['kv_cache']}, "
-          f"{args.slots} slots of {max_len}; compiled in {warmup_s:.1f} s on {getattr(dev, 'device_kind', dev)}",
-          flush=True)
+          f"{args.slots} slots of {max_len}, {engine_desc(engine)}; compiled in {warmup_s:.1f} s on "
+          f"{getattr(dev, 'device_kind', dev)}", flush=True)
 
     compiles = []
     listener = lambda event, *_, **__: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
@@ -366,40 +513,51 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         port = server.server_address[1]
     try:
         # Zero load: one request alone, the reference the loaded figures compare with.
+        first = work[-1][0] if chat else work[-1]
         if server is None:
-            alone = engine.submit(prompts[-1], max_tokens=args.output_len, ignore_eos=True)
+            alone = engine.submit(first, max_tokens=args.output_len, ignore_eos=True)
             alone.result()
         else:
-            alone = http_completion(port, prompts[-1], args.output_len)
+            alone = http_completion(port, first, args.output_len)
         idle = dict(idle_ttft_ms=alone.metrics.ttft * 1e3, idle_e2el_ms=alone.metrics.e2e * 1e3,
                     idle_median_itl_ms=float(np.median(alone.metrics.itl or [0.0])) * 1e3)
 
         from tqdm.auto import tqdm
 
         rows = []
-        base = dict(desc, slots=args.slots, max_len=max_len, prompt_len=args.prompt_len,
-                    output_len=args.output_len, num_prompts=args.num_requests, burstiness=1.0, seed=args.seed,
-                    prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk,
-                    decode_buckets=list(engine.decode_buckets), mix_decode=engine.mix_decode, warmup_s=warmup_s,
+        base = dict(desc, **engine_desc(engine), workload=args.workload, slots=args.slots, max_len=max_len,
+                    prompt_len=args.prompt_len, output_len=args.output_len, num_prompts=args.num_requests,
+                    burstiness=1.0, seed=args.seed, warmup_s=warmup_s,
                     transport="http" if server is not None else "in-process", **idle)
-        with tqdm(total=args.num_requests * len(rates), desc="sweep", unit="req") as bar:
+        if chat:
+            base.update(turns=args.turns, system_len=args.system_len, user_len=args.user_len,
+                        num_conversations=args.num_requests)
+        total = args.num_requests * len(rates) * (args.turns if chat else 1)
+        with tqdm(total=total, desc="sweep", unit="req") as bar:
             for i, rate in enumerate(rates):
-                bar.set_description(f"{rate:g} req/s")
+                bar.set_description(f"{rate:g} {'conversations' if chat else 'req'}/s")
                 before = dict(engine.counters)
-                chunk = prompts[i * args.num_requests:(i + 1) * args.num_requests]
-                if server is None:
+                chunk = work[i * args.num_requests:(i + 1) * args.num_requests]
+                extra = {}
+                if chat:
+                    def complete(prompt):
+                        req = engine.submit(prompt, max_tokens=args.output_len, ignore_eos=True)
+                        req.result()
+                        bar.update(1)
+                        return req
+
+                    turns, duration = run_chat(chunk, rate, args.output_len, rng, complete)
+                    requests = [t.request for t in turns]
+                    later = [t.request.metrics.ttft for t in turns if t.turn > 1 and t.request.metrics.token_times]
+                    extra = dict(median_ttft_later_turns_ms=float(np.median(later)) * 1e3 if later else None)
+                elif server is None:
                     requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
                 else:
                     requests, duration = run_rate_http(port, chunk, rate, args.output_len, rng, bar)
-                steps = engine.counters["decode_steps"] - before.get("decode_steps", 0)
-                slot_steps = engine.counters["slot_steps"] - before.get("slot_steps", 0)
-                decode_rows = engine.counters["decode_rows"] - before.get("decode_rows", 0)
-                mixed = engine.counters["mixed_steps"] - before.get("mixed_steps", 0)
                 rows.append(dict(base, job="rate", request_rate=rate if math.isfinite(rate) else "inf",
-                                 offered_rate=rate, **serving_metrics(requests, duration),
-                                 mean_running_batch=slot_steps / max(steps, 1),
-                                 mean_decode_rows=decode_rows / max(steps, 1), decode_steps=steps,
-                                 mixed_steps=mixed))
+                                 offered_rate=rate, **serving_metrics(requests, duration), **extra,
+                                 **step_figures(engine, before)))
+        stats = engine.stats()
     finally:
         if server is not None:
             server.shutdown()
@@ -408,34 +566,42 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
     summary = dict(base, job="summary", rates=[r["request_rate"] for r in rows], compiles_during_sweep=len(compiles),
-                   **max_rates(rows, args.cutoff_stat))
+                   prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+                   preemptions=stats.preemptions, **max_rates(rows, args.cutoff_stat))
+    if chat:
+        later = [r["median_ttft_later_turns_ms"] for r in rows if r["median_ttft_later_turns_ms"] is not None]
+        summary["median_ttft_later_turns_ms"] = float(np.median(later)) if later else None
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS_DIR
-    path = write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in rows] + [summary],
-                         out_dir)
     print_table(rows, ["request_rate", "request_throughput", "output_throughput", "mean_running_batch",
-                       "mean_decode_rows", "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
-                       "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms"])
+                       "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
+                       "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms"]
+                + (["median_ttft_later_turns_ms"] if chat else []))
     print(f"zero load: ttft {idle['idle_ttft_ms']:.1f} ms, itl {idle['idle_median_itl_ms']:.2f} ms, "
           f"e2el {idle['idle_e2el_ms']:.1f} ms; compilations during the sweep: {len(compiles)}")
     for metric, limit in CUTOFFS:
         best = summary[f"max_rate_{metric}_{limit:g}ms"]
         print(f"highest rate with {args.cutoff_stat} {metric} <= {limit:g} ms: "
               f"{'none of the rates' if best is None else f'{best} req/s'}")
+    # the variants of one run name their figures apart
+    variant = ("-chat" if chat else "") + ("-noprefix" if not (contiguous or prefix_caching) else "") + (
+        "-contiguous" if compared else "")
     if not args.no_plots:
-        tag = args.tag or ("smoke" + ("-http" if args.http else "") if args.smoke else "-".join(
+        tag = (args.tag or ("smoke" + ("-http" if args.http else "") if args.smoke else "-".join(
             [args.preset or pathlib.Path(args.checkpoint or "builtin").name, f"L{desc['layers_built']}",
              _device_tag(dev) + f"x{desc['devices']}"
              + "".join(f"-{k[0]}{v}" for k, v in (desc["mesh"] or {}).items() if v > 1),
              desc["weights"], f"kv{desc['kv_cache']}", f"k{desc['experts_per_token']}", f"s{args.slots}"]
             + ([f"c{args.prefill_chunk}"] if args.prefill_chunk else [])
-            + (["nomix"] if args.no_mix_decode else []) + (["http"] if args.http else [])))
+            + (["nomix"] if args.no_mix_decode else []) + (["http"] if args.http else [])))) + variant
         title = (f"{desc['model']}, {desc['layers_built']} layers, {desc['devices']} device(s),\n"
                  f"{desc['weights']} weights, KV {desc['kv_cache']}, "
                  f"{args.slots} slots{f', chunks of {args.prefill_chunk}' if args.prefill_chunk else ''}; "
-                 f"{args.prompt_len} -> {args.output_len} tokens")
+                 + (f"chat, {args.turns} turns over a {args.system_len}-token system prompt, {args.user_len} -> "
+                    f"{args.output_len} tokens a turn" if chat else f"{args.prompt_len} -> {args.output_len} tokens")
+                 + f", {engine_desc(engine)['engine']} engine" + ("" if contiguous or prefix_caching
+                                                                    else ", no prefix caching"))
         for p in plot(rows, out_dir, tag, title):
             print(f"wrote {p}")
-    print(f"wrote {path}")
     return rows + [summary]
 
 

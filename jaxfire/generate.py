@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="prompts decoded at once (default: all); the rest wait for a free slot")
     p.add_argument("--mesh", help="spread the model over the devices: mesh axis sizes, e.g. tensor=2 or "
                    "expert=4,tensor=2 (default: one device)")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache positions per page")
+    p.add_argument("--kv-pages", type=int, help="KV cache pages (default: enough for every slot)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="reuse no cached prompt pages")
+    p.add_argument("--max-batched-tokens", type=int, help="token rows per engine step (default: the engine's)")
     return p
 
 
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             ids = [tok.encode(p) for p in prompts]
         need = max(map(len, ids)) + args.max_new_tokens
         engine = jaxfire.Engine(model, slots=min(args.slots or len(prompts), len(prompts)),
-                                max_len=max(16, 1 << (need - 1).bit_length()))
+                                max_len=max(16, 1 << (need - 1).bit_length()), page_size=args.page_size,
+                                kv_pages=args.kv_pages, prefix_caching=not args.no_prefix_caching,
+                                max_batched_tokens=args.max_batched_tokens)
         requests = []
         for i, p in enumerate(ids):
             try:

@@ -1,5 +1,8 @@
-"""The continuous-batching engine: requests at random times, slot reuse, rejections, cancellation,
-per-request sampling, no recompilation after warm-up, and the serving benchmark's smoke mode."""
+"""The continuous-batching engines: requests at random times, slot reuse, rejections, cancellation,
+per-request sampling, no recompilation after warm-up, and the serving benchmark's smoke mode.
+
+`jaxfire.Engine` is the paged engine; the tests of the contiguous engine's own options (decode slot
+buckets, prefills carrying decode steps, chunks into a batch-1 cache) run `ContiguousEngine`."""
 
 import random
 import threading
@@ -11,7 +14,7 @@ import pytest
 
 import jaxfire
 from jaxfire import sampling
-from jaxfire.engine import EngineError, RequestError
+from jaxfire.engine import ContiguousEngine, EngineError, RequestError
 
 # Requests here keep prompt + new tokens in (16, 32] and prompts within 16 tokens, so that
 # `jaxfire.generate` on one of them always runs the same shapes (one slot of 32 positions, the 16-token
@@ -73,9 +76,9 @@ def test_requests_at_random_times_match_generate_alone(model):
         for t in threads:
             t.join()
         assert engine.counters["prefills"] == len(jobs) > engine.slots
-        assert engine.decode_buckets == (1, 2, 3)
-        assert engine.counters["mixed_steps"] > 0  # decode steps rode along newcomers' prefills
-        assert engine.free_slots == engine.slots
+        assert engine.token_buckets == (16, 32, 64, 128, 256, 512)  # steps pad to powers of two up to the budget
+        assert engine.counters["mixed_steps"] > 0  # decode tokens rode along newcomers' prefills
+        assert engine.free_slots == engine.slots and engine.stats().kv_pages_used == 0
 
     for request, want, events, (prompt, n) in zip(results, expected, streamed, jobs):
         assert request.tokens == want
@@ -177,7 +180,7 @@ def test_stats_count_every_request_and_token(model):
     assert stats.inter_token_latency.count == sum(len(m.itl) for m in served)
     assert stats.inter_token_latency.sum == pytest.approx(sum(sum(m.itl) for m in served))
     assert stats.time_to_first_token.sum == pytest.approx(sum(m.ttft for m in served))
-    assert stats.steps["decode_steps"] == engine.counters["decode_steps"] > 0
+    assert stats.steps["steps"] == engine.counters["steps"] > 0
     stats.finished["eos"] = 99  # a snapshot: the engine's totals are its own
     stats.inter_token_latency.observe(1.0)
     assert "eos" not in engine.stats().finished
@@ -186,7 +189,7 @@ def test_stats_count_every_request_and_token(model):
 
 
 def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
-    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN, mix_decode=False)  # only decode steps step slots
+    engine = ContiguousEngine(model, slots=3, max_len=MAX_LEN, mix_decode=False)  # only decode steps step slots
     lone = engine.submit([5, 6, 7], max_tokens=6, ignore_eos=True)
     drive(engine, [lone])
     assert engine.counters["decode_rows"] == engine.counters["decode_steps"] == 5  # slot 0 alone: 1 row
@@ -202,7 +205,7 @@ def test_decode_steps_run_the_smallest_slot_bucket_holding_every_request(model):
 def test_every_prefill_call_carries_a_decode_step_of_the_running_slots(model):
     rng = np.random.default_rng(7)
     jobs = [(random_prompt(rng, model, 3, 12), 18) for _ in range(3)]
-    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    engine = ContiguousEngine(model, slots=3, max_len=MAX_LEN)
     running = engine.submit(jobs[0][0], max_tokens=18, ignore_eos=True)
     while len(running.tokens) < 2:
         engine.step()
@@ -219,13 +222,16 @@ def test_every_prefill_call_carries_a_decode_step_of_the_running_slots(model):
         assert len(request.tokens) == n and request.tokens[:len(want)] == want
 
 
-@pytest.mark.parametrize("mix_decode", [True, False])
-def test_per_request_sampling_parameters(model, mix_decode):
+@pytest.mark.parametrize("kind, mix_decode", [("paged", True), ("contiguous", True), ("contiguous", False)])
+def test_per_request_sampling_parameters(model, kind, mix_decode):
     rng = np.random.default_rng(3)
     a, b, c = (random_prompt(rng, model, 4, 12) for _ in range(3))
     n = 20
     hot = dict(temperature=0.9, top_p=0.95)
-    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN, mix_decode=mix_decode)
+    if kind == "paged":  # its prompts ride with decode tokens whenever they meet
+        engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    else:
+        engine = ContiguousEngine(model, slots=3, max_len=MAX_LEN, mix_decode=mix_decode)
     greedy = engine.submit(a, max_tokens=n)
     sampled = engine.submit(b, max_tokens=n, seed=7, **hot)
     for _ in range(3):
@@ -292,10 +298,15 @@ def test_fp8_kv_cache_is_honoured(model):
     engine.close()
 
 
-def test_no_recompilation_after_warmup(model):
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+def test_no_recompilation_after_warmup(model, kind):
     # Shapes no other test uses, so the warm-up must compile (which shows the count works).
-    engine = jaxfire.Engine(model, slots=2, max_len=24, detokenize=False)
-    assert engine.buckets == (16, 24)
+    if kind == "paged":
+        engine = jaxfire.Engine(model, slots=2, max_len=24, max_batched_tokens=24, detokenize=False)
+        assert engine.token_buckets == (16, 24)
+    else:
+        engine = ContiguousEngine(model, slots=2, max_len=24, detokenize=False)
+        assert engine.buckets == (16, 24)
     compiles = []
 
     def listener(event, *args, **kwargs):
@@ -318,7 +329,7 @@ def test_no_recompilation_after_warmup(model):
         serving = len(compiles) - warmup
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert warmup >= 3  # two prefill buckets and the decode step
+    assert warmup >= 3  # two token (or prefill) buckets and the decode or sampling steps
     assert serving == 0
 
 
@@ -326,7 +337,7 @@ def test_chunked_prefill_matches_generate_and_never_recompiles(model):
     rng = np.random.default_rng(5)
     jobs = [random_job(rng, model) for _ in range(5)] + [([7, 8, 9], 20)]  # one shorter than a chunk
     expected = [alone(model, p, n) for p, n in jobs]
-    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN, prefill_chunk=5, detokenize=False)
+    engine = ContiguousEngine(model, slots=2, max_len=MAX_LEN, prefill_chunk=5, detokenize=False)
     compiles = []
 
     def listener(event, *args, **kwargs):
@@ -381,6 +392,27 @@ def test_serving_smoke_mode(tmp_path, http):
     tag = "smoke-http" if http else "smoke"
     assert (tmp_path / f"serving_{tag}_generation_latency.png").stat().st_size > 0
     assert (tmp_path / f"serving_{tag}_total_latency.png").stat().st_size > 0
+
+
+def test_serving_chat_smoke_mode(tmp_path):
+    """The multi-turn chat workload on the CPU: prefix caching on, then off, in one run; turns after the
+    first find the shared system prompt and the conversation so far cached only with it on."""
+    from bench import serving
+
+    rows = serving.main(["--smoke", "--workload", "chat", "--rates", "inf", "--num-requests", "2", "--turns", "3",
+                         "--out-dir", str(tmp_path), "--no-plots"])
+    on, on_summary, off, off_summary = rows
+    assert (on["prefix_caching"], off["prefix_caching"]) == (True, False)
+    for r in (on, off):
+        assert r["completed"] == 2 * 3 and r["failed"] == 0 and r["total_output_tokens"] == 2 * 3 * r["output_len"]
+        assert r["median_ttft_later_turns_ms"] > 0
+    # each turn's prompt begins with the whole conversation before it: at least the system prompt's
+    # two full pages (32 tokens, pages of 16) hit for every turn (the zero-load request before the sweep
+    # cached them)
+    assert on_summary["prefix_cache_hits"] >= 32 * 2 * 3
+    assert off_summary["prefix_cache_hits"] == 0 and on_summary["compiles_during_sweep"] == 0
+    assert on_summary["ttft_later_turns_speedup"] > 0
+    assert len((tmp_path / "serving.jsonl").read_text().splitlines()) == 4
 
 
 def _llama_style_tokenizer():

@@ -45,7 +45,7 @@ def run(jobs, *, rows, budget, num_pages, page_size, caching=True, arrivals=None
     """Serves `jobs` (prompt, max_tokens) to the end; returns each one's tokens, the plans, and the order of
     first admissions. `arrivals[i]` is the step job i is submitted at."""
     pool = PagePool(num_pages, page_size, caching)
-    sched = Scheduler(pool, rows=rows, max_batched_tokens=budget, max_len=10**6)
+    sched = Scheduler(pool, rows=rows, max_batched_tokens=budget)
     device = Device(num_pages, page_size)
     seqs = [Sequence(i, p, n) for i, (p, n) in enumerate(jobs)]
     arrivals = arrivals or [0] * len(jobs)
@@ -174,4 +174,4 @@ def test_a_cancelled_request_frees_its_pages_at_once():
 
 def test_a_budget_below_the_rows_is_refused():
     with pytest.raises(ValueError, match="max_batched_tokens"):
-        Scheduler(PagePool(4, 2), rows=4, max_batched_tokens=3, max_len=8)
+        Scheduler(PagePool(4, 2), rows=4, max_batched_tokens=3)

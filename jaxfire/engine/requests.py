@@ -115,6 +115,7 @@ class Request:
         self._decoding = False  # its slot's row of the shared cache holds its prompt
         self._small: KVCache | None = None  # a chunked prompt's own batch-1 cache while it prefills
         self._prefilled = 0  # prompt tokens in it
+        self._seq: Any = None  # the paged engine's view of it (`scheduler.Sequence`)
 
     @property
     def finished(self) -> bool:

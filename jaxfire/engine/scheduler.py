@@ -81,13 +81,12 @@ class StepPlan:
 class Scheduler:
     """Running and waiting sequences over `rows` page-table rows and one page pool."""
 
-    def __init__(self, pool: P.PagePool, rows: int, max_batched_tokens: int, max_len: int):
+    def __init__(self, pool: P.PagePool, rows: int, max_batched_tokens: int):
         if max_batched_tokens < rows:
             raise ValueError(f"max_batched_tokens ({max_batched_tokens}) must cover one decode token per row ({rows})")
         self.pool = pool
         self.rows = rows
         self.max_batched_tokens = max_batched_tokens
-        self.max_len = max_len
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         self._free_rows = list(range(rows))  # a heap: the lowest row first
@@ -95,6 +94,10 @@ class Scheduler:
         self.preemptions = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of them, found cached
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.pool.page_size)

@@ -1,0 +1,154 @@
+"""The device step runner: a `StepPlan` becomes one `RaggedBatch`, one `model.ragged_step` over the
+paged cache, and one sampling program; the sampled tokens come back to the host.
+
+Dimensions: T token rows of a step (a bucket), S page-table rows (the engine's slots), M pages per
+row (`ceil(max_len / Z)`), Z page size, P pages in the pool, V vocab.
+
+Shapes never depend on the traffic: T is the smallest of `token_buckets` (powers of two from
+`min_bucket` up to and including `max_batched_tokens`) holding the plan's tokens, the page table is
+always `[S, M]`, the logits `[S, V]`. `warmup()` runs every bucket and every sampling variant once,
+so serving never compiles afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from jaxfire import model as M
+from jaxfire import paged_cache as PC
+from jaxfire.engine import sampler
+from jaxfire.engine.requests import MAX_TOP_LOGPROBS
+from jaxfire.engine.scheduler import StepPlan
+
+if TYPE_CHECKING:
+    from jaxfire.api import Model
+
+
+def token_buckets(max_batched_tokens: int, min_bucket: int = 16) -> tuple[int, ...]:
+    """A step's token rows are padded up to one of these: powers of two from `min_bucket`, then the budget."""
+    buckets, b = [], min(min_bucket, max_batched_tokens)
+    while b < max_batched_tokens:
+        buckets.append(b)
+        b *= 2
+    return tuple(buckets) + (max_batched_tokens,)
+
+
+@dataclasses.dataclass
+class Sampled:
+    """What a step sampled, per page-table row that asked (`rows`), on the host."""
+
+    rows: list[int]
+    tokens: np.ndarray  # [S] int32
+    logprobs: np.ndarray  # [S] float32
+    top_ids: np.ndarray | None  # [S, MAX_TOP_LOGPROBS] int32
+    top_logprobs: np.ndarray | None  # [S, MAX_TOP_LOGPROBS] float32
+
+
+@functools.partial(jax.jit, static_argnames=("sample", "top"))
+def _sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                 top_k: jax.Array, sample: bool, top: int) -> jax.Array:
+    # logits: [S, V] float32, the rest [S] -> [2 + 2 top, S]
+    return sampler.with_logprobs(logits, sampler.sample(logits, seeds, steps, temperature, top_p, top_k, sample), top)
+
+
+class Runner:
+    """Holds the paged cache and runs plans on it."""
+
+    def __init__(self, model: "Model", rows: int, max_len: int, page_size: int, num_pages: int,
+                 max_batched_tokens: int, min_bucket: int = 16):
+        self.model = model
+        self.rows = rows
+        self.page_size = page_size
+        self.pages_per_row = -(-max_len // page_size)
+        self.token_buckets = token_buckets(max_batched_tokens, min_bucket)
+        mesh = model.runtime.mesh
+        cache = PC.init_paged_cache(model.config, num_pages, page_size, model.kv_cache_dtype or model.dtype, mesh)
+        # Committed to where the steps leave it: jit keys its arguments on committedness.
+        self._where = (jax.devices()[0] if mesh is None
+                       else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self.cache = jax.device_put(cache, self._where) if mesh is None else cache
+
+    def _batch(self, plan: StepPlan, bucket: int | None = None) -> tuple[PC.RaggedBatch, list[int]]:
+        """The plan as a ragged batch of `bucket` rows (default: the smallest holding it), host arrays put
+        on the device, and the page-table rows it samples."""
+        t = bucket or next(b for b in self.token_buckets if b >= plan.num_tokens)
+        tokens = np.zeros((t,), np.int32)  # [T]
+        positions = np.zeros((t,), np.int32)  # [T]
+        seq_ids = np.full((t,), -1, np.int32)  # [T]: padding rows -1
+        page_table = np.zeros((self.rows, self.pages_per_row), np.int32)  # [S, M]: unused entries the null page
+        context_lens = np.zeros((self.rows,), np.int32)  # [S]
+        logit_rows = np.zeros((self.rows,), np.int32)  # [S]
+        at, sampled = 0, []
+        for chunk in plan.chunks:
+            n = len(chunk.tokens)
+            tokens[at:at + n] = chunk.tokens
+            positions[at:at + n] = np.arange(chunk.start, chunk.start + n)
+            seq_ids[at:at + n] = chunk.row
+            page_table[chunk.row, :len(chunk.pages)] = chunk.pages
+            context_lens[chunk.row] = chunk.start + n
+            logit_rows[chunk.row] = at + n - 1
+            if chunk.sample:
+                sampled.append(chunk.row)
+            at += n
+        arrays = jax.device_put(dict(tokens=tokens, positions=positions, seq_ids=seq_ids, page_table=page_table,
+                                     context_lens=context_lens, logit_rows=logit_rows), self._where)
+        return PC.RaggedBatch(**arrays), sampled
+
+    def run(self, plan: StepPlan, params: dict[int, tuple[int, int, float, float, int]], top: bool) -> Sampled:
+        """Runs the plan; samples row r with `params[r]` = (seed, index of the token in its request's
+        stream, temperature, top_p, top_k), and the likeliest alternatives too with `top`."""
+        batch, rows = self._batch(plan)
+        p = self.model
+        logits, self.cache = M.ragged_step(p.params, self.cache, batch, config=p.config, runtime=p.runtime)
+        return self._sample(logits, rows, params, top)
+
+    def _sample(self, logits: jax.Array, rows: list[int], params: dict, top: bool) -> Sampled:
+        seeds = np.zeros((self.rows,), np.uint32)
+        steps = np.zeros((self.rows,), np.int32)
+        temperature = np.zeros((self.rows,), np.float32)
+        top_p = np.ones((self.rows,), np.float32)
+        top_k = np.zeros((self.rows,), np.int32)
+        for r in rows:
+            seeds[r], steps[r], temperature[r], top_p[r], top_k[r] = params[r]
+        out = _sample_rows(logits, *jax.device_put((seeds, steps, temperature, top_p, top_k), self._where),
+                           sample=bool((temperature > 0).any()), top=MAX_TOP_LOGPROBS if top else 0)
+        tokens, logprobs, top_ids, top_lps = sampler.read(out)
+        return Sampled(rows, tokens, logprobs, top_ids, top_lps)
+
+    def warmup(self) -> None:
+        """Compiles the step of every token bucket and every sampling variant (all rows padding: only
+        the null page is written)."""
+        p = self.model
+        empty = StepPlan(chunks=[], preempted=[])
+        for _ in range(2):  # on a mesh a step may return the cache in other shardings than it came in
+            for t in self.token_buckets:
+                batch, _ = self._batch(empty, t)
+                logits, self.cache = M.ragged_step(p.params, self.cache, batch, config=p.config, runtime=p.runtime)
+            params = {0: (0, 0, 1.0, 1.0, 0)}
+            for top in (False, True):
+                self._sample(logits, [0], params, top)
+                self._sample(logits, [], {}, top)
+        jax.block_until_ready(self.cache)
+
+
+def default_pages(model: "Model", rows: int, max_len: int, page_size: int, share: float = 0.9) -> tuple[int, bool]:
+    """Pages for the pool, the null page included: enough for every row at `max_len`, or fewer where
+    the device's free memory holds fewer (`share` of what is left after the weights, the rest for
+    activations; on a mesh counted as if each device held the whole cache, which a sharded cache only
+    undercuts). Also whether free memory was the limit. A device that reports no memory (the CPU)
+    gets the full count."""
+    need = rows * -(-max_len // page_size) + 1
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return need, False
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * share
+    fit = max(int(free // PC.page_bytes(model.config, page_size, model.kv_cache_dtype or model.dtype)), 2)
+    return min(need, fit), fit < need

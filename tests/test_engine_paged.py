@@ -1,0 +1,157 @@
+"""The paged engine against the contiguous one and against itself: the same greedy tokens across page
+boundaries (built-in and converted models, FP8 cache), prefix hits, eviction under a tiny pool,
+preemption that streams no token twice, no page leaked, and refused configurations."""
+
+import numpy as np
+import pytest
+
+import jaxfire
+from jaxfire.engine import ContiguousEngine, EngineError
+
+PAGE = 16  # the smallest page the paged attention kernel takes
+
+
+@pytest.fixture(scope="module")
+def model():
+    # float32: greedy tokens must not hinge on rounding differing between batch shapes.
+    return jaxfire.load(dtype="float32")
+
+
+def random_jobs(rng, model, count, lo, hi, new_lo=4, new_hi=12):
+    return [(rng.integers(3, model.config.vocab_size, int(rng.integers(lo, hi + 1))).tolist(),
+             int(rng.integers(new_lo, new_hi + 1))) for _ in range(count)]
+
+
+def serve(engine, jobs, **sampling):
+    """Every job submitted at once; returns the requests and each one's streamed events."""
+    events = [[] for _ in jobs]
+    requests = [engine.submit(p, max_tokens=n, on_token=events[i].append, **sampling) for i, (p, n) in enumerate(jobs)]
+    while not all(r.finished for r in requests):
+        engine.step()
+    return requests, events
+
+
+def contiguous_tokens(model, jobs, max_len):
+    engine = ContiguousEngine(model, slots=len(jobs), max_len=max_len, detokenize=False)
+    tokens = [r.tokens for r in serve(engine, jobs)[0]]
+    engine.close()
+    return tokens
+
+
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_paged_equals_contiguous_across_page_boundaries(model, kv):
+    m = model if kv is None else jaxfire.Model(config=model.config, params=model.params, tokenizer=None,
+                                               kv_cache_dtype=kv)
+    rng = np.random.default_rng(0)
+    jobs = random_jobs(rng, m, 5, 3, 30) + [([5] * PAGE, 9)]  # one prompt of exactly one page
+    want = contiguous_tokens(m, jobs, 48)
+    engine = jaxfire.Engine(m, slots=3, max_len=48, page_size=PAGE, max_batched_tokens=24, detokenize=False)
+    requests, _ = serve(engine, jobs)
+    assert [r.tokens for r in requests] == want
+    assert engine.counters["mixed_steps"] > 0  # prompt chunks rode with decode tokens
+    assert engine.stats().kv_pages_used == 0
+    engine.close()
+
+
+def test_a_converted_model_with_mqa_and_a_window_matches_the_contiguous_engine(converted):
+    _, ckpt = converted("mqa_window_tied")
+    m = jaxfire.load(ckpt, dtype="float32")
+    rng = np.random.default_rng(1)
+    jobs = random_jobs(rng, m, 4, 3, 28)
+    want = contiguous_tokens(m, jobs, 40)
+    engine = jaxfire.Engine(m, slots=2, max_len=40, page_size=PAGE, max_batched_tokens=16, detokenize=False)
+    assert [r.tokens for r in serve(engine, jobs)[0]] == want
+    engine.close()
+
+
+def test_prefix_hits_give_the_tokens_of_no_cache(model):
+    rng = np.random.default_rng(2)
+    system = rng.integers(3, model.config.vocab_size, 2 * PAGE + 2).tolist()
+    jobs = [(system + p, n) for p, n in random_jobs(rng, model, 4, 1, 6)] + [(system[:2 * PAGE], 6)]
+    results = {}
+    for caching in (False, True):
+        engine = jaxfire.Engine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=caching,
+                                max_batched_tokens=64, detokenize=False)
+        results[caching] = [r.tokens for r in serve(engine, jobs)[0]]
+        stats = engine.stats()
+        if caching:
+            # The first two requests prefill together; each later one finds the system prompt's 2 full
+            # pages (the prompt of exactly 2 pages only 1: its last token is computed again).
+            assert stats.prefix_cache_hits == 2 * PAGE * 2 + PAGE
+            assert stats.prefix_cache_queries == sum(len(p) for p, _ in jobs)
+            assert stats.kv_pages_cached > 0 and stats.kv_pages_used == 0
+        else:
+            assert stats.prefix_cache_hits == stats.prefix_cache_queries == stats.kv_pages_cached == 0
+        engine.close()
+    assert results[True] == results[False]
+
+
+def test_eviction_under_a_tiny_pool_takes_the_least_recently_used(model):
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.integers(3, model.config.vocab_size, 2 * PAGE + 1).tolist() for _ in range(3))
+    # one request of max_len 48 takes 3 pages: 6 usable pages hold two requests' worth
+    engine = jaxfire.Engine(model, slots=1, max_len=48, page_size=PAGE, kv_pages=7, max_batched_tokens=48,
+                            detokenize=False)
+
+    def run(prompt):
+        before = engine.stats().prefix_cache_hits
+        (request,), _ = serve(engine, [(prompt, 4)])
+        return request.tokens, engine.stats().prefix_cache_hits - before
+
+    # Each run computes 36 positions: two full pages, cached when it ends (released second page first,
+    # so a chain's tail goes before its head), and a partial third page, freed.
+    first_a, hit = run(a)
+    assert hit == 0
+    assert run(b)[1] == 0
+    assert run(a) == (first_a, 2 * PAGE)  # both of a's pages were still cached
+    assert run(c)[1] == 0  # 2 free pages, then it evicts the least recently released: b's second
+    assert run(b)[1] == PAGE  # b's first page is left; its second evicts a's second
+    assert run(a) == (first_a, PAGE)
+    assert engine.stats().kv_pages_used == 0
+    engine.close()
+
+
+def test_preemption_resumes_with_the_tokens_of_an_unconstrained_run_and_streams_none_twice(model):
+    rng = np.random.default_rng(4)
+    jobs = random_jobs(rng, model, 4, 10, 14, 30, 34)
+    roomy = jaxfire.Engine(model, slots=4, max_len=48, page_size=PAGE, detokenize=False)
+    want = [r.tokens for r in serve(roomy, jobs, ignore_eos=True)[0]]
+    roomy.close()
+    # 4 running requests of up to 48 positions want 12 pages; 8 make them preempt one another
+    tight = jaxfire.Engine(model, slots=4, max_len=48, page_size=PAGE, kv_pages=9, max_batched_tokens=32,
+                           detokenize=False)
+    requests, events = serve(tight, jobs, ignore_eos=True)
+    stats = tight.stats()
+    assert stats.preemptions > 0
+    for request, streamed, tokens in zip(requests, events, want):
+        assert request.tokens == tokens
+        assert [e.token for e in streamed] == tokens  # each token once, in order
+        assert len(request.metrics.token_times) == len(tokens)
+    assert stats.kv_pages_used == 0 and tight.free_slots == 4
+    tight.close()
+
+
+def test_a_cancelled_request_frees_its_pages_at_once(model):
+    engine = jaxfire.Engine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=False, detokenize=False)
+    request = engine.submit(list(range(3, 4 + 2 * PAGE)), max_tokens=10, ignore_eos=True)
+    while len(request.tokens) < 2:
+        engine.step()
+    assert engine.stats().kv_pages_used == 3
+    request.cancel()
+    engine.step()
+    assert request.finish_reason == "cancelled"
+    assert engine.stats().kv_pages_used == 0 and engine.free_slots == 2
+    engine.close()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(page_size=0), "page_size: page size must be a power of two of at least 16 positions, got 0"),
+    (dict(page_size=24), "page size must be a power of two of at least 16 positions, got 24"),
+    (dict(page_size=8), "page size must be a power of two of at least 16 positions, got 8"),
+    (dict(kv_pages=2), "kv_pages must be at least 3: one request of max_len 32 takes 2 pages of 16"),
+    (dict(max_batched_tokens=3), r"max_batched_tokens must be an integer of at least slots \(4\)"),
+    (dict(min_bucket=0), "min_bucket must be a positive integer"),
+])
+def test_bad_configuration_is_refused_in_one_sentence(model, kwargs, message):
+    with pytest.raises(EngineError, match=message):
+        jaxfire.Engine(model, **(dict(slots=4, max_len=32, page_size=PAGE) | kwargs))
