@@ -1,6 +1,7 @@
 """`model.ragged_step` over the paged cache against the contiguous model: chunked and packed prefill,
 decode rows, NaN in other sequences' pages, meshes, and the page sizes refused."""
 
+import functools
 import zlib
 
 import jax
@@ -61,12 +62,12 @@ def contiguous_prefill(cfg, params, prompt, kv):
     return logits[0], cache
 
 
-@pytest.mark.parametrize("name, kv, chunk", [("gqa", "bfloat16", 8), ("gqa", "fp8", 7), ("mqa_window", "bfloat16", 7),
-                                             ("mqa_window", "fp8", 8)])
+# bf16 and FP8 pages, chunks that do (8) and do not (7) divide the prompt, GQA and MQA with a window.
+@pytest.mark.parametrize("name, kv, chunk", [("gqa", "fp8", 7), ("mqa_window", "bfloat16", 8)])
 def test_chunked_prefill_then_decode_equals_the_contiguous_model(name, kv, chunk):
-    """A 24-token prompt in chunks that do (8) and do not (7) divide it, then greedy decode rows: the same
-    logits and tokens as a one-shot prefill and decode steps of the contiguous cache, and the pages hold
-    what the contiguous cache holds (FP8: the same values and scales)."""
+    """A 24-token prompt in chunks, then greedy decode rows: the same logits and tokens as a one-shot
+    prefill and decode steps of the contiguous cache, and the pages hold what the contiguous cache holds
+    (FP8: the same values and scales)."""
     cfg, params = make(name)
     prompt = np.random.default_rng(zlib.crc32(f"{name}{kv}".encode())).integers(3, cfg.vocab_size, 24).tolist()
     want, cache = contiguous_prefill(cfg, params, prompt, kv)
@@ -82,7 +83,7 @@ def test_chunked_prefill_then_decode_equals_the_contiguous_model(name, kv, chunk
     for got, ref in zip(jax.tree.leaves(paged.layer(0)), jax.tree.leaves(cache.layer(0))):
         got = np.asarray(got, np.float32).reshape(-1, *got.shape[2:])[slots]
         np.testing.assert_allclose(got, np.asarray(ref, np.float32)[0, :24], **tol)
-    for _ in range(3):
+    for _ in range(2):
         want, cache = M.decode_step(params, cache, jnp.array([token], jnp.int32), cfg)
         logits, paged = M.ragged_step(params, paged, pages.batch([(1, [token])], 8), config=cfg)
         np.testing.assert_allclose(logits[1], want[0], **tol)
@@ -90,56 +91,46 @@ def test_chunked_prefill_then_decode_equals_the_contiguous_model(name, kv, chunk
         assert int(np.argmax(logits[1])) == token
 
 
-def packed_and_apart(cfg, params, runtime=M.Runtime(), kv=jnp.float32, poison=False):
-    """Three prompts and a decode row of a fourth sequence packed into one 32-row call, after the fourth
-    sequence's prompt; and the same prompts one per call. Returns both calls' logits [3, V]."""
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 11, 14)]
-    out = []
-    for packed in (True, False):
-        pages = Pages(9, rows=4)
-        cache = pc.init_paged_cache(cfg, 12, PAGE, kv, runtime.mesh)
-        _, cache = M.ragged_step(params, cache, pages.batch([(3, prompts[2][:9])], 16), config=cfg, runtime=runtime)
-        if poison:  # everything but the fourth sequence's pages, the null page included
-            keep = np.zeros(12, bool)
-            keep[pages.table[3, :1]] = True
-            cache = jax.tree.map(lambda a: jnp.where(keep.reshape(-1, *[1] * (a.ndim - 1)), a, jnp.nan).astype(a.dtype),
-                                 cache)
-        chunks = [(r, p) for r, p in enumerate(prompts)] + [(3, [7])]
-        if packed:
-            logits, cache = M.ragged_step(params, cache, pages.batch(chunks, 32), config=cfg, runtime=runtime)
-            out.append(np.asarray(logits))
-        else:
-            rows = []
-            for r, p in chunks:
-                logits, cache = M.ragged_step(params, cache, pages.batch([(r, p)], 16), config=cfg, runtime=runtime)
-                rows.append(np.asarray(logits[r]))
-            out.append(np.stack(rows))
-    return out
+PROMPTS = [np.random.default_rng(5).integers(3, 512, n).tolist() for n in (5, 11, 14)]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_packed_call_equals_the_prompts_one_by_one(name):
-    cfg, params = make(name)
-    packed, apart = packed_and_apart(cfg, params)
-    np.testing.assert_allclose(packed, apart, rtol=1e-5, atol=1e-5)
+def run_steps(cfg, params, packed: bool, runtime=M.Runtime(), kv=jnp.float32, poison=False) -> np.ndarray:
+    """Three prompts and a decode row of a fourth sequence (its 9-token prompt already in the cache), in
+    one call (`packed`) or one call each. Every call has 32 rows (one program). `poison`: every page but
+    the fourth sequence's, the null page included, holds NaN before the calls. Returns the logits [4, V]."""
+    pages = Pages(9, rows=4)
+    cache = pc.init_paged_cache(cfg, 12, PAGE, kv, runtime.mesh)
+    step = functools.partial(M.ragged_step, params, config=cfg, runtime=runtime)
+    _, cache = step(cache, pages.batch([(3, PROMPTS[2][:9])], 32))
+    if poison:
+        keep = np.zeros(12, bool)
+        keep[pages.table[3, :1]] = True
+        cache = jax.tree.map(lambda a: jnp.where(keep.reshape(-1, *[1] * (a.ndim - 1)), a, jnp.nan).astype(a.dtype),
+                             cache)
+    chunks = list(enumerate(PROMPTS)) + [(3, [7])]
+    if packed:
+        return np.asarray(step(cache, pages.batch(chunks, 32))[0])
+    rows = []
+    for r, p in chunks:
+        logits, cache = step(cache, pages.batch([(r, p)], 32))
+        rows.append(np.asarray(logits[r]))
+    return np.stack(rows)
 
 
-def test_rows_never_see_other_sequences_pages():
-    """Every page but the one sequence's already in the cache is NaN (the new prompts' pages included
-    until their rows write them): each row's logits come out finite and unchanged."""
+def test_packed_call_equals_the_prompts_one_by_one_and_never_reads_other_pages():
+    """Also with every page a row must not read (other sequences', free, the null page) NaN: the packed
+    call's logits come out finite and equal to the prompts run apart on a clean cache."""
     cfg, params = make("gqa")
-    clean = packed_and_apart(cfg, params, kv=jnp.bfloat16)[0]
-    poisoned = packed_and_apart(cfg, params, kv=jnp.bfloat16, poison=True)[0]
-    assert np.isfinite(poisoned).all()
-    np.testing.assert_allclose(poisoned, clean, rtol=1e-5, atol=1e-5)
+    apart = run_steps(cfg, params, packed=False, kv=jnp.bfloat16)
+    packed = run_steps(cfg, params, packed=True, kv=jnp.bfloat16, poison=True)
+    assert np.isfinite(packed).all()
+    np.testing.assert_allclose(packed, apart, rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_kernel_in_the_model_equals_the_reference():
     cfg, params = make("mqa_window")
-    ref = packed_and_apart(cfg, params, kv="fp8")[0]
-    kernel = packed_and_apart(cfg, params, M.Runtime(paged_attention="pallas"), kv="fp8")[0]
-    np.testing.assert_allclose(kernel, ref, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(run_steps(cfg, params, True, M.Runtime(paged_attention="pallas"), "fp8"),
+                               run_steps(cfg, params, True, kv="fp8"), rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("axes", [dict(tensor=2), dict(expert=2)])
@@ -148,9 +139,8 @@ def test_a_mesh_equals_one_device(axes):
     mesh = jaxfire.make_mesh(jax.devices()[:2], **axes)
     placed = init_params(cfg, jax.random.key(zlib.crc32(b"gqa")), jnp.float32, std=0.1,
                          sharding_fn=S.param_sharding_fn(mesh))
-    runtime = M.Runtime(mesh=mesh)
-    np.testing.assert_allclose(packed_and_apart(cfg, placed, runtime, kv="fp8")[0],
-                               packed_and_apart(cfg, params, kv="fp8")[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_steps(cfg, placed, True, M.Runtime(mesh=mesh), "fp8"),
+                               run_steps(cfg, params, True, kv="fp8"), rtol=1e-4, atol=1e-4)
     if "tensor" in axes:
         cache = pc.init_paged_cache(cfg, 4, PAGE, "fp8", mesh)
         assert cache.k[0].sharding.spec[2] == "tensor" and cache.k_scale[0].sharding.spec[2] == "tensor"
