@@ -27,7 +27,7 @@ def test_lm_eval_local_completions_scores_as_evaluate_does(monkeypatch, tmp_path
     from lm_eval.tasks import TaskManager
 
     model = jaxfire.load(dtype="float32")
-    engine = jaxfire.Engine(model, slots=4, max_len=256).start()
+    engine = jaxfire.Engine(model, slots=4, max_len=128).start()  # the longest prompt has 90 tokens
     server = CompletionServer(engine, port=0, model_name="builtin")
     server.serve_in_thread()
     try:
@@ -42,7 +42,7 @@ def test_lm_eval_local_completions_scores_as_evaluate_does(monkeypatch, tmp_path
         server.server_close()
         engine.close()
 
-    want = evaluate.evaluate_mmlu(model, DATA / "mmlu_sample", shots=0)
+    want = evaluate.evaluate_mmlu(model, DATA / "mmlu_sample", shots=0, batch=16)  # one batch, as below
     samples = out["samples"]["jaxfire_mmlu_sample"]
     assert len(samples) == want["questions"] == 15
     assert out["results"]["jaxfire_mmlu_sample"]["acc,none"] == pytest.approx(want["accuracy"])
