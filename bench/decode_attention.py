@@ -3,6 +3,7 @@
 
     PYTHONPATH=. python3 bench/decode_attention.py --out-dir bench/results           # the grid
     PYTHONPATH=. python3 bench/decode_attention.py --study sweep --batches 1,32 ...  # tuning
+    PYTHONPATH=. python3 bench/decode_attention.py --study paged --page-sizes 16,64 ...  # paged vs contiguous
 
 Bytes counted: K + V (+ both per-token scale arrays for an fp8 cache), each read once; every
 length is S. Times are per call, from jitted groups of `--copies` calls queued back to back
@@ -10,6 +11,11 @@ length is S. Times are per call, from jitted groups of `--copies` calls queued b
 implementation, as it is inside a jitted decode step; inputs rotate over at least 256 MB so the
 50 MB L2 does not serve repeats. Each of our configurations is checked against the
 reference on the GPU before it is timed.
+
+The paged study times `pallas_kernels.paged_attention` (one decode row per sequence, the same
+caches cut into pages of each `--page-sizes` size and handed out in a shuffled order, so
+consecutive pages of a sequence are not adjacent in memory) beside the contiguous kernel on the
+same inputs in the same run: "vs_contiguous" is the paged kernel's TB/s over the contiguous one's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 
 from bench import common
 from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention, default_config
+from pallas_kernels.paged_attention import paged_attention
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 FP8_MAX = 448.0
@@ -271,9 +278,99 @@ def run_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], N
     return rows
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedInputs:
+    """A contiguous input set cut into pages: sequence b's page i is pool page table[b, i]."""
+
+    q: jax.Array  # [B, Hq, K]
+    k: jax.Array  # [P, Z, Hkv, K], page 0 the null page
+    v: jax.Array  # [P, Z, Hkv, K]
+    table: jax.Array  # [B, S / Z]
+    seq_ids: jax.Array  # [B]
+    positions: jax.Array  # [B]
+    lengths: jax.Array  # [B]
+    k_scale: jax.Array | None  # [P, Z, Hkv]
+    v_scale: jax.Array | None
+
+
+def to_pages(x: Inputs, page_size: int, seed: int) -> PagedInputs:
+    batch, seq_len = x.k.shape[:2]
+    per_seq = seq_len // page_size
+    ids = 1 + np.random.default_rng(seed).permutation(batch * per_seq)  # [B S/Z]: shuffled pool pages
+    where = np.argsort(ids)  # pool page p (from 1) holds the contiguous page where[p - 1]
+
+    def pool(a):
+        pages = a.reshape(batch * per_seq, page_size, *a.shape[2:])[jnp.asarray(where)]
+        return jnp.concatenate([jnp.zeros_like(pages[:1]), pages])
+
+    scales = (None, None) if x.k_scale is None else (pool(x.k_scale), pool(x.v_scale))
+    return PagedInputs(x.q, pool(x.k), pool(x.v), jnp.asarray(ids.reshape(batch, per_seq), jnp.int32),
+                       jnp.arange(batch, dtype=jnp.int32), x.lengths - 1, x.lengths, *scales)
+
+
+def ours_paged(x: PagedInputs) -> jax.Array:
+    return paged_attention(x.q, x.k, x.v, x.table, x.seq_ids, x.positions, x.lengths, k_scale=x.k_scale,
+                           v_scale=x.v_scale, implementation="pallas")
+
+
+def run_paged(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """Paged against contiguous decode attention at the same batch and length, on the same caches."""
+    rows = []
+    for dtype in args.dtypes:
+        fp8 = dtype == "fp8"
+        for batch in args.batches:
+            for seq_len in args.seqs:
+                sets = make_input_sets(batch, seq_len, fp8)
+                nbytes = sets[0].kv_bytes
+                config = default_config(batch, seq_len, HKV, HEAD_DIM, sets[0].k.dtype)
+                base = {"study": "paged", "batch": batch, "seq_len": seq_len, "cache": dtype, "kv_bytes": nbytes,
+                        "copy_tbps": copy_bw / 1e12}
+                try:
+                    contiguous = device_time(ours(config), sets, args.copies)
+                except Exception as e:
+                    emit(dict(base, page_size=None, error=f"contiguous: {type(e).__name__}: {str(e)[:300]}"))
+                    continue
+                want = jax.jit(ours(config))(sets[0]).astype(jnp.float32)
+                for page_size in args.page_sizes:
+                    row = dict(base, page_size=page_size, contiguous_us=contiguous * 1e6,
+                               contiguous_tbps=nbytes / contiguous / 1e12)
+                    try:
+                        paged = [to_pages(x, page_size, i) for i, x in enumerate(sets)]
+                        got = jax.jit(ours_paged)(paged[0]).astype(jnp.float32)
+                        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+                        if not rel < 2e-2:
+                            raise AssertionError(f"paged_attention is wrong here: relative error {rel:.3g} "
+                                                 "against the contiguous kernel")
+                        t = _paged_time(paged, args.copies)
+                        row.update(rel_err=rel, time_us=t * 1e6, tbps=nbytes / t / 1e12,
+                                   pct_copy=100 * nbytes / t / copy_bw, vs_contiguous=contiguous / t)
+                        del paged
+                    except Exception as e:  # recorded, so one bad size does not lose the others
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    rows.append(row)
+                    emit(row)
+                del sets
+    return rows
+
+
+def _paged_time(sets: list[PagedInputs], copies: int) -> float:
+    """`device_time` for paged inputs: groups of `copies` calls in one program, q offset per copy."""
+
+    def group(inputs: list[PagedInputs]) -> list[jax.Array]:
+        return [ours_paged(dataclasses.replace(x, q=x.q + jnp.asarray(c, x.q.dtype))) for c, x in enumerate(inputs)]
+
+    n_groups = max(1, math.ceil(len(sets) / copies))
+    groups = [[sets[(g * copies + c) % len(sets)] for c in range(copies)] for g in range(n_groups)]
+    t = common.time_fn(jax.jit(group), arg_sets=[(g,) for g in groups], warmup=2, iters=max(10, 2 * n_groups),
+                       sync_each=False)
+    return t / copies
+
+
 def _line(row: dict[str, Any]) -> str:
-    keys = ("study", "cache", "batch", "seq_len", "config", "time_us", "tbps", "pct_copy",
-            "xla_tbps", "cudnn_tbps", "pallas_gqa_tbps", "vs_best_peer", "time_vs_bf16", "error")
+    keys = ("study", "cache", "batch", "seq_len", "page_size", "config", "time_us", "tbps", "pct_copy",
+            "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps", "pallas_gqa_tbps", "vs_best_peer",
+            "time_vs_bf16", "error")
     return " ".join(f"{k}={common._fmt(row[k])}" for k in keys if k in row)
 
 
@@ -283,7 +380,7 @@ def _ints(s: str) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study", choices=("grid", "sweep", "both"), default="grid")
+    p.add_argument("--study", choices=("grid", "sweep", "both", "paged"), default="grid")
     p.add_argument("--batches", type=_ints, default=[1, 8, 32, 128])
     p.add_argument("--seqs", type=_ints, default=[1024, 4096, 16384])
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp8"])
@@ -296,6 +393,8 @@ def main() -> None:
                    type=lambda s: [float(x) for x in s.split(",")], default=[1.0])
     p.add_argument("--sweep-batches", type=_ints, default=None)
     p.add_argument("--sweep-seqs", type=_ints, default=None)
+    p.add_argument("--page-sizes", dest="page_sizes", type=_ints, default=[16, 32, 64, 128],
+                   help="the paged study's page sizes (each must divide every --seqs length)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
 
@@ -316,6 +415,13 @@ def main() -> None:
         rows += run_sweep(sweep_args, copy_bw, emit)
     if args.study in ("grid", "both"):
         rows += run_grid(args, copy_bw, emit)
+    if args.study == "paged":
+        bad = [(z, n) for z in args.page_sizes for n in args.seqs if n % z]
+        if bad:
+            p.error(f"--page-sizes: page size {bad[0][0]} does not divide the length {bad[0][1]}")
+        rows += run_paged(args, copy_bw, emit)
+        common.print_table(rows, ["cache", "batch", "seq_len", "page_size", "time_us", "tbps", "contiguous_tbps",
+                                  "vs_contiguous", "error"])
     print(f"wrote {len(rows)} rows to {args.out_dir or common.RESULTS_DIR}")
     grid = [r for r in rows if r["study"] == "grid"]
     if grid:

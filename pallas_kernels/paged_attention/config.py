@@ -38,9 +38,24 @@ def query_heads_padded(group: int) -> int:
     return 1 << max(0, (group - 1).bit_length())
 
 
-def default_config(group: int, page_size: int) -> PagedAttentionConfig:
+# H100 / H200 multiprocessor count.
+_CORES = 132
+
+
+def default_config(group: int, page_size: int, rows: int | None = None, seqs: int | None = None,
+                   pages_per_seq: int | None = None, kv_heads: int = 1) -> PagedAttentionConfig:
     """About 64 query rows per program: enough to keep the tensor cores busy on prompt chunks while the
-    [64, Z] logits and the [64, K] accumulator stay in registers; at least 16."""
-    rows = query_heads_padded(group)
-    block_q = max(1, 64 // rows, 16 // rows)
-    return PagedAttentionConfig(block_q=block_q, num_splits=1, num_warps=4 if page_size <= 64 else 8, num_stages=2)
+    [64, Z] logits and the [64, K] accumulator stay in registers; at least 16.
+
+    Splits from the static shapes (`rows` T, `seqs` S, `pages_per_seq` M, when given): a step of few
+    sequences (at most min(S, T) blocks hold a sequence's only rows) gets enough splits for about two
+    programs per multiprocessor over its blocks and `kv_heads`, each split keeping at least four pages.
+    """
+    heads = query_heads_padded(group)
+    block_q = max(1, 64 // heads, 16 // heads)
+    splits = 1
+    if rows and seqs and pages_per_seq:
+        blocks = min(seqs, rows)
+        splits = max(1, min(-(-2 * _CORES // (blocks * kv_heads)), pages_per_seq // 4, 16))
+    return PagedAttentionConfig(block_q=block_q, num_splits=splits, num_warps=4 if page_size <= 64 else 8,
+                                num_stages=2)
