@@ -73,8 +73,9 @@ from jaxfire.params import fuse_qkv, init_params  # noqa: E402
 
 CUTOFFS = (("e2el", 1000.0), ("e2el", 3000.0), ("itl", 20.0))  # (metric, limit in ms)
 PERCENTILES = (90, 99)
-SMOKE = dict(prompt_len=32, output_len=8, rates="4,16,inf", num_requests=6, slots=4)
-SMOKE_CHAT = dict(system_len=32, user_len=8, output_len=4, rates="2,inf", num_requests=3, slots=4)
+SMOKE = dict(prompt_len=32, output_len=8, rates="4,16,inf", num_requests=6, slots=4, max_batched_tokens=64)
+SMOKE_CHAT = dict(system_len=32, user_len=8, output_len=4, rates="2,inf", num_requests=3, slots=4,
+                  max_batched_tokens=64)
 
 
 def build_model(args: argparse.Namespace) -> tuple[jaxfire.Model, dict[str, Any]]:

@@ -32,7 +32,9 @@ def serve(engine, jobs, **sampling):
 
 
 def contiguous_tokens(model, jobs, max_len):
-    engine = ContiguousEngine(model, slots=len(jobs), max_len=max_len, detokenize=False)
+    # one decode program and prompts prefilled alone: the fewest programs to compile
+    engine = ContiguousEngine(model, slots=len(jobs), max_len=max_len, decode_buckets=(len(jobs),), mix_decode=False,
+                              detokenize=False)
     tokens = [r.tokens for r in serve(engine, jobs)[0]]
     engine.close()
     return tokens
