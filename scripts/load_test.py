@@ -10,8 +10,8 @@ port, then:
    (beyond `--max-concurrent-requests`) or hung up by its client: no connection reset, no 5xx.
 2. soak: `--requests` streamed completions, `--clients` at a time, the same third hanging up. The
    server's resident memory after the first 1,000 and at the end must differ by at most 10%.
-3. After each phase the server's /metrics must show no request running or waiting (every slot free)
-   within 30 s.
+3. After each phase the server's /metrics must show no request running or waiting and no KV-cache
+   page in use (every slot and page free) within 30 s.
 Prints the tallies and exits 1 if a check failed. `--deadline` bounds the whole run in seconds.
 """
 
@@ -80,12 +80,14 @@ async def run(port: int, count: int, at_once: int, body: dict, on_done=None) -> 
 
 
 def idle(port: int, wait: float = 30.0) -> bool:
-    """Whether the server's /metrics shows no request running or waiting within `wait` seconds."""
+    """Whether the server's /metrics shows no request running or waiting and no KV-cache page held by
+    one (the paged engine's usage gauge) within `wait` seconds."""
     deadline = time.monotonic() + wait
     while True:
         with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=30) as resp:
             gauges = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in resp.read().decode().splitlines()
-                      if line.startswith(("jaxfire:num_requests_running", "jaxfire:num_requests_waiting"))}
+                      if line.startswith(("jaxfire:num_requests_running", "jaxfire:num_requests_waiting",
+                                          "jaxfire:kv_cache_usage_perc"))}
         if not any(gauges.values()):
             return True
         if time.monotonic() > deadline:

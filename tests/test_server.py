@@ -586,4 +586,4 @@ def test_a_burst_of_streamed_clients_is_answered_or_refused_with_429(served):
     deadline = time.time() + 30
     while engine.free_slots < engine.slots and time.time() < deadline:
         time.sleep(0.05)
-    assert engine.free_slots == engine.slots and server.in_flight == 0
+    assert engine.free_slots == engine.slots and server.in_flight == 0 and engine.stats().kv_pages_used == 0
