@@ -540,10 +540,11 @@ def header_completions(model, headers: list[str], max_new_tokens: int = HEADER_T
     return rows
 
 
-def measure(model_dir: pathlib.Path, stdlib: pathlib.Path | None = None,
+def measure(model_dir: pathlib.Path, bf16_dir: pathlib.Path, stdlib: pathlib.Path | None = None,
             sample: pathlib.Path | None = None) -> dict[str, Any]:
-    """The shipped model's figures: CPython-test perplexity in bf16 and as stored (FP8), header
-    completions and decode speed as stored, and the test sample's perplexity as the tests measure it."""
+    """The shipped model's figures: CPython-test perplexity of the bf16 original (`bf16_dir`) and as
+    stored (FP8), header completions and decode speed as stored, and the test sample's perplexity as
+    the tests measure it."""
     import jaxfire
     from jaxfire import evaluate as E
 
@@ -554,7 +555,7 @@ def measure(model_dir: pathlib.Path, stdlib: pathlib.Path | None = None,
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     stream = encode_stream(tok, [f.read_text(encoding="utf-8", errors="replace") for f in tests])
     figures: dict[str, Any] = {"test_files": len(tests), "test_tokens": int(len(stream))}
-    for name, model in (("bf16", jaxfire.load(model_dir, dtype="bfloat16")), ("stored", stored)):
+    for name, model in (("bf16", jaxfire.load(bf16_dir)), ("stored", stored)):
         loss = heldout_loss(model.params, model.config, stream, TEST_WINDOWS, TEST_WINDOW)
         figures[f"test_ppl_{name}"] = round(math.exp(loss), 3)
     rows = header_completions(stored, function_headers(tests))
@@ -642,13 +643,15 @@ def plot_history(history: list[dict[str, Any]], path: pathlib.Path, title: str) 
 
 def finish(folder: pathlib.Path, preset: Preset, out: pathlib.Path, results: pathlib.Path,
            sample: pathlib.Path | None) -> None:
-    """Turns a GPU run's export into the shipped checkpoint, measures it, and writes the results."""
+    """Turns a GPU run's export into the shipped checkpoint and its bf16 original (`folder`/bf16, which
+    `bench.quality` compares FP8 against), measures them, and writes the results."""
     record = json.loads((folder / "train.json").read_text())
     config = Config.from_dict(record["config"])
     params = import_params(folder, config)
     info = {"source": "scripts/train_demo.py", "train": record["train"], "data": record["data"]}
+    save_model(folder / "bf16", params, config, folder / "tokenizer.json", False, info)
     save_model(out, params, config, folder / "tokenizer.json", preset.fp8, info)
-    figures = measure(out, sample=sample)
+    figures = measure(out, folder / "bf16", sample=sample)
     info["eval"] = {k: v for k, v in figures.items() if k != "header_rows"}
     save_model(out, params, config, folder / "tokenizer.json", preset.fp8, info)
     results.mkdir(parents=True, exist_ok=True)
