@@ -587,3 +587,24 @@ def test_a_burst_of_streamed_clients_is_answered_or_refused_with_429(served):
     while engine.free_slots < engine.slots and time.time() < deadline:
         time.sleep(0.05)
     assert engine.free_slots == engine.slots and server.in_flight == 0 and engine.stats().kv_pages_used == 0
+
+
+def test_a_client_that_leaves_before_a_whole_answer_has_its_request_cancelled(served):
+    import socket
+    import time
+
+    url, engine, _ = served
+    before = engine.stats().finished.get("cancelled", 0)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 60
+        while engine.stats().running == 0 and time.time() < deadline:
+            time.sleep(0.01)  # until it holds a slot
+    deadline = time.time() + 60
+    while (engine.stats().finished.get("cancelled", 0) == before or engine.free_slots < engine.slots) \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.stats().finished.get("cancelled", 0) == before + 1 and engine.free_slots == engine.slots
