@@ -123,9 +123,10 @@ def test_rejections_leave_the_other_requests_running(model):
             engine.submit(kwargs.pop("prompt"), **kwargs)
     assert good.result() == alone(model, prompt, 20)
 
-    roomy = jaxfire.Engine(model, slots=1, max_len=1024)
-    with pytest.raises(RequestError, match="exceeds the model's 512 positions"):
-        roomy.submit([5] * 500, max_tokens=20)
+    positions = model.config.max_position_embeddings
+    roomy = jaxfire.Engine(model, slots=1, max_len=positions + 64)
+    with pytest.raises(RequestError, match=f"exceeds the model's {positions} positions"):
+        roomy.submit([5] * (positions - 10), max_tokens=20)
     text_only = jaxfire.Engine(jaxfire.Model(config=model.config, params=model.params, tokenizer=None), slots=1)
     with pytest.raises(RequestError, match="no tokenizer"):
         text_only.submit("hello", max_tokens=2)

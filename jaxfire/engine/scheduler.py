@@ -145,6 +145,7 @@ class Scheduler:
         return True
 
     def schedule(self) -> StepPlan:
+        """The next step's plan (see the module docstring); pages are taken for it here."""
         budget = self.max_batched_tokens
         planned: dict[int, Chunk] = {}  # by sequence id, in insertion order
         preempted: list[Sequence] = []
