@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import PagedAttentionConfig, append, paged_attention
+from pallas_kernels.paged_attention import PagedAttentionConfig, append, default_config, paged_attention
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 FP8 = jnp.float8_e4m3fn
@@ -219,6 +219,14 @@ def test_default_implementation_on_cpu_is_the_reference():
     got = paged_attention(*case.args())
     want = paged_attention(*case.args(), implementation="reference")
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_default_config_splits_only_steps_of_few_sequences():
+    # Mixtral's group of 4 query heads: 16 rows x 4 heads per program.
+    one = default_config(4, 64, rows=1, seqs=1, pages_per_seq=256, kv_heads=8)
+    assert one.block_q == 16 and one.num_splits > 1
+    assert default_config(4, 64, rows=128, seqs=128, pages_per_seq=64, kv_heads=8).num_splits == 1
+    assert default_config(4, 64, rows=1, seqs=1, pages_per_seq=2, kv_heads=8).num_splits == 1  # too few pages
 
 
 @pytest.mark.parametrize("fp8", [False, True])
