@@ -347,7 +347,7 @@ def test_the_server_command_serves_and_drains_on_sigterm():
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "jaxfire.server", "--port", "0", "--slots", "2", "--max-len", "512",
+    proc = subprocess.Popen([sys.executable, "-m", "jaxfire.server", "--port", "0", "--slots", "2", "--max-len", "256",
                              "--no-warmup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "JAXFIRE_API_KEY": "k"})
     try:
@@ -365,7 +365,7 @@ def test_the_server_command_serves_and_drains_on_sigterm():
             assert resp.status == 200
         import http.client
         conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=120)
-        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
                                                             "stream": True}), key)
         stream = conn.getresponse()
         assert stream.status == 200 and stream.readline().startswith(b"data: ")
@@ -379,7 +379,7 @@ def test_the_server_command_serves_and_drains_on_sigterm():
         assert code == 503
         assert refusal(lambda: urllib.request.urlopen(req, timeout=30))[0] == 503
         chunks = sse_chunks(stream.read().decode())
-        assert len(chunks) == 399 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(chunks) == 199 and chunks[-1]["choices"][0]["finish_reason"] == "length"
         conn.close()
         assert proc.wait(timeout=60) == 0
         assert proc.stdout.read().strip().endswith("stopped")
