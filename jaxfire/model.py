@@ -482,6 +482,7 @@ def ragged_step_fn(params: Params, cache: pc.PagedKVCache, batch: pc.RaggedBatch
     next-token logits of row logit_rows[s] for every page-table row s, and the cache.
     """
     # batch: tokens/positions/seq_ids [T], page_table [S, M] -> logits [S, V] float32
+    batch.check()
     seg = Segment(batch.tokens[None], batch.positions[None], cache, ragged=batch)
     (h,), (layers,) = _trunk(params, [seg], config, runtime)
     return _lm_head(params, h[0][batch.logit_rows], config), pc.PagedKVCache.from_layers(layers)

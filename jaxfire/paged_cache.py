@@ -107,6 +107,25 @@ class RaggedBatch:
     context_lens: jax.Array  # [S] int32
     logit_rows: jax.Array  # [S] int32
 
+    def check(self) -> None:
+        """Refuses, naming it, a batch whose shapes do not fit together (at trace time: shapes are static)."""
+        rows, (seqs, per_seq) = self.tokens.shape, self.page_table.shape
+        if len(rows) != 1 or rows[0] < 1:
+            raise PagedCacheError(f"a ragged batch needs tokens [T] with T >= 1, got shape {self.tokens.shape}.")
+        for name in ("positions", "seq_ids"):
+            if getattr(self, name).shape != rows:
+                raise PagedCacheError(f"RaggedBatch.{name} must have the tokens' shape {rows}, "
+                                      f"got {getattr(self, name).shape}.")
+        for name in ("context_lens", "logit_rows"):
+            if getattr(self, name).shape != (seqs,):
+                raise PagedCacheError(f"RaggedBatch.{name} must have shape ({seqs},), one per page-table row, "
+                                      f"got {getattr(self, name).shape}.")
+        for name in ("tokens", "positions", "seq_ids", "page_table", "context_lens", "logit_rows"):
+            if not jnp.issubdtype(getattr(self, name).dtype, jnp.integer):
+                raise PagedCacheError(f"RaggedBatch.{name} must be an int array, got {getattr(self, name).dtype}.")
+        if per_seq < 1:
+            raise PagedCacheError(f"the page table needs at least one page per row, got shape {self.page_table.shape}.")
+
     def slots(self, page_size: int) -> jax.Array:
         """Each row's slot in the pool, page * Z + offset; -1 for padding rows and positions past the
         page table."""

@@ -1,6 +1,7 @@
 """`model.ragged_step` over the paged cache against the contiguous model: chunked and packed prefill,
 decode rows, NaN in other sequences' pages, meshes, and the page sizes refused."""
 
+import dataclasses
 import functools
 import zlib
 
@@ -154,6 +155,17 @@ def test_a_page_size_the_kernel_cannot_take_is_refused(page_size):
         pc.init_paged_cache(cfg, 8, page_size)
     with pytest.raises(jaxfire.JaxfireError, match=f"got {page_size!r}"):
         pc.page_bytes(cfg, page_size, "fp8")
+
+
+def test_a_batch_whose_shapes_do_not_fit_is_refused():
+    cfg, params = make("gqa")
+    batch = Pages(1).batch([(0, [5, 6])], 8)
+    cache = pc.init_paged_cache(cfg, 4, PAGE)
+    with pytest.raises(jaxfire.JaxfireError, match=r"RaggedBatch.positions must have the tokens' shape \(8,\), "
+                                                   r"got \(7,\)"):
+        M.ragged_step(params, cache, dataclasses.replace(batch, positions=batch.positions[:7]), config=cfg)
+    with pytest.raises(jaxfire.JaxfireError, match=r"RaggedBatch.logit_rows must have shape \(3,\)"):
+        M.ragged_step(params, cache, dataclasses.replace(batch, logit_rows=batch.logit_rows[:2]), config=cfg)
 
 
 def test_a_pool_without_a_page_besides_the_null_page_is_refused():
