@@ -457,6 +457,8 @@ def test_echo_lists_the_prompts_log_probabilities(url, model):
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, "'prompt' is an empty list"),
     ("/v1/completions", {"prompt": PROMPT, "seed": 2**32}, "'seed' must be an integer in [0, 2**32)"),
     ("/v1/completions", {"prompt": PROMPT, "stream_options": {"x": 1}}, "unsupported field 'stream_options.x'"),
+    ("/v1/completions", {"prompt": PROMPT, "stream_options": 5}, "'stream_options' must be an object such as"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": [1]}, "'stop' must be a string or a list of strings"),
     ("/v1/completions", [PROMPT], "the request body must be a JSON object"),
     ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}},
      "response_format 'json_object' is not supported"),

@@ -97,6 +97,7 @@ _EXPECTED = {
     "stop": "a string or a list of strings",
     "stop_token_ids": "a list of token ids",
     "logit_bias": "an object of token ids to numbers",
+    "stream_options": 'an object such as {"include_usage": true}',
 }
 
 
@@ -110,7 +111,7 @@ def _sentence(error: pydantic.ValidationError) -> str:
         return f"unsupported field {'.'.join(path)!r}"
     if e["type"] == "missing":
         return f"{name!r} is required"
-    if name in _EXPECTED:
+    if name in _EXPECTED and not (name == "stream_options" and len(path) > 1):  # its own fields name themselves
         return f"{name!r} must be {_EXPECTED[name]}"
     return f"{'.'.join(path[:2])!r}: {e['msg']}"
 
