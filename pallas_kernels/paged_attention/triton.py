@@ -47,6 +47,7 @@ def _kernel(
     rows: int,
     group: int,
     num_splits: int,
+    pages_per_step: int,
     fp8: bool,
     compute_dtype: jnp.dtype,
     precision: lax.Precision | None,
@@ -66,37 +67,45 @@ def _kernel(
     q = plgpu.load(q_ref.at[pl.ds(r0, rows), :], mask=tile_ok, other=0.0).astype(compute_dtype)  # [Q R', K]
     q_pos = plgpu.load(pos_ref.at[pl.ds(r0, rows)], mask=row_ok, other=-1)  # [Q R']
     lo, hi = lo_ref[...], hi_ref[...]
-    first_page = lo // page_size
-    num_pages = jnp.maximum(pl.cdiv(hi, page_size) - first_page, 0)
-    per_split = pl.cdiv(num_pages, num_splits)
-    start = first_page + pl.program_id(2) * per_split
-    stop = jnp.minimum(start + per_split, first_page + num_pages)
-    offs = lax.broadcasted_iota(jnp.int32, (page_size,), 0)  # [Z]
+    span = pages_per_step * page_size  # positions per step: W
+    first = lo // span
+    num_steps = jnp.maximum(pl.cdiv(hi, span) - first, 0)
+    per_split = pl.cdiv(num_steps, num_splits)
+    start = first + pl.program_id(2) * per_split
+    stop = jnp.minimum(start + per_split, first + num_steps)
+    offs = lax.broadcasted_iota(jnp.int32, (span,), 0)  # [W]
+
+    def load(ref, pages):
+        # pages [n] -> the pages' rows one after the other, [W, ...]
+        if pages_per_step == 1:
+            return ref[pages[0]]
+        x = ref[pages]
+        return x.reshape(span, *x.shape[2:])
 
     def body(i, carry):
         o, m, l = carry  # [Q R', K], [Q R'], [Q R']
-        page = pages_ref[i]
-        kv_pos = i * page_size + offs  # [Z]
+        pages = pages_ref[pl.ds(i * pages_per_step, pages_per_step)]  # [n]
+        kv_pos = i * span + offs  # [W]
         # A page's slots past the sequence's end (or before the block's window) hold anything, stale or
         # NaN: zeroed, not only masked.
-        kv_ok = (kv_pos >= lo) & (kv_pos < hi)  # [Z]
-        kv_tile = jnp.broadcast_to(kv_ok[:, None], (page_size, head_dim))  # [Z, K]
-        k = jnp.where(kv_tile, k_ref[page].astype(compute_dtype), 0.0).astype(compute_dtype)  # [Z, K]
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [Q R', Z] f32
+        kv_ok = (kv_pos >= lo) & (kv_pos < hi)  # [W]
+        kv_tile = jnp.broadcast_to(kv_ok[:, None], (span, head_dim))  # [W, K]
+        k = jnp.where(kv_tile, load(k_ref, pages).astype(compute_dtype), 0.0).astype(compute_dtype)  # [W, K]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [Q R', W] f32
         if fp8:
-            s = s * jnp.where(kv_ok, ks_ref[page], 0.0)[None, :]
-        see = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]  # [Q R', Z]
+            s = s * jnp.where(kv_ok, load(ks_ref, pages), 0.0)[None, :]
+        see = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]  # [Q R', W]
         if window is not None:
             see &= kv_pos[None, :] > q_pos[:, None] - window
         s = jnp.where(see, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [Q R']: -inf while a row has seen nothing
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)  # [Q R']
-        p = jnp.exp(s - m_safe[:, None])  # [Q R', Z]
+        p = jnp.exp(s - m_safe[:, None])  # [Q R', W]
         l = l * alpha + jnp.sum(p, axis=1)
         if fp8:
-            p = p * jnp.where(kv_ok, vs_ref[page], 0.0)[None, :]
-        v = jnp.where(kv_tile, v_ref[page].astype(compute_dtype), 0.0).astype(compute_dtype)  # [Z, K]
+            p = p * jnp.where(kv_ok, load(vs_ref, pages), 0.0)[None, :]
+        v = jnp.where(kv_tile, load(v_ref, pages).astype(compute_dtype), 0.0).astype(compute_dtype)  # [W, K]
         pv = plgpu.dot(p.astype(compute_dtype), v, precision=precision)  # [Q R', K] f32
         return o * alpha[:, None] + pv, m_new, l
 
@@ -196,7 +205,10 @@ def paged_attention(
     qs = jnp.pad(qs, ((0, block_q), (0, 0), (0, heads - group), (0, 0)))  # [T+Q, Hkv, R', K]
     qs = qs.transpose(1, 0, 2, 3).reshape(num_kv_heads, span, head_dim)  # [Hkv, (T+Q) R', K]
     q_pos = jnp.repeat(jnp.pad(meta["positions"], (0, block_q), constant_values=-1), heads)  # [(T+Q) R']
+    step = config.pages_per_step
+    # Whole steps of pages: the table padded with the null page, whose slots lie past every length.
     block_pages = page_table.astype(jnp.int32)[meta["seq"]]  # [N, M]
+    block_pages = jnp.pad(block_pages, ((0, 0), (0, -block_pages.shape[1] % step)))
     num_blocks, pages_per_seq = block_pages.shape
 
     scalar = pl.BlockSpec((None,), lambda b, h, j: (b,))
@@ -221,7 +233,7 @@ def paged_attention(
         out_specs = [pl.BlockSpec((None, None, span, head_dim), lambda b, h, j: (j, h, 0, 0)),
                      pl.BlockSpec((None, None, span), lambda b, h, j: (j, h, 0))]
     kernel = functools.partial(_kernel, sm_scale=sm_scale, window=window, rows=rows, group=heads,
-                               num_splits=splits, fp8=fp8, compute_dtype=compute_dtype, precision=precision)
+                               num_splits=splits, pages_per_step=step, fp8=fp8, compute_dtype=compute_dtype, precision=precision)
     outs = pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads, splits),

@@ -202,12 +202,12 @@ class TestReference(PagedAttentionCases):
 
 class TestPallas(PagedAttentionCases):
     implementation = "pallas"
-    # Small row blocks and two splits, so that the interpret-mode grids cut chunks into several blocks
-    # and exercise the split/combine path.
-    config = PagedAttentionConfig(block_q=4, num_splits=2)
+    # Small row blocks, two splits and two pages a step, so that the interpret-mode grids cut chunks
+    # into several blocks and exercise the split/combine path and the gather of several pages.
+    config = PagedAttentionConfig(block_q=4, num_splits=2, pages_per_step=2)
 
     def test_widened_block_and_empty_splits(self, seed):
-        # A block the kernel widens to a 16-row tile, more splits than pages, one page per sequence.
+        # A block the kernel widens to a 16-row tile, more splits than pages, one page a step.
         case = make_case(seed, steps=[(50, 17), (12, 1), (0, 0)])
         self.check(case, config=PagedAttentionConfig(block_q=1, num_splits=5))
 
@@ -227,6 +227,7 @@ def test_default_config_splits_only_steps_of_few_sequences():
     assert one.block_q == 16 and one.num_splits > 1
     assert default_config(4, 64, rows=128, seqs=128, pages_per_seq=64, kv_heads=8).num_splits == 1
     assert default_config(4, 64, rows=1, seqs=1, pages_per_seq=2, kv_heads=8).num_splits == 1  # too few pages
+    assert default_config(4, 16).pages_per_step == 4 and default_config(4, 128).pages_per_step == 1
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -279,6 +280,8 @@ def _good(**over):
     (dict(k_pages=jnp.zeros((3, 24, 2, 64), jnp.bfloat16), v_pages=jnp.zeros((3, 24, 2, 64), jnp.bfloat16),
           implementation="pallas"), "page size must be a power of two of at least 16 positions, got 24"),
     (dict(config=PagedAttentionConfig(block_q=3), implementation="pallas"), "block_q must be a power of two"),
+    (dict(config=PagedAttentionConfig(pages_per_step=3), implementation="pallas"),
+     "pages_per_step must be a power of two"),
 ])
 def test_bad_input_raises_one_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
@@ -297,7 +300,7 @@ def test_kernel_lowers_for_h100(cache, splits, window, monkeypatch):
     s = jax.ShapeDtypeStruct
     pool = s((pages, page_size, kv_heads, head_dim), dtype)
     scale = s((pages, page_size, kv_heads), jnp.float32) if cache == "fp8" else None
-    config = PagedAttentionConfig(block_q=16, num_splits=splits)
+    config = PagedAttentionConfig(block_q=16, num_splits=splits, pages_per_step=2 if splits > 1 else 1)
 
     def fn(q, k, v, page_table, seq_ids, positions, context_lens, k_scale, v_scale):
         return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens, k_scale=k_scale,
