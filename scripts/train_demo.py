@@ -104,7 +104,7 @@ def gpu_model_config(vocab_size: int) -> Config:
     """
     return Config(vocab_size=vocab_size, hidden_size=384, intermediate_size=160, num_layers=6, num_heads=6,
                   num_kv_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2, rope_theta=1e4,
-                  max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
+                  max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
                   pad_token_id=0)
 
 
