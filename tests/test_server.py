@@ -610,3 +610,34 @@ def test_a_client_that_leaves_before_a_whole_answer_has_its_request_cancelled(se
             and time.time() < deadline:
         time.sleep(0.05)
     assert engine.stats().finished.get("cancelled", 0) == before + 1 and engine.free_slots == engine.slots
+
+
+def test_a_stream_whose_client_is_gone_before_its_first_chunk_cancels_its_requests():
+    import asyncio
+
+    from jaxfire.server.app import _Stream
+
+    class Held:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    started = []
+
+    async def chunks():
+        started.append(True)
+        yield b"data: [DONE]\n\n"
+
+    async def gone(message):  # the client left: the first send fails
+        raise OSError("connection reset")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    reqs = [Held(), Held()]
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/v1/completions",
+             "headers": []}
+    with pytest.raises(Exception):
+        asyncio.run(_Stream(chunks(), reqs)(scope, receive, gone))
+    assert not started and all(r.cancelled for r in reqs)

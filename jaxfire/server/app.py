@@ -119,6 +119,22 @@ class _Uvicorn(uvicorn.Server):
         return await super().on_tick(counter) or self.owner.drained()
 
 
+class _Stream(StreamingResponse):
+    """Server-sent events whose requests are cancelled however the response ends: also when the client
+    leaves before the first chunk, where the generator never starts and its own cleanup never runs."""
+
+    def __init__(self, content: AsyncIterator[bytes], reqs: list[Request]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._reqs = reqs
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for r in self._reqs:
+                r.cancel()  # no effect once finished
+
+
 class CompletionServer:
     """The HTTP server over a started engine. `chat_template` replaces the tokenizer's own for chat
     completions; with `api_key`, every route but /health, /metrics and /version needs it as a bearer
@@ -364,8 +380,7 @@ class CompletionServer:
         echo_only = not reqs
         choices = [(i, j) for i in range(len(prompts)) for j in range(call.n)]  # choice k: (prompt, sample)
         if call.stream:
-            return StreamingResponse(self._stream(call, prompts, reqs, queue, deadline, rid, echo_only, choices),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _Stream(self._stream(call, prompts, reqs, queue, deadline, rid, echo_only, choices), reqs)
 
         async def whole() -> Response:
             scores = await self._scores(call, prompts)
