@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a generation request may take, queueing included (default: no limit)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before stopping")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache positions per page")
+    p.add_argument("--kv-pages", type=int, help="KV cache pages (default: every slot at --max-len, if memory holds it)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="reuse no cached prompt pages")
+    p.add_argument("--max-batched-tokens", type=int, help="token rows per engine step (default: the engine's)")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p
@@ -42,7 +46,9 @@ def _engine(args: argparse.Namespace, model):
     """The engine the flags ask for."""
     import jaxfire
 
-    return jaxfire.Engine(model, slots=args.slots, max_len=min(args.max_len, model.config.max_position_embeddings))
+    return jaxfire.Engine(model, slots=args.slots, max_len=min(args.max_len, model.config.max_position_embeddings),
+                          page_size=args.page_size, kv_pages=args.kv_pages, prefix_caching=not args.no_prefix_caching,
+                          max_batched_tokens=args.max_batched_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
