@@ -25,11 +25,11 @@ same run's zero-load figures (one request alone) as the reference the loaded fig
 Rows go to bench/results/serving.jsonl; two figures (requests/s against generation latency, and
 against total latency) go beside it as PNG.
 
-The engine is `jaxfire.Engine` (paged KV cache, token-budget scheduler, prefix caching; flags
+The engine is `jaxfire.PagedEngine` (paged KV cache, token-budget scheduler, prefix caching; flags
 `--page-size`, `--kv-pages`, `--no-prefix-caching`, `--max-batched-tokens`), or with `--contiguous`
-the engine over a contiguous `[slots, max_len]` cache (`jaxfire.engine.ContiguousEngine`; flags
-`--prefills-per-step`, `--prefill-chunk`, `--no-mix-decode`, `--decode-buckets`), the old behaviour
-to compare with. `--compare` runs the sweep once more on the contiguous engine (whole prompts, one per
+the engine over a contiguous `[slots, max_len]` cache (`jaxfire.Engine`, the default elsewhere until
+this benchmark shows the paged engine ahead on a GPU; flags `--prefills-per-step`, `--prefill-chunk`,
+`--no-mix-decode`, `--decode-buckets`). `--compare` runs the sweep once more on the contiguous engine (whole prompts, one per
 call) in the same process, its rows beside the paged engine's.
 
 `--workload chat` is a multi-turn chat: conversations arrive at Poisson times (`--rates` counts
@@ -454,9 +454,9 @@ def make_engine(args: argparse.Namespace, model: jaxfire.Model, max_len: int, co
             return ContiguousEngine(model, slots=args.slots, max_len=max_len,
                                     prefills_per_step=args.prefills_per_step, prefill_chunk=args.prefill_chunk,
                                     detokenize=False, decode_buckets=buckets, mix_decode=not args.no_mix_decode)
-        return jaxfire.Engine(model, slots=args.slots, max_len=max_len, page_size=args.page_size,
-                              kv_pages=args.kv_pages, prefix_caching=prefix_caching,
-                              max_batched_tokens=args.max_batched_tokens, detokenize=False)
+        return jaxfire.PagedEngine(model, slots=args.slots, max_len=max_len, page_size=args.page_size,
+                                   kv_pages=args.kv_pages, prefix_caching=prefix_caching,
+                                   max_batched_tokens=args.max_batched_tokens, detokenize=False)
     except ValueError as e:  # a JaxfireError, or --decode-buckets that are not integers
         raise SystemExit(f"engine options: {e}") from None
 

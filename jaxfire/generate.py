@@ -7,6 +7,8 @@ import pathlib
 import sys
 import types
 
+from jaxfire.engine.flags import add_engine_flags, check_engine_flags, make_engine
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfire.generate", description=__doc__.split(":", 1)[1].strip())
@@ -33,10 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="prompts decoded at once (default: all); the rest wait for a free slot")
     p.add_argument("--mesh", help="spread the model over the devices: mesh axis sizes, e.g. tensor=2 or "
                    "expert=4,tensor=2 (default: one device)")
-    p.add_argument("--page-size", type=int, default=16, help="KV cache positions per page")
-    p.add_argument("--kv-pages", type=int, help="KV cache pages (default: enough for every slot)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="reuse no cached prompt pages")
-    p.add_argument("--max-batched-tokens", type=int, help="token rows per engine step (default: the engine's)")
+    add_engine_flags(p)
     return p
 
 
@@ -59,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--slots must be at least 1")
     if (args.system is not None or args.chat_template is not None) and not args.chat:
         parser.error("--system and --chat-template go with --chat")
+    check_engine_flags(parser, args)
     if args.prompts_file:
         path = pathlib.Path(args.prompts_file)
         if not path.is_file():
@@ -88,10 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ids = [tok.encode(p) for p in prompts]
         need = max(map(len, ids)) + args.max_new_tokens
-        engine = jaxfire.Engine(model, slots=min(args.slots or len(prompts), len(prompts)),
-                                max_len=max(16, 1 << (need - 1).bit_length()), page_size=args.page_size,
-                                kv_pages=args.kv_pages, prefix_caching=not args.no_prefix_caching,
-                                max_batched_tokens=args.max_batched_tokens)
+        engine = make_engine(args, model, min(args.slots or len(prompts), len(prompts)),
+                             max(16, 1 << (need - 1).bit_length()))
         requests = []
         for i, p in enumerate(ids):
             try:

@@ -106,6 +106,13 @@ def test_cli_runs_the_builtin_model():
     assert "tokens/s" in out.stderr
 
 
+def test_cli_paged_engine_gives_the_default_engines_tokens():
+    args = ("--prompt", "def fibonacci(n):", "--max-new-tokens", "6")
+    default, paged = run_cli(*args), run_cli(*args, "--paged", "--page-size", "32", "--max-batched-tokens", "32")
+    assert default.returncode == 0 and paged.returncode == 0, paged.stderr
+    assert paged.stdout == default.stdout and len(default.stdout) > len("def fibonacci(n):\n")
+
+
 def test_cli_prompts_file(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("import sys\n\nfor i in\n")
@@ -124,6 +131,8 @@ def test_cli_prompts_file(tmp_path):
     (["--prompts-file", "/nonexistent/p.txt"], "does not exist"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
     (["--prompt", "x", "--system", "Be brief."], "--system and --chat-template go with --chat"),
+    (["--prompt", "x", "--page-size", "32"], "go with --paged"),
+    (["--prompt", "x", "--no-prefix-caching"], "go with --paged"),
 ])
 def test_cli_usage_errors(args, message):
     out = run_cli(*args)

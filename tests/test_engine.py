@@ -1,8 +1,9 @@
 """The continuous-batching engines: requests at random times, slot reuse, rejections, cancellation,
 per-request sampling, no recompilation after warm-up, and the serving benchmark's smoke mode.
 
-`jaxfire.Engine` is the paged engine; the tests of the contiguous engine's own options (decode slot
-buckets, prefills carrying decode steps, chunks into a batch-1 cache) run `ContiguousEngine`."""
+What every engine shares runs on `jaxfire.PagedEngine`; the tests of the contiguous engine's own
+options (decode slot buckets, prefills carrying decode steps, chunks into a batch-1 cache) run
+`ContiguousEngine`, which `jaxfire.Engine` is (and which the API, server and CLI tests run too)."""
 
 import random
 import threading
@@ -56,7 +57,7 @@ def test_requests_at_random_times_match_generate_alone(model):
     results = [None] * len(jobs)
     streamed = [[] for _ in jobs]
 
-    with jaxfire.Engine(model, slots=3, max_len=MAX_LEN) as engine:
+    with jaxfire.PagedEngine(model, slots=3, max_len=MAX_LEN) as engine:
         def client(indices, seed):
             wait = random.Random(seed)
             for i in indices:
@@ -95,7 +96,7 @@ def test_requests_at_random_times_match_generate_alone(model):
 
 
 def test_rejections_leave_the_other_requests_running(model):
-    engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+    engine = jaxfire.PagedEngine(model, slots=3, max_len=MAX_LEN)
     prompt = [5, 6, 7, 8]
     good = engine.submit(prompt, max_tokens=20)
     engine.step()
@@ -124,10 +125,10 @@ def test_rejections_leave_the_other_requests_running(model):
     assert good.result() == alone(model, prompt, 20)
 
     positions = model.config.max_position_embeddings
-    roomy = jaxfire.Engine(model, slots=1, max_len=positions + 64)
+    roomy = jaxfire.PagedEngine(model, slots=1, max_len=positions + 64)
     with pytest.raises(RequestError, match=f"exceeds the model's {positions} positions"):
         roomy.submit([5] * (positions - 10), max_tokens=20)
-    text_only = jaxfire.Engine(jaxfire.Model(config=model.config, params=model.params, tokenizer=None), slots=1)
+    text_only = jaxfire.PagedEngine(jaxfire.Model(config=model.config, params=model.params, tokenizer=None), slots=1)
     with pytest.raises(RequestError, match="no tokenizer"):
         text_only.submit("hello", max_tokens=2)
     engine.close()
@@ -136,7 +137,7 @@ def test_rejections_leave_the_other_requests_running(model):
 
 
 def test_cancelling_frees_the_slot(model):
-    engine = jaxfire.Engine(model, slots=1, max_len=32)
+    engine = jaxfire.PagedEngine(model, slots=1, max_len=32)
     long = engine.submit([9, 10, 11], max_tokens=20, ignore_eos=True)
     short = engine.submit([12, 13, 14, 15], max_tokens=14)
     never = engine.submit([16, 17], max_tokens=15)
@@ -159,7 +160,7 @@ def test_cancelling_frees_the_slot(model):
 
 
 def test_stats_count_every_request_and_token(model):
-    engine = jaxfire.Engine(model, slots=1, max_len=32)
+    engine = jaxfire.PagedEngine(model, slots=1, max_len=32)
     long = engine.submit([9, 10, 11], max_tokens=20, ignore_eos=True)
     short = engine.submit([12, 13, 14, 15], max_tokens=14)
     never = engine.submit([16, 17], max_tokens=15)
@@ -230,7 +231,7 @@ def test_per_request_sampling_parameters(model, kind, mix_decode):
     n = 20
     hot = dict(temperature=0.9, top_p=0.95)
     if kind == "paged":  # its prompts ride with decode tokens whenever they meet
-        engine = jaxfire.Engine(model, slots=3, max_len=MAX_LEN)
+        engine = jaxfire.PagedEngine(model, slots=3, max_len=MAX_LEN)
     else:
         engine = ContiguousEngine(model, slots=3, max_len=MAX_LEN, mix_decode=mix_decode)
     greedy = engine.submit(a, max_tokens=n)
@@ -277,7 +278,7 @@ def test_stop_token_ids_end_a_request_like_eos(model):
     full = alone(model, prompt, 12)
     stop = full[5]
     cut = full.index(stop)  # its first appearance ends the request
-    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN)
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=MAX_LEN)
     stopped = engine.submit(prompt, max_tokens=12, stop_token_ids=[stop])
     beside = engine.submit(other, max_tokens=12)
     drive(engine, [stopped, beside])
@@ -291,7 +292,7 @@ def test_stop_token_ids_end_a_request_like_eos(model):
 
 def test_fp8_kv_cache_is_honoured(model):
     fp8 = jaxfire.Model(config=model.config, params=model.params, tokenizer=None, kv_cache_dtype="fp8")
-    engine = jaxfire.Engine(fp8, slots=2, max_len=MAX_LEN)
+    engine = jaxfire.PagedEngine(fp8, slots=2, max_len=MAX_LEN)
     assert engine._state.cache.is_fp8
     prompt = list(range(20, 33))
     request = engine.submit(prompt, max_tokens=16)
@@ -303,7 +304,7 @@ def test_fp8_kv_cache_is_honoured(model):
 def test_no_recompilation_after_warmup(model, kind):
     # Shapes no other test uses, so the warm-up must compile (which shows the count works).
     if kind == "paged":
-        engine = jaxfire.Engine(model, slots=2, max_len=24, max_batched_tokens=24, detokenize=False)
+        engine = jaxfire.PagedEngine(model, slots=2, max_len=24, max_batched_tokens=24, detokenize=False)
         assert engine.token_buckets == (16, 24)
     else:
         engine = ContiguousEngine(model, slots=2, max_len=24, detokenize=False)
@@ -467,7 +468,7 @@ def test_stop_strings_end_a_request_before_the_string(model):
     stop = text[6:9]
     cut = text.find(stop)
     assert cut > 0 and len(stop) == 3
-    engine = jaxfire.Engine(model, slots=2, max_len=64)
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=64)
     stopped = engine.submit(prompt, max_tokens=20, stop=["zzz-never", stop])
     unchanged = engine.submit(prompt, max_tokens=20, stop="zzz-never")
     streamed = "".join(e.text for e in stopped)
@@ -481,9 +482,9 @@ def test_stop_strings_end_a_request_before_the_string(model):
     assert out.texts[0] == text[:cut] and out.tokens[0] == ids[:n] and out.finish_reasons[0] == "stop"
     for bad, message in (("", "non-empty strings"), ([3], "non-empty strings"), (5, "string or a sequence")):
         with pytest.raises(RequestError, match=message):
-            jaxfire.Engine(model, slots=1, max_len=64).submit(prompt, max_tokens=2, stop=bad)
+            jaxfire.PagedEngine(model, slots=1, max_len=64).submit(prompt, max_tokens=2, stop=bad)
     with pytest.raises(RequestError, match="stop strings need the model's tokenizer"):
-        jaxfire.Engine(model, slots=1, max_len=64, detokenize=False).submit(prompt, max_tokens=2, stop="x")
+        jaxfire.PagedEngine(model, slots=1, max_len=64, detokenize=False).submit(prompt, max_tokens=2, stop="x")
 
 
 def test_each_token_carries_its_log_probability_under_the_model(model):
@@ -491,7 +492,7 @@ def test_each_token_carries_its_log_probability_under_the_model(model):
     temperature and top-p), on events, on the request and in jaxfire.generate."""
     rng = np.random.default_rng(21)
     prompt = random_prompt(rng, model, 4, 8)
-    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN)
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=MAX_LEN)
     greedy = engine.submit(prompt, max_tokens=6, ignore_eos=True)
     hot = engine.submit(prompt, max_tokens=6, temperature=1.5, top_p=0.8, seed=3, ignore_eos=True)
     events = {r.id: [e.logprob for e in r] for r in (greedy, hot)}
@@ -511,7 +512,7 @@ def test_top_logprobs_are_the_most_likely_ids_at_each_position(model):
     greedy token is the first); a request beside it that asked for none gets none and the same tokens."""
     rng = np.random.default_rng(22)
     prompt, other = random_prompt(rng, model, 4, 8), random_prompt(rng, model, 4, 8)
-    engine = jaxfire.Engine(model, slots=2, max_len=MAX_LEN)
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=MAX_LEN)
     asks = engine.submit(prompt, max_tokens=6, top_logprobs=5, ignore_eos=True)
     beside = engine.submit(other, max_tokens=6, ignore_eos=True)
     events = [e.top_logprobs for e in asks]

@@ -47,7 +47,7 @@ def test_paged_equals_contiguous_across_page_boundaries(model, kv):
     rng = np.random.default_rng(0)
     jobs = random_jobs(rng, m, 5, 3, 30) + [([5] * PAGE, 9)]  # one prompt of exactly one page
     want = contiguous_tokens(m, jobs, 48)
-    engine = jaxfire.Engine(m, slots=3, max_len=48, page_size=PAGE, max_batched_tokens=24, detokenize=False)
+    engine = jaxfire.PagedEngine(m, slots=3, max_len=48, page_size=PAGE, max_batched_tokens=24, detokenize=False)
     requests, _ = serve(engine, jobs)
     assert [r.tokens for r in requests] == want
     assert engine.counters["mixed_steps"] > 0  # prompt chunks rode with decode tokens
@@ -61,7 +61,7 @@ def test_a_converted_model_with_mqa_and_a_window_matches_the_contiguous_engine(c
     rng = np.random.default_rng(1)
     jobs = random_jobs(rng, m, 4, 3, 28)
     want = contiguous_tokens(m, jobs, 40)
-    engine = jaxfire.Engine(m, slots=2, max_len=40, page_size=PAGE, max_batched_tokens=16, detokenize=False)
+    engine = jaxfire.PagedEngine(m, slots=2, max_len=40, page_size=PAGE, max_batched_tokens=16, detokenize=False)
     assert [r.tokens for r in serve(engine, jobs)[0]] == want
     engine.close()
 
@@ -72,7 +72,7 @@ def test_prefix_hits_give_the_tokens_of_no_cache(model):
     jobs = [(system + p, n) for p, n in random_jobs(rng, model, 4, 1, 6)] + [(system[:2 * PAGE], 6)]
     results = {}
     for caching in (False, True):
-        engine = jaxfire.Engine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=caching,
+        engine = jaxfire.PagedEngine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=caching,
                                 max_batched_tokens=64, detokenize=False)
         results[caching] = [r.tokens for r in serve(engine, jobs)[0]]
         stats = engine.stats()
@@ -92,7 +92,7 @@ def test_eviction_under_a_tiny_pool_takes_the_least_recently_used(model):
     rng = np.random.default_rng(3)
     a, b, c = (rng.integers(3, model.config.vocab_size, 2 * PAGE + 1).tolist() for _ in range(3))
     # one request of max_len 48 takes 3 pages: 6 usable pages hold two requests' worth
-    engine = jaxfire.Engine(model, slots=1, max_len=48, page_size=PAGE, kv_pages=7, max_batched_tokens=48,
+    engine = jaxfire.PagedEngine(model, slots=1, max_len=48, page_size=PAGE, kv_pages=7, max_batched_tokens=48,
                             detokenize=False)
 
     def run(prompt):
@@ -116,11 +116,11 @@ def test_eviction_under_a_tiny_pool_takes_the_least_recently_used(model):
 def test_preemption_resumes_with_the_tokens_of_an_unconstrained_run_and_streams_none_twice(model):
     rng = np.random.default_rng(4)
     jobs = random_jobs(rng, model, 4, 10, 14, 30, 34)
-    roomy = jaxfire.Engine(model, slots=4, max_len=48, page_size=PAGE, detokenize=False)
+    roomy = jaxfire.PagedEngine(model, slots=4, max_len=48, page_size=PAGE, detokenize=False)
     want = [r.tokens for r in serve(roomy, jobs, ignore_eos=True)[0]]
     roomy.close()
     # 4 running requests of up to 48 positions want 12 pages; 8 make them preempt one another
-    tight = jaxfire.Engine(model, slots=4, max_len=48, page_size=PAGE, kv_pages=9, max_batched_tokens=32,
+    tight = jaxfire.PagedEngine(model, slots=4, max_len=48, page_size=PAGE, kv_pages=9, max_batched_tokens=32,
                            detokenize=False)
     requests, events = serve(tight, jobs, ignore_eos=True)
     stats = tight.stats()
@@ -134,7 +134,7 @@ def test_preemption_resumes_with_the_tokens_of_an_unconstrained_run_and_streams_
 
 
 def test_a_cancelled_request_frees_its_pages_at_once(model):
-    engine = jaxfire.Engine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=False, detokenize=False)
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=False, detokenize=False)
     request = engine.submit(list(range(3, 4 + 2 * PAGE)), max_tokens=10, ignore_eos=True)
     while len(request.tokens) < 2:
         engine.step()
@@ -156,4 +156,4 @@ def test_a_cancelled_request_frees_its_pages_at_once(model):
 ])
 def test_bad_configuration_is_refused_in_one_sentence(model, kwargs, message):
     with pytest.raises(EngineError, match=message):
-        jaxfire.Engine(model, **(dict(slots=4, max_len=32, page_size=PAGE) | kwargs))
+        jaxfire.PagedEngine(model, **(dict(slots=4, max_len=32, page_size=PAGE) | kwargs))

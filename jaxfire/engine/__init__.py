@@ -1,7 +1,10 @@
 """The serving engines: requests join and leave a running batch that shares one KV cache.
 
-`Engine` is the engine over a paged KV cache (`paged.py`); `ContiguousEngine` keeps a contiguous
-`[slots, max_len]` cache, the behaviour the paged engine is measured against. Where things are:
+`Engine` is `ContiguousEngine`: decode slots over a contiguous `[slots, max_len]` cache, the engine
+measured on GPUs. `PagedEngine` serves from a paged KV cache with a token-budget scheduler (chunked
+prefill packed with decode) and prefix caching; it is opt-in until a GPU run of `bench/serving.py
+--compare` shows it ahead (its steps read tokens back synchronously, and its attention kernel reads
+pages at 0.2-0.6 of the contiguous kernel's bandwidth from batch 8 up). Where things are:
 - `requests.py`: a request's handle (`Request`), what it streams (`TokenEvent`) and its timings
   (`RequestMetrics`), and the errors an engine raises;
 - `base.py`: what every engine shares: submission and its checks, the background thread, streaming
@@ -17,9 +20,11 @@
 """
 
 from jaxfire.engine.contiguous import ContiguousEngine, SlotState, prefill_buckets, slot_buckets
-from jaxfire.engine.paged import Engine
+from jaxfire.engine.paged import PagedEngine
 from jaxfire.engine.requests import (MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError, Request, RequestError,
                                      RequestMetrics, TokenEvent)
 
-__all__ = ["MAX_TOP_LOGPROBS", "SEED_LIMIT", "ContiguousEngine", "Engine", "EngineError", "Request", "RequestError",
-           "RequestMetrics", "SlotState", "TokenEvent", "prefill_buckets", "slot_buckets"]
+Engine = ContiguousEngine
+
+__all__ = ["MAX_TOP_LOGPROBS", "SEED_LIMIT", "ContiguousEngine", "Engine", "EngineError", "PagedEngine", "Request",
+           "RequestError", "RequestMetrics", "SlotState", "TokenEvent", "prefill_buckets", "slot_buckets"]

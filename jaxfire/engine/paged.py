@@ -1,7 +1,7 @@
 """The engine over a paged KV cache: a token-budget scheduler, chunked prefill packed with decode, and
 automatic prefix caching.
 
-How a step runs (`Engine.step`, on one thread at a time: the engine's own, or whoever consumes
+How a step runs (`PagedEngine.step`, on one thread at a time: the engine's own, or whoever consumes
 results, as in `contiguous.py`):
 1. new submissions join the scheduler's queue; cancelled requests end, their pages released at once;
 2. the scheduler (`scheduler.py`) plans the step under `max_batched_tokens`: the decode token of every
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from jaxfire.api import Model
 
 
-class Engine(EngineBase):
+class PagedEngine(EngineBase):
     """Continuous batching over a paged KV cache.
 
     model: a `jaxfire.Model`; its `runtime` (kernels, FP8 policy, mesh) and `kv_cache_dtype` are
@@ -73,7 +73,7 @@ class Engine(EngineBase):
         if kv_pages is None:
             kv_pages, short = default_pages(model, self.slots, self.max_len, self.page_size)
             if short:  # the running requests are bounded by the tokens the pool holds, not by slots
-                print(f"jaxfire.Engine: {kv_pages} KV cache pages of {self.page_size} positions fit the free "
+                print(f"jaxfire.PagedEngine: {kv_pages} KV cache pages of {self.page_size} positions fit the free "
                       f"device memory ({(kv_pages - 1) * self.page_size} positions; {self.slots} slots at "
                       f"max_len {self.max_len} would take {self.slots * per_request})", file=sys.stderr, flush=True)
         if isinstance(kv_pages, bool) or not isinstance(kv_pages, (int, np.integer)) or kv_pages < per_request + 1:

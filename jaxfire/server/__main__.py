@@ -6,6 +6,7 @@ import argparse
 import os
 
 from jaxfire.chat import ChatTemplate
+from jaxfire.engine.flags import add_engine_flags, check_engine_flags, make_engine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,22 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a generation request may take, queueing included (default: no limit)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before stopping")
-    p.add_argument("--page-size", type=int, default=16, help="KV cache positions per page")
-    p.add_argument("--kv-pages", type=int, help="KV cache pages (default: every slot at --max-len, if memory holds it)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="reuse no cached prompt pages")
-    p.add_argument("--max-batched-tokens", type=int, help="token rows per engine step (default: the engine's)")
+    add_engine_flags(p)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p
-
-
-def _engine(args: argparse.Namespace, model):
-    """The engine the flags ask for."""
-    import jaxfire
-
-    return jaxfire.Engine(model, slots=args.slots, max_len=min(args.max_len, model.config.max_position_embeddings),
-                          page_size=args.page_size, kv_pages=args.kv_pages, prefix_caching=not args.no_prefix_caching,
-                          max_batched_tokens=args.max_batched_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-concurrent-requests must be at least 1")
     if (args.request_timeout is not None and not args.request_timeout > 0) or not args.shutdown_timeout >= 0:
         parser.error("--request-timeout must be positive and --shutdown-timeout at least 0")
+    check_engine_flags(parser, args)
 
     import jaxfire  # deferred so that usage errors come back fast
     from jaxfire.server.app import CompletionServer
@@ -72,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh = None if args.mesh is None else mesh_from_spec(args.mesh)
         model = jaxfire.load(args.checkpoint, dtype=args.dtype, num_experts_per_tok=args.experts_per_token,
                              kv_cache_dtype=args.kv_cache_dtype, mesh=mesh, progress=True)
-        engine = _engine(args, model)
+        engine = make_engine(args, model, args.slots, min(args.max_len, model.config.max_position_embeddings))
     except jaxfire.JaxfireError as e:
         parser.exit(1, f"error: {e}\n")
     if chat_template is not None and model.tokenizer is not None:
