@@ -401,7 +401,9 @@ class CompletionServer:
                                          [len(e.text or "") for e in output]) if call.logprobs else None
                     lp = gen if lp is None else _joined(lp, gen)
                     text += "".join(e.text or "" for e in events[k])
-                    finish = _FINISH.get(r.finish_reason, r.finish_reason)
+                    # The last event's reason: the request's own field is set only after its callback ran.
+                    reason = events[k][-1].finish_reason
+                    finish = _FINISH.get(reason, reason)
                 out.append(self._choice(call, k, text, finish, lp))
             return JSONResponse({**self._envelope(call, rid, out), "usage": self._usage(prompts, reqs)})
 
