@@ -17,7 +17,6 @@ Tolerances, elementwise |out - ref| <= atol + rtol * |ref| and, over the whole o
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +25,8 @@ import pytest
 
 from pallas_kernels import decode_attention
 from pallas_kernels.decode_attention import DecodeAttentionConfig, default_config
+from tests.kernels.checks import assert_close, seed  # noqa: F401 (seed: a fixture)
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
-
-TOLERANCES = {  # output dtype -> (atol, rtol, rel)
-    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2, 1e-2),
-    jnp.dtype(jnp.float16): (5e-3, 5e-3, 3e-3),
-    jnp.dtype(jnp.float32): (1e-4, 1e-4, 1e-5),
-}
-
 
 @dataclasses.dataclass
 class Case:
@@ -127,20 +120,6 @@ def numpy_reference(case: Case, sm_scale: float | None = None) -> np.ndarray:
             p = np.exp(logits - logits.max())
             out[b, h] = (p / p.sum()) @ v[b, lo:hi, kh]
     return out
-
-
-def assert_close(out: jax.Array, ref: np.ndarray) -> None:
-    atol, rtol, rel = TOLERANCES[jnp.dtype(out.dtype)]
-    got = np.asarray(out.astype(jnp.float32), np.float64)
-    assert np.isfinite(got).all(), "the output holds NaN or inf"
-    np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol)
-    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert err <= rel, f"relative L2 error {err:.3g} > {rel}"
-
-
-@pytest.fixture
-def seed(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
 
 
 class DecodeAttentionCases:

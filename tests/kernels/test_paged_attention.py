@@ -16,7 +16,6 @@ and ||out - ref|| / ||ref|| <= rel.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +23,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_attention import PagedAttentionConfig, append, default_config, paged_attention
+from tests.kernels.checks import assert_close, seed  # noqa: F401 (seed: a fixture)
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 FP8 = jnp.float8_e4m3fn
-TOLERANCES = {  # output dtype -> (atol, rtol, rel)
-    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2, 1e-2),
-    jnp.dtype(jnp.float32): (1e-4, 1e-4, 1e-5),
-}
-
-
 @dataclasses.dataclass
 class Case:
     q: np.ndarray  # [T, Hq, K]
@@ -133,20 +127,6 @@ def numpy_reference(case: Case, sm_scale: float | None = None) -> np.ndarray:
             p = np.exp(logits - logits.max())
             out[t, h] = (p / p.sum()) @ v[pages, offsets, h // group]
     return out
-
-
-def assert_close(out: jax.Array, ref: np.ndarray) -> None:
-    atol, rtol, rel = TOLERANCES[jnp.dtype(out.dtype)]
-    got = np.asarray(out.astype(jnp.float32), np.float64)
-    assert np.isfinite(got).all(), "the output holds NaN or inf"
-    np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol)
-    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert err <= rel, f"relative L2 error {err:.3g} > {rel}"
-
-
-@pytest.fixture
-def seed(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
 
 
 class PagedAttentionCases:
