@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -86,6 +87,19 @@ def copy_bandwidth(nbytes: int | None = None) -> float:
 # A sum over 8 GiB of bf16 reads 4.60-4.62 TB/s on an H200, over 2 GiB 4.44-4.49: smaller reads do
 # not reach the card's rate. Off a GPU (the CPU test runs) the figure only fills the column.
 READ_BYTES = {"gpu": 8 << 30, "other": 64 << 20}
+
+
+def median_seconds(call: Callable[[], Any], iters: int) -> float:
+    """Median wall time of `call()` (which returns logits to wait on) over `iters` runs after two warm-up
+    runs; the last logits must be finite."""
+    times = []
+    for i in range(iters + 2):
+        t0 = time.perf_counter()
+        logits = jax.block_until_ready(call())
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+    return float(np.median(times))
 
 
 @functools.cache

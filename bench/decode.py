@@ -38,11 +38,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import copy_bandwidth, parse_mesh, print_table, read_tbs, write_results  # noqa: E402
+from bench.common import (copy_bandwidth, median_seconds, parse_mesh, print_table, read_tbs,  # noqa: E402
+                          write_results)
 from jaxfire import model as M  # noqa: E402
 from jaxfire import quant  # noqa: E402
 from jaxfire import sharding as S  # noqa: E402
@@ -155,19 +155,6 @@ def time_decode_loop(params, c, runtime, batch, context, kv_dtype, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def _median_seconds(call, iters: int) -> float:
-    """Median wall time of `call()` (which returns logits to wait on) over `iters` runs after two warm-up
-    runs; the last logits must be finite."""
-    times = []
-    for i in range(iters + 2):
-        t0 = time.perf_counter()
-        logits = jax.block_until_ready(call())
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
-    return float(np.median(times))
-
-
 def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
     state = {"cache": init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)}
     tokens = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
@@ -178,7 +165,7 @@ def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
         logits, state["cache"] = M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)
         return logits
 
-    return _median_seconds(call, iters)
+    return median_seconds(call, iters)
 
 
 def time_mixed(params, c, runtime, batch, context, tokens_n, kv_dtype, iters=5):
@@ -196,7 +183,7 @@ def time_mixed(params, c, runtime, batch, context, tokens_n, kv_dtype, iters=5):
                                                                     counts, c, runtime, fresh=True)
         return logits
 
-    return _median_seconds(call, iters)
+    return median_seconds(call, iters)
 
 
 def time_collectives(mesh, c: Config, tokens: int, layers: int, dtype=jnp.bfloat16) -> float:

@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -128,18 +127,6 @@ def oneshot_runner(params, c, runtime, kv, tokens: np.ndarray):
     return call
 
 
-def median_seconds(call, iters: int) -> float:
-    """Median wall time of `call()` over `iters` runs after two warm-up runs; the logits must be finite."""
-    times = []
-    for i in range(iters + 2):
-        t0 = time.perf_counter()
-        logits = jax.block_until_ready(call())
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
-    return float(np.median(times))
-
-
 def check(params, c: Config, runtime, kv, tokens_n: int, page_size: int) -> float:
     """Relative error of one layer's chunked (two chunks) and packed (the prompt beside another) logits
     against its one-shot prefill's, on the device, before anything is timed."""
@@ -232,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for job, shape, prompts, make in jobs:
             row = dict(base, job=job, shape=shape, tokens=sum(prompts), prompts=len(prompts))
             try:
-                sec = median_seconds(make(), args.iters)
+                sec = common.median_seconds(make(), args.iters)
             except Exception as e:  # recorded, so one job that fails does not lose the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             else:
