@@ -7,6 +7,7 @@ ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the read bandwid
     PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
     PYTHONPATH=. python3 bench/grouped_matmul.py --study gemv-sweep                  # MMA vs multiply-add
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-alt                  # other ways to run a decode step's problems
 
 Every row carries the card's streaming read bandwidth measured in the same run ("read_tbs",
 `bench.common.read_tbs`) and its weight bytes per second as a share of it ("of_read_bw"), beside the
@@ -25,6 +26,7 @@ H100 (compilation dominates); --shapes / --rows / --swiglu-rows split it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import traceback
 from typing import Any, Callable
@@ -114,6 +116,23 @@ class Bench:
         if not err <= MAX_REL_ERR:
             self.failures.append(f"{name}: relative error {err:.3g} > {MAX_REL_ERR}")
         return err
+
+    def traced(self, tag: str, case: "DecodeCase", check: Callable[[], jax.Array], want: jax.Array,
+               calls: list[Callable[[], Any]], copy_bw: float, **row: Any) -> None:
+        """Checks one variant of a decode-size problem against `want`, times `calls` from a profiler
+        trace, and adds its row: the live experts' weight bytes over that time."""
+        err = self.check(tag, check, (), want)
+        if err is None:
+            return
+        try:
+            sec = profile.traced_seconds(calls)
+        except Exception as ex:  # a variant that does not compile or run is recorded, not fatal
+            self.failures.append(f"{tag}: {type(ex).__name__}: {str(ex)[:200]}")
+            return
+        self.add(dict(shape=case.name, k=case.k, n=case.n, e=case.e, t=case.t, routing=str(case.sizes), **row,
+                      timing="profiler", weight_sets=case.copies, ms=sec * 1e3,
+                      tflops=2.0 * case.t * case.k * case.n / sec / 1e12, weight_tbps=case.wbytes / sec / 1e12,
+                      pct_copy=100 * case.wbytes / sec / copy_bw, rel_err=err, copy_tbps=copy_bw / 1e12))
 
 
 def problem_inputs(k: int, n: int, t: int, key) -> dict[str, jax.Array]:
@@ -324,6 +343,52 @@ def decode_problem(key, k: int, n: int, e: int, sizes, swiglu: bool, copies: int
     return x, w8, ws, g, ref(x, w8, g, rhs_scale=ws, transpose_rhs=True, preferred_element_type=jnp.float32)
 
 
+@dataclasses.dataclass
+class DecodeCase:
+    """One decode-size problem ready to time: `copies` weight sets stacked on the expert axis that
+    together overflow the L2, and the group sizes that make each set's experts live."""
+
+    name: str
+    k: int
+    n: int
+    e: int
+    sizes: tuple[int, ...]
+    swiglu: bool
+    x: jax.Array  # [T, K] bf16
+    w8: jax.Array  # [copies E, N, K] e4m3
+    ws: jax.Array  # [copies E, N] f32
+    g: jax.Array  # [copies E] int32: the first set's experts live
+    want: jax.Array  # the float32 reference for the first set
+    sets: list[jax.Array]  # group sizes that make set j's experts live
+
+    @property
+    def t(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def wbytes(self) -> int:
+        """The live experts' weight bytes: what one call must read."""
+        return sum(1 for s_ in self.sizes if s_) * self.n * self.k
+
+    @property
+    def copies(self) -> int:
+        return len(self.sets)
+
+
+def decode_cases(table, problems: str, seed: int):
+    """The `table` problems named in `problems` (all when empty) as `DecodeCase`s, built one at a time."""
+    key = jax.random.key(seed)
+    for name, k, n, e, sizes, swiglu in table:
+        if problems and name not in problems.split(","):
+            continue
+        wbytes = sum(1 for s_ in sizes if s_) * n * k
+        key, sub = jax.random.split(key)
+        copies = -(-L2_OVERFLOW_BYTES // wbytes)
+        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
+        yield DecodeCase(name, k, n, e, tuple(sizes), swiglu, x, w8, ws, g, want,
+                         [jnp.roll(g, j * e) for j in range(copies)])
+
+
 def run_decode_sweep(b: Bench, copy_bw: float) -> None:
     """The Triton kernel's decode blocks and K split on the problems of a decode step (weight-only FP8),
     beside the heuristic default (config None)."""
@@ -382,44 +447,25 @@ def run_gemv_sweep(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
     time, not the gap before each launch, so a split config's reduction is charged its run time only:
     inside a step's CUDA graph each kernel also costs about a microsecond of gap. Narrow 16-column
     bands unsplit are in the sweep because they need no reduction at all."""
-    key = jax.random.key(3)
-    for name, k, n, e, sizes, swiglu in GEMV_PROBLEMS:
-        if problems and name not in problems.split(","):
-            continue
-        t = sum(sizes)
-        wbytes = sum(1 for s_ in sizes if s_) * n * k
-        key, sub = jax.random.split(key)
-        copies = -(-L2_OVERFLOW_BYTES // wbytes)
-        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
-        sets = [jnp.roll(g, j * e) for j in range(copies)]  # group sizes that make set j's experts live
-        rows = max(sizes) if e > 1 else t
+    for c in decode_cases(GEMV_PROBLEMS, problems, 3):
+        rows = max(c.sizes) if c.e > 1 else c.t
         bm = 1 if rows == 1 else 2 if rows == 2 else 4
-        n_out = n // 2 if swiglu else n
-        heuristic = dict(swiglu=swiglu, num_groups=e, weight_itemsize=1)
-        named = {"mma-default": triton_config(t, k, n_out, gemv=False, **heuristic)}
-        if (default := triton_config(t, k, n_out, **heuristic)) != named["mma-default"]:
+        n_out = c.n // 2 if c.swiglu else c.n
+        heuristic = dict(swiglu=c.swiglu, num_groups=c.e, weight_itemsize=1)
+        named = {"mma-default": triton_config(c.t, c.k, n_out, gemv=False, **heuristic)}
+        if (default := triton_config(c.t, c.k, n_out, **heuristic)) != named["mma-default"]:
             named["default"] = default
-        configs = list(named.items()) + [(None, c) for c in [
+        configs = list(named.items()) + [(None, cfg) for cfg in [
             Config(block_m=bm, block_n=bn, block_k=bk, num_stages=3, num_warps=4, split_k=sk, gemv=True)
             for bn, bk in ((16, 256), (32, 256), (64, 128), (64, 256), (128, 128)) for sk in (1, 2, 4, 8)] + [
             Config(block_m=bm, block_n=64, block_k=bk, num_stages=4, num_warps=8, split_k=sk, gemv=True)
-            for bk, sk in ((128, 2), (256, 1), (256, 2))] if c not in named.values()]
+            for bk, sk in ((128, 2), (256, 1), (256, 2))] if cfg not in named.values()]
         for label, config in configs:
-            fn = ours("pallas_triton", swiglu=swiglu, config=config)
-            err = b.check(f"gemv-sweep {name} {config}", lambda x_: fn(x_, w8, g, rhs_scale=ws), (x,), want)
-            if err is None:
-                continue
-            calls = [functools.partial(fn, x, w8, rolled, rhs_scale=ws) for rolled in sets] * iters
-            try:
-                sec = profile.traced_seconds(calls)
-            except Exception as ex:  # a config that does not compile is recorded, not fatal
-                b.failures.append(f"gemv-sweep {name} {config}: {type(ex).__name__}: {str(ex)[:200]}")
-                continue
-            b.add(dict(study="gemv-sweep", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire_triton",
-                       dtype="w8a16", config=f"{label}: {config}" if label else str(config), timing="profiler",
-                       weight_sets=copies, ms=sec * 1e3, tflops=2.0 * t * k * n / sec / 1e12,
-                       weight_tbps=wbytes / sec / 1e12, pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
-                       copy_tbps=copy_bw / 1e12))
+            fn = ours("pallas_triton", swiglu=c.swiglu, config=config)
+            b.traced(f"gemv-sweep {c.name} {config}", c, lambda fn=fn: fn(c.x, c.w8, c.g, rhs_scale=c.ws), c.want,
+                     [functools.partial(fn, c.x, c.w8, rolled, rhs_scale=c.ws) for rolled in c.sets] * iters,
+                     copy_bw, study="gemv-sweep", impl="jaxfire_triton", dtype="w8a16",
+                     config=f"{label}: {config}" if label else str(config))
 
 
 def _balanced(t: int) -> tuple[int, ...]:
@@ -447,36 +493,95 @@ def run_decode(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
     profiler trace (the kernels and the XLA ops around them) over weight sets that overflow the L2, as
     `run_gemv_sweep` does: each layer of a model reads its own weights. The weight bytes of the live
     experts over that time, against the read ceiling, is how close each problem is to the memory."""
-    key = jax.random.key(4)
-    for name, k, n, e, sizes, swiglu in DECODE_STEP_PROBLEMS:
-        if problems and name not in problems.split(","):
-            continue
-        t = sum(sizes)
-        wbytes = sum(1 for s_ in sizes if s_) * n * k
-        key, sub = jax.random.split(key)
-        copies = -(-L2_OVERFLOW_BYTES // wbytes)
-        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
-        sets = [jnp.roll(g, j * e) for j in range(copies)]  # group sizes that make set j's experts live
-        fn = ours(None, swiglu=swiglu)
-        err = b.check(f"decode {name}", lambda x_: fn(x_, w8, g, rhs_scale=ws), (x,), want)
-        if err is None:
-            continue
-        calls = [functools.partial(fn, x, w8, rolled, rhs_scale=ws) for rolled in sets] * iters
-        try:
-            sec = profile.traced_seconds(calls)
-        except Exception as ex:  # recorded, not fatal: the other problems still run
-            b.failures.append(f"decode {name}: {type(ex).__name__}: {str(ex)[:200]}")
-            continue
-        backend, config = api._pallas_backend(x, w8, True, swiglu, jnp.bfloat16, None, None)
-        b.add(dict(study="decode", shape=name, k=k, n=n, e=e, t=t, routing=str(sizes), impl="jaxfire",
-                   dtype="w8a16", backend=backend, config=str(config), timing="profiler", weight_sets=copies,
-                   ms=sec * 1e3, tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
-                   pct_copy=100 * wbytes / sec / copy_bw, rel_err=err, copy_tbps=copy_bw / 1e12))
+    for c in decode_cases(DECODE_STEP_PROBLEMS, problems, 4):
+        fn = ours(None, swiglu=c.swiglu)
+        backend, config = api._pallas_backend(c.x, c.w8, True, c.swiglu, jnp.bfloat16, None, None)
+        b.traced(f"decode {c.name}", c, lambda: fn(c.x, c.w8, c.g, rhs_scale=c.ws), c.want,
+                 [functools.partial(fn, c.x, c.w8, rolled, rhs_scale=c.ws) for rolled in c.sets] * iters, copy_bw,
+                 study="decode", impl="jaxfire", dtype="w8a16", backend=backend, config=str(config))
+
+
+# The problems of a decode step run other ways (study "decode-alt"): the projections' one-group
+# problems on Triton blocks whose single row task holds every row (the default cuts 32 rows into two
+# tasks that each read the weight), the same problems with FP8 activations through XLA (cuBLAS, as the
+# model runs 64 tokens and more), and the experts' problems with FP8 activations on the Mosaic wgmma
+# kernel: (name, K, N, experts, group sizes, swiglu).
+ALT_PROBLEMS = (
+    *((f"qkv_t{t}", 4096, 6144, 1, (t,), False) for t in (8, 32, 64)),
+    *((f"o_t{t}", 4096, 4096, 1, (t,), False) for t in (8, 32, 64)),
+    *((f"gate_up_t{t}", 4096, 2 * 14336, E, _balanced(t), True) for t in (8, 32, 64)),
+    *((f"down_t{t}", 14336, 4096, E, _balanced(t), False) for t in (8, 32, 64)),
+)
+
+
+def _alt_configs(t: int, k: int, n: int, e: int, swiglu: bool) -> list[tuple[str, str | None, Config | None, bool]]:
+    """(label, implementation, config, fp8 activations) of each variant of one problem."""
+    variants: list[tuple[str, str | None, Config | None, bool]] = [("default", None, None, False)]
+    if e == 1:
+        bm = max(16, 1 << (t - 1).bit_length())  # one row task for every row
+        for bn, bk, sk, warps in ((32, 256, 1, 4), (32, 256, 2, 4), (64, 128, 1, 4), (64, 128, 2, 4),
+                                  (64, 256, 1, 4), (64, 256, 2, 4), (64, 128, 4, 4), (128, 128, 1, 8),
+                                  (128, 128, 2, 8), (32, 128, 1, 4), (32, 128, 2, 4), (16, 256, 1, 4)):
+            variants.append((f"single-task bm{bm}", "pallas_triton",
+                             Config(block_m=bm, block_n=bn, block_k=bk, num_stages=4, num_warps=warps, split_k=sk),
+                             False))
+        variants.append(("xla fp8 x fp8", "xla", None, True))
+        variants.append(("xla w8a16 upcast", "xla", None, False))
+    else:
+        for bn, stages in ((64, 4), (128, 4), (64, 3)):
+            bm = 128 if swiglu else 64
+            variants.append(("mosaic fp8 x fp8", "pallas_mosaic",
+                             Config(block_m=bm, block_n=bn, block_k=128, num_stages=stages), True))
+        for bn, bk, sk, stages in ((64, 128, 1, 5), (64, 256, 1, 4), (128, 128, 1, 5), (32, 256, 1, 4)):
+            variants.append(("triton", "pallas_triton",
+                             Config(block_m=16, block_n=bn, block_k=bk, num_stages=stages, num_warps=4 if bn < 128 else 8,
+                                    split_k=sk), False))
+    return variants
+
+
+def _xla_dense(fp8_acts: bool):
+    """One-group problems as XLA runs them: FP8 activations (cuBLAS e4m3 x e4m3) or the weight upcast."""
+    def fn(x, w8, ws):
+        # x: [T, K], w8: [N, K] -> [T, N]
+        if fp8_acts:
+            xq, xs = quantize(x, axis=1)
+            y = jnp.einsum("tk,nk->tn", xq, w8, preferred_element_type=jnp.float32)
+            return (y * xs[:, None] * ws).astype(jnp.bfloat16)
+        y = jnp.einsum("tk,nk->tn", x, w8.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return (y * ws).astype(jnp.bfloat16)
+    return jax.jit(fn)
+
+
+def run_decode_alt(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
+    """Every variant of `_alt_configs` on the problems of `ALT_PROBLEMS`, checked against the float32
+    reference and timed from a profiler trace over weight sets that overflow the L2 (as `run_decode`)."""
+    for c in decode_cases(ALT_PROBLEMS, problems, 5):
+        x8, xs = quantize(c.x, axis=1)
+        # FP8 activations are checked against the reference over the rows they quantize to
+        ref = reference.grouped_matmul_swiglu if c.swiglu else reference.grouped_matmul
+        want8 = ref(x8.astype(jnp.float32) * xs[:, None], c.w8, c.g, rhs_scale=c.ws, transpose_rhs=True,
+                    preferred_element_type=jnp.float32)
+        for label, impl, config, fp8_acts in _alt_configs(c.t, c.k, c.n, c.e, c.swiglu):
+            if impl == "xla":
+                fn = _xla_dense(fp8_acts)
+                check = lambda fn=fn: fn(c.x, c.w8[0], c.ws[0])  # noqa: E731
+                calls = [functools.partial(fn, c.x, c.w8[j], c.ws[j]) for j in range(c.copies)] * iters
+            else:
+                fn = ours(impl, swiglu=c.swiglu, config=config)
+                lhs = dict(lhs_scale=xs) if fp8_acts else {}
+                xin = x8 if fp8_acts else c.x
+                check = lambda fn=fn, xin=xin, lhs=lhs: fn(xin, c.w8, c.g, rhs_scale=c.ws, **lhs)  # noqa: E731
+                calls = [functools.partial(fn, xin, c.w8, rolled, rhs_scale=c.ws, **lhs) for rolled in c.sets] * iters
+            if impl is None:
+                config = api._pallas_backend(c.x, c.w8, True, c.swiglu, jnp.bfloat16, None, None)[1]
+            b.traced(f"decode-alt {c.name} {label} {config}", c, check, want8 if fp8_acts else c.want, calls,
+                     copy_bw, study="decode-alt", impl=label, dtype="w8a8" if fp8_acts else "w8a16",
+                     config=str(config))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=("grid", "decode", "sweep", "decode-sweep", "gemv-sweep"), default="grid")
+    p.add_argument("--study", choices=("grid", "decode", "sweep", "decode-sweep", "gemv-sweep", "decode-alt"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
@@ -485,7 +590,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--problems", default="", help="decode, gemv-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    known = {"decode": DECODE_STEP_PROBLEMS, "gemv-sweep": GEMV_PROBLEMS}.get(args.study, ())
+    known = {"decode": DECODE_STEP_PROBLEMS, "gemv-sweep": GEMV_PROBLEMS, "decode-alt": ALT_PROBLEMS}.get(args.study, ())
     unknown = set(filter(None, args.problems.split(","))) - {prob[0] for prob in known}
     if unknown:
         p.error(f"--problems: {', '.join(sorted(unknown))} not among the {args.study} study's problems "
@@ -506,6 +611,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         run_decode_sweep(b, copy_bw)
     elif args.study == "gemv-sweep":
         run_gemv_sweep(b, copy_bw, args.iters, args.problems)
+    elif args.study == "decode-alt":
+        run_decode_alt(b, copy_bw, args.iters, args.problems)
     else:
         rows = [int(v) for v in args.rows.split(",") if v]
         shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}

@@ -483,6 +483,34 @@ def step_figures(engine, before: dict[str, int]) -> dict[str, Any]:
                 mean_padding_tokens=c.get("padding_tokens", 0) / steps, steps=c.get("steps", 0))
 
 
+class PeakLoad(threading.Thread):
+    """The most requests running at once and the most KV pages held, polled from `engine.stats()`
+    while one rate runs (a context manager)."""
+
+    def __init__(self, engine, every_s: float = 0.01):
+        super().__init__(daemon=True)
+        self.engine, self.every_s = engine, every_s
+        self.running = self.pages = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every_s):
+            s = self.engine.stats()
+            self.running = max(self.running, s.running)
+            self.pages = max(self.pages, s.kv_pages_used or 0)
+
+    def __enter__(self) -> "PeakLoad":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self.join()
+
+    def figures(self) -> dict[str, int]:
+        return dict(peak_running=self.running, peak_kv_pages_used=self.pages)
+
+
 def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], work: list, rates: list[float],
           max_len: int, rng: np.random.Generator, contiguous: bool = False, prefix_caching: bool = True,
           compared: bool = False) -> list[dict[str, Any]]:
@@ -540,24 +568,25 @@ def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], 
                 before = dict(engine.counters)
                 chunk = work[i * args.num_requests:(i + 1) * args.num_requests]
                 extra = {}
-                if chat:
-                    def complete(prompt):
-                        req = engine.submit(prompt, max_tokens=args.output_len, ignore_eos=True)
-                        req.result()
-                        bar.update(1)
-                        return req
+                with PeakLoad(engine) as peak:
+                    if chat:
+                        def complete(prompt):
+                            req = engine.submit(prompt, max_tokens=args.output_len, ignore_eos=True)
+                            req.result()
+                            bar.update(1)
+                            return req
 
-                    turns, duration = run_chat(chunk, rate, args.output_len, rng, complete)
-                    requests = [t.request for t in turns]
-                    later = [t.request.metrics.ttft for t in turns if t.turn > 1 and t.request.metrics.token_times]
-                    extra = dict(median_ttft_later_turns_ms=float(np.median(later)) * 1e3 if later else None)
-                elif server is None:
-                    requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
-                else:
-                    requests, duration = run_rate_http(port, chunk, rate, args.output_len, rng, bar)
+                        turns, duration = run_chat(chunk, rate, args.output_len, rng, complete)
+                        requests = [t.request for t in turns]
+                        later = [t.request.metrics.ttft for t in turns if t.turn > 1 and t.request.metrics.token_times]
+                        extra = dict(median_ttft_later_turns_ms=float(np.median(later)) * 1e3 if later else None)
+                    elif server is None:
+                        requests, duration = run_rate(engine, chunk, rate, args.output_len, rng, bar)
+                    else:
+                        requests, duration = run_rate_http(port, chunk, rate, args.output_len, rng, bar)
                 rows.append(dict(base, job="rate", request_rate=rate if math.isfinite(rate) else "inf",
                                  offered_rate=rate, **serving_metrics(requests, duration), **extra,
-                                 **step_figures(engine, before)))
+                                 **step_figures(engine, before), **peak.figures()))
         stats = engine.stats()
     finally:
         if server is not None:
@@ -573,7 +602,7 @@ def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], 
         later = [r["median_ttft_later_turns_ms"] for r in rows if r["median_ttft_later_turns_ms"] is not None]
         summary["median_ttft_later_turns_ms"] = float(np.median(later)) if later else None
     out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS_DIR
-    print_table(rows, ["request_rate", "request_throughput", "output_throughput", "mean_running_batch",
+    print_table(rows, ["request_rate", "request_throughput", "output_throughput", "mean_running_batch", "peak_running",
                        "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
                        "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms"]
                 + (["median_ttft_later_turns_ms"] if chat else []))

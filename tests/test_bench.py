@@ -163,3 +163,19 @@ def test_decode_study_checks_and_times_each_problem_against_the_read_ceiling(tmp
     assert [r["weight_sets"] for r in rows] == [2, 3]  # enough weight sets to pass the (patched) L2 size
     with pytest.raises(SystemExit):
         G.main(["--study", "decode", "--problems", "gate_up_b7"])
+
+
+def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, monkeypatch):
+    """The other ways to run a decode step's problems (single-task Triton blocks and XLA for one-group
+    projections, FP8 activations on the Mosaic kernel for experts) are each checked against the
+    reference before they are timed, and every one yields a row."""
+    from bench import grouped_matmul as G
+
+    monkeypatch.setattr(G, "ALT_PROBLEMS", (("tiny_qkv_t8", 256, 128, 1, (8,), False),
+                                            ("tiny_gate_up_t4", 512, 256, 2, (2, 2), True)))
+    monkeypatch.setattr(G, "L2_OVERFLOW_BYTES", 256 * 128)
+    rows = G.main(["--study", "decode-alt", "--iters", "1", "--out-dir", str(tmp_path)])
+    want = {name: len(G._alt_configs(sum(s), k, n, e, sw)) for name, k, n, e, s, sw in G.ALT_PROBLEMS}
+    assert {name: sum(r["shape"] == name for r in rows) for name in want} == want
+    assert all(r["rel_err"] < G.MAX_REL_ERR and r["of_read_bw"] > 0 for r in rows)
+    assert {r["dtype"] for r in rows if r["impl"].startswith(("xla fp8", "mosaic"))} == {"w8a8"}
