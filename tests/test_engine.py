@@ -117,6 +117,15 @@ def test_rejections_leave_the_other_requests_running(model):
         (dict(top_k=True), "top_k"),
         (dict(stop_token_ids=[3, model.config.vocab_size]), f"stop_token_ids has {model.config.vocab_size}"),
         (dict(stop_token_ids=7), "stop_token_ids must be a sequence of token ids"),
+        (dict(logit_bias={model.config.vocab_size: 1.0}),
+         rf"logit_bias has {model.config.vocab_size}, not a token id in \[0, {model.config.vocab_size}\)"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias has -1, not a token id"),
+        (dict(logit_bias={"5": 1.0}), "logit_bias has '5', not a token id"),
+        (dict(logit_bias={5: 100.5}), r"logit_bias of token 5 is 100.5, not a number in \[-100, 100\]"),
+        (dict(logit_bias={5: float("nan")}), "logit_bias of token 5 is nan"),
+        (dict(logit_bias={5: True}), "logit_bias of token 5 is True"),
+        (dict(logit_bias=[5]), "logit_bias must be a mapping of token ids to numbers"),
+        (dict(logit_bias=dict.fromkeys(range(301), 1.0)), "logit_bias has 301 token ids, more than the limit of 300"),
     ]
     for change, message in bad:
         kwargs = dict(prompt=prompt, max_tokens=20) | change
@@ -270,6 +279,70 @@ def test_per_request_sampling_parameters(model, kind, mix_decode):
     assert batch[1] == alone(model, c, n, seed=6, **hot)
 
 
+def biased_log_softmax(model, prompt, tokens, logit_bias):
+    """Float64 log_softmax of the model's logits plus `logit_bias` at each position that chose one of
+    `tokens` ([len(tokens), V])."""
+    logits = np.asarray(jaxfire.logits(model, [prompt + tokens[:-1]])[0, len(prompt) - 1:], np.float64)
+    for t, v in logit_bias.items():
+        logits[:, t] += v
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+def test_logit_bias_is_added_before_sampling_per_request(model, kind):
+    """A request's logit_bias is added to its logits at every position before sampling, greedy or not:
+    +100 forces a token, -100 bans one; its log-probabilities are the biased distribution's; a seeded
+    biased request repeats; requests beside it, and later ones in the slot it held, are unbiased."""
+    rng = np.random.default_rng(23)
+    a, b = random_prompt(rng, model, 5, 10), random_prompt(rng, model, 5, 10)
+    n = 12
+    want_a, want_b = alone(model, a, n), alone(model, b, n)
+    forced_id = next(t for t in range(3, 100) if t not in want_a)
+    ban = {want_a[0]: -100.0, 300: 3.0}
+    hot = dict(temperature=0.9, top_p=0.95, seed=7)
+    hot_bias = {want_b[0]: -100, 301: 4}
+    engine = (jaxfire.PagedEngine(model, slots=3, max_len=MAX_LEN) if kind == "paged"
+              else ContiguousEngine(model, slots=3, max_len=MAX_LEN))
+    forced = engine.submit(a, max_tokens=n, logit_bias={forced_id: 100})
+    banned = engine.submit(a, max_tokens=n, logit_bias=ban, top_logprobs=3)
+    beside = engine.submit(b, max_tokens=n)
+    drive(engine, [forced, banned, beside])
+    # Again, in the slots the biased requests left; the seeded biased one twice, the second later.
+    plain = engine.submit(a, max_tokens=n)
+    sampled = engine.submit(b, max_tokens=n, logit_bias=hot_bias, **hot)
+    unbiased = engine.submit(b, max_tokens=n, **hot)
+    for _ in range(3):
+        engine.step()
+    again = engine.submit(b, max_tokens=n, logit_bias=hot_bias, **hot)
+    drive(engine, [plain, sampled, unbiased, again])
+    engine.close()
+
+    assert forced.tokens == [forced_id] * n
+    assert max(forced.logprobs) <= 0 and min(forced.logprobs) > -1e-3  # certain under the bias
+    assert want_a[0] not in banned.tokens and banned.tokens != want_a
+    assert beside.tokens == want_b and plain.tokens == want_a
+    lsm = biased_log_softmax(model, a, banned.tokens, ban)  # [len, V]
+    assert banned.tokens == lsm.argmax(-1).tolist()
+    np.testing.assert_allclose(banned.logprobs, lsm[np.arange(len(banned.tokens)), banned.tokens], rtol=1e-4,
+                               atol=1e-4)
+    for pos, alternatives in enumerate(banned.top_logprobs):
+        assert [i for i, _ in alternatives] == np.argsort(-lsm[pos])[:3].tolist()
+        np.testing.assert_allclose([v for _, v in alternatives], np.sort(lsm[pos])[::-1][:3], rtol=1e-4, atol=1e-4)
+
+    assert sampled.tokens == again.tokens and want_b[0] not in sampled.tokens
+    assert sampled.tokens != unbiased.tokens
+    lsm = biased_log_softmax(model, b, sampled.tokens, hot_bias)
+    np.testing.assert_allclose(sampled.logprobs, lsm[np.arange(len(sampled.tokens)), sampled.tokens], rtol=1e-4,
+                               atol=1e-4)
+    dense = np.zeros((model.config.vocab_size,), np.float32)
+    dense[list(hot_bias)] = list(hot_bias.values())
+    logits = jaxfire.logits(model, [b + sampled.tokens[:2]])[0, -3:] + dense  # [3, V]
+    for i in range(3):  # token i is drawn from the biased logits with key fold_in(key(seed), i)
+        key = jax.random.fold_in(jax.random.key(hot["seed"]), i)
+        assert sampled.tokens[i] == int(sampling.sample(logits[i:i + 1], key, hot["temperature"], hot["top_p"])[0])
+
+
 def test_stop_token_ids_end_a_request_like_eos(model):
     """A stop token ends its request (finish_reason "stop", the id not output) and frees the slot; the
     request beside it carries on; jaxfire.generate takes the same ids."""
@@ -321,10 +394,11 @@ def test_no_recompilation_after_warmup(model, kind):
         warmup = len(compiles)
         rng = np.random.default_rng(4)
         with engine:
+            # some ask for alternatives, some bias their logits
             requests = [engine.submit(random_prompt(rng, model, lo, hi), max_tokens=int(rng.integers(1, 5)),
                                       temperature=float(rng.choice([0.0, 0.7])), top_p=0.9, seed=i,
-                                      top_logprobs=3 * (i % 2))  # some ask for alternatives
-                        for i, (lo, hi) in enumerate([(1, 16), (17, 20), (1, 5), (2, 10), (17, 19)])]
+                                      top_logprobs=3 * (i % 2), logit_bias={7: 5.0, 9: -100} if i % 3 == 1 else None)
+                        for i, (lo, hi) in enumerate([(1, 16), (17, 20), (1, 5), (2, 10), (17, 19), (3, 8)])]
             requests[3].cancel()
             for r in requests:
                 r.result(timeout=120)

@@ -76,3 +76,18 @@ def test_a_wrong_key_is_an_authentication_error_and_a_refusal_a_bad_request(serv
     with pytest.raises(openai.BadRequestError, match="response_format 'json_object' is not supported"):
         client.chat.completions.create(model="jaxfire", messages=MESSAGES, response_format={"type": "json_object"})
     assert [m.id for m in client.models.list()] == ["jaxfire"]
+
+
+def test_logit_bias_forces_a_token(servers, model):
+    """The client's logit_bias (token id strings to numbers) reaches the sampler: +100 makes every token
+    the biased one, in completions and chat alike."""
+    client = openai.OpenAI(base_url=servers[None], api_key="unused", max_retries=0)
+    want = jaxfire.generate(model, [PROMPT], max_new_tokens=4).tokens[0]
+    forced = next(t for t in range(300, 400) if t not in want)  # merges of ASCII: whole characters
+    text = model.tokenizer.decode([forced] * 4)
+    out = client.completions.create(model="jaxfire", prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logit_bias={str(forced): 100})
+    assert out.choices[0].text == text
+    reply = client.chat.completions.create(model="jaxfire", messages=MESSAGES, max_tokens=4, temperature=0,
+                                           logit_bias={str(forced): 100})
+    assert reply.choices[0].message.content == text

@@ -228,6 +228,27 @@ def chat(url, body, raw=False):
     return post(url, body, raw, route="/v1/chat/completions")
 
 
+def test_logit_bias_forces_and_bans_tokens(url, chat_url, model):
+    """A completion's logit_bias of +100 makes every token the biased one, whose log-probability is then
+    the biased distribution's (certain); a chat's -100 on the reply's first token changes the reply."""
+    tok = model.tokenizer
+    want = jaxfire.generate(model, [PROMPT], max_new_tokens=4)
+    forced = next(t for t in range(300, 400) if t not in want.tokens[0])  # merges of ASCII: whole characters
+    out = post(url, {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logprobs": 1,
+                     "logit_bias": {str(forced): 100}})
+    choice = out["choices"][0]
+    assert choice["text"] == tok.decode([forced] * 4)
+    assert all(-1e-3 < v <= 0 for v in choice["logprobs"]["token_logprobs"])
+    assert [list(top) for top in choice["logprobs"]["top_logprobs"]] == [[tok.decode([forced])]] * 4
+
+    ids = tok.encode(ChatTemplate(CHAT_TEMPLATE, tok.special_tokens(1, 2)).render(MESSAGES), add_special_tokens=False)
+    reply = jaxfire.generate(model, [ids], max_new_tokens=4)
+    body = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    assert chat(chat_url, body)["choices"][0]["message"]["content"] == reply.texts[0]
+    banned = chat(chat_url, {**body, "logit_bias": {str(reply.tokens[0][0]): -100}})
+    assert banned["choices"][0]["message"]["content"] != reply.texts[0]
+
+
 def test_chat_completion_equals_generate_of_the_templated_prompt(chat_url, model):
     ids = ChatTemplate(CHAT_TEMPLATE, model.tokenizer.special_tokens(1, 2)).render(MESSAGES)
     ids = model.tokenizer.encode(ids, add_special_tokens=False)
@@ -449,7 +470,14 @@ def test_echo_lists_the_prompts_log_probabilities(url, model):
 
 
 @pytest.mark.parametrize("route, body, message", [
-    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 10}}, "logit_bias is not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"x": 10}},
+     "'logit_bias' keys must be token ids (integers as strings), got 'x'"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": "a"}}, "'logit_bias' must be an object of token ids"),
+    ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}},
+     "logit_bias of token 5 is 101.0, not a number in [-100, 100]"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"4096": 1}},
+     "logit_bias has 4096, not a token id in [0, 4096)"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"-1": 1}}, "logit_bias has -1, not a token id"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["x"] * 17}, "'stop' has 17 strings, more than the server's limit of 16"),
     ("/v1/completions", {"prompt": PROMPT, "stop": "y" * 257}, "limit of 256 characters"),
     ("/v1/completions", {"prompt": [PROMPT] * 5, "n": 16}, "make 80 choices, more than the server's limit of 64"),

@@ -21,10 +21,11 @@ pages at 0.2-0.6 of the contiguous kernel's bandwidth from batch 8 up). Where th
 
 from jaxfire.engine.contiguous import ContiguousEngine, SlotState, prefill_buckets, slot_buckets
 from jaxfire.engine.paged import PagedEngine
-from jaxfire.engine.requests import (MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError, Request, RequestError,
-                                     RequestMetrics, TokenEvent)
+from jaxfire.engine.requests import (MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError, Request,
+                                     RequestError, RequestMetrics, TokenEvent)
 
 Engine = ContiguousEngine
 
-__all__ = ["MAX_TOP_LOGPROBS", "SEED_LIMIT", "ContiguousEngine", "Engine", "EngineError", "PagedEngine", "Request",
-           "RequestError", "RequestMetrics", "SlotState", "TokenEvent", "prefill_buckets", "slot_buckets"]
+__all__ = ["MAX_LOGIT_BIAS", "MAX_TOP_LOGPROBS", "SEED_LIMIT", "ContiguousEngine", "Engine", "EngineError",
+           "PagedEngine", "Request", "RequestError", "RequestMetrics", "SlotState", "TokenEvent", "prefill_buckets",
+           "slot_buckets"]

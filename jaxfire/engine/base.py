@@ -13,13 +13,13 @@ import dataclasses
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from jaxfire import metrics
-from jaxfire.engine.requests import (MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError, Request, RequestError,
-                                     TokenEvent)
+from jaxfire.engine.requests import (LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError,
+                                     Request, RequestError, TokenEvent)
 from jaxfire.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class EngineBase:
 
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-               stop: str | Sequence[str] = (), top_logprobs: int = 0,
+               stop: str | Sequence[str] = (), top_logprobs: int = 0, logit_bias: Mapping[int, float] | None = None,
                on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
         """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
 
@@ -119,6 +119,11 @@ class EngineBase:
           that could begin a stop string is streamed one token late.
         top_logprobs: with each token, this many most likely ids at its position and their
           log-probabilities (at most MAX_TOP_LOGPROBS; `TokenEvent.top_logprobs`, `Request.top_logprobs`).
+        logit_bias: token id -> a number in [-100, 100] added to that token's logit at every position
+          before sampling (greedy or not, so before top-p and top-k); at most MAX_LOGIT_BIAS ids. As
+          OpenAI's: -100 in effect bans a token, +100 in effect forces it. The log-probabilities
+          reported are then those of the biased distribution (vLLM's `processed_logprobs`, not its
+          default `raw_logprobs`).
         on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
           raises, the request ends with finish_reason "error" and the others carry on.
         """
@@ -128,13 +133,14 @@ class EngineBase:
                 or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         stop = self._validate_stop(stop)
+        logit_bias = self._validate_bias(logit_bias)
         detok = StreamDecoder(self.model.tokenizer if self.detokenize else None, stop)
         with self._cond:
             if self._closed or self._error is not None:
                 raise EngineError("the engine is closed" if self._error is None
                                   else f"the engine stopped after an error: {self._error}")
             req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
-                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs))
+                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs), logit_bias)
             self._next_id += 1
             self._inbox.append(req)
             self._cond.notify_all()
@@ -163,6 +169,23 @@ class EngineBase:
         if stop and (self.model.tokenizer is None or not self.detokenize):
             raise RequestError("stop strings need the model's tokenizer and an engine with detokenize on")
         return stop
+
+    def _validate_bias(self, logit_bias) -> dict[int, float]:
+        if logit_bias is None:
+            return {}
+        if not isinstance(logit_bias, Mapping):
+            raise RequestError(f"logit_bias must be a mapping of token ids to numbers, got {logit_bias!r}")
+        if len(logit_bias) > MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias has {len(logit_bias)} token ids, more than the limit of {MAX_LOGIT_BIAS}")
+        vocab = self.config.vocab_size
+        for t, v in logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                raise RequestError(f"logit_bias has {t!r}, not a token id in [0, {vocab})")
+            if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                    or not -LOGIT_BIAS_LIMIT <= v <= LOGIT_BIAS_LIMIT):
+                raise RequestError(f"logit_bias of token {t} is {v!r}, not a number in "
+                                   f"[{-LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
+        return {int(t): float(v) for t, v in logit_bias.items()}
 
     def _validate(self, prompt, max_tokens, temperature, top_p, seed) -> list[int]:
         cfg = self.config

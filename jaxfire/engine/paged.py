@@ -13,9 +13,9 @@ results, as in `contiguous.py`):
    writes every row's key/value into its page and returns the next-token logits of each request
    whose chunk reached its last known token, and samples them;
 4. the sampled tokens are emitted, and full pages join the prefix cache.
-Token n of a request is drawn with key fold_in(key(seed), n) over its own logits, as in
-`contiguous.py`, so a request's tokens do not depend on what else runs, on chunking, on prefix hits
-or on preemption (a recomputed request resumes at the same n, never re-sending a token).
+Token n of a request is drawn with key fold_in(key(seed), n) over its own logits (its logit bias
+added), as in `contiguous.py`, so a request's tokens do not depend on what else runs, on chunking, on
+prefix hits or on preemption (a recomputed request resumes at the same n, never re-sending a token).
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class PagedEngine(EngineBase):
                     self._totals.prompt_tokens += req.metrics.prompt_tokens
                     self._totals.queue_time.observe(req.metrics.queue_time)
             if chunk.sample:
-                params[chunk.row] = (req.seed, chunk.seq.generated, req.temperature, req.top_p, req.top_k)
+                params[chunk.row] = (req.seed, chunk.seq.known - chunk.seq.prompt_len, req.temperature, req.top_p,
+                                     req.top_k, req._bias)
                 top = top or req.num_top_logprobs > 0
         out = self._state.run(plan, params, top)
         self._scheduler.computed(plan)
@@ -193,7 +194,7 @@ class PagedEngine(EngineBase):
             if chunk.seq.generated == 0:
                 self.counters["prefills"] += 1
             token = int(out.tokens[r])
-            chunk.seq.tokens.append(token)
+            self._scheduler.append(chunk.seq, token)
             top_pair = None if out.top_ids is None else (out.top_ids[r], out.top_logprobs[r])
             self._emit(req, token, float(out.logprobs[r]), top_pair, now, events)
         return events

@@ -7,7 +7,9 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+import numpy as np
 
 from jaxfire.errors import JaxfireError
 from jaxfire.kv_cache import KVCache
@@ -20,6 +22,10 @@ SEED_LIMIT = 2**32  # jax.random.key reads 32 bits of a seed: larger ones would 
 # A step's sampling program returns this many alternatives a token when any request asks for some (one
 # compiled shape; each request keeps its own count), OpenAI's limit.
 MAX_TOP_LOGPROBS = 20
+# Token ids one request may bias (OpenAI's limit); a step that biases any row pads every row's bias to
+# this many entries (one compiled shape).
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_LIMIT = 100.0  # each bias is in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT], as OpenAI's
 
 
 class RequestError(JaxfireError):
@@ -39,7 +45,8 @@ class TokenEvent:
     text: str | None  # the text this token adds (None without a tokenizer or with detokenize off)
     finished: bool
     finish_reason: str | None = None  # "eos", "stop" (a stop token or string) or "length" once finished
-    # log-probability of the token under the model's distribution (before temperature, top-p and top-k)
+    # log-probability of the token under the model's distribution (before temperature, top-p and top-k;
+    # after the request's logit_bias)
     logprob: float | None = None
     # the request's `top_logprobs` most likely ids at this position, with their log-probabilities, most
     # likely first (None unless the request asked for them)
@@ -76,6 +83,24 @@ class RequestMetrics:
         return None if self.scheduled is None else self.scheduled - self.arrival
 
 
+def zero_bias() -> tuple[np.ndarray, np.ndarray]:
+    """A logit bias that changes nothing, as the sampler takes one: ids [MAX_LOGIT_BIAS] int32 and values
+    [MAX_LOGIT_BIAS] float32, all zero."""
+    return np.zeros((MAX_LOGIT_BIAS,), np.int32), np.zeros((MAX_LOGIT_BIAS,), np.float32)
+
+
+def padded_bias(logit_bias: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """A request's bias as the sampler takes it (`zero_bias` with its entries first); None when no entry
+    changes a logit, so the request samples as an unbiased one does."""
+    nonzero = {t: v for t, v in logit_bias.items() if v}
+    if not nonzero:
+        return None
+    ids, values = zero_bias()
+    ids[:len(nonzero)] = list(nonzero)
+    values[:len(nonzero)] = list(nonzero.values())
+    return ids, values
+
+
 _END = object()  # closes a request's event queue
 
 
@@ -87,7 +112,8 @@ class Request:
 
     def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
                  top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
-                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: StreamDecoder, num_top_logprobs: int = 0):
+                 on_token: Callable[[TokenEvent], Any] | None, detokenizer: StreamDecoder, num_top_logprobs: int = 0,
+                 logit_bias: Mapping[int, float] | None = None):
         self.id = rid
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -97,6 +123,8 @@ class Request:
         self.seed = seed
         self.ignore_eos = ignore_eos
         self.stop_token_ids = stop_token_ids
+        self.logit_bias = dict(logit_bias or {})  # token id -> what is added to its logit before sampling
+        self._bias = padded_bias(self.logit_bias)
         self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
         self.logprobs: list[float] = []  # each token's log-probability under the model (see TokenEvent)
         self.num_top_logprobs = num_top_logprobs

@@ -2,7 +2,8 @@
 paged cache, and one sampling program; the sampled tokens come back to the host.
 
 Dimensions: T token rows of a step (a bucket), S page-table rows (the engine's slots), M pages per
-row (`ceil(max_len / Z)`), Z page size, P pages in the pool, V vocab.
+row (`ceil(max_len / Z)`), Z page size, P pages in the pool, V vocab, L bias entries per row
+(`MAX_LOGIT_BIAS`).
 
 Shapes never depend on the traffic: T is the smallest of `token_buckets` (powers of two from
 `min_bucket` up to and including `max_batched_tokens`) holding the plan's tokens, the page table is
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import TYPE_CHECKING
 
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 from jaxfire import model as M
 from jaxfire import paged_cache as PC
 from jaxfire.engine import sampler
-from jaxfire.engine.requests import MAX_TOP_LOGPROBS
+from jaxfire.engine.requests import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, zero_bias
 from jaxfire.engine.scheduler import StepPlan
 
 if TYPE_CHECKING:
@@ -99,9 +101,10 @@ class Runner:
                                      context_lens=context_lens, logit_rows=logit_rows), self._where)
         return PC.RaggedBatch(**arrays), sampled
 
-    def run(self, plan: StepPlan, params: dict[int, tuple[int, int, float, float, int]], top: bool) -> Sampled:
+    def run(self, plan: StepPlan, params: dict[int, tuple], top: bool) -> Sampled:
         """Runs the plan; samples row r with `params[r]` = (seed, index of the token in its request's
-        stream, temperature, top_p, top_k), and the likeliest alternatives too with `top`."""
+        stream, temperature, top_p, top_k, padded logit bias or None: `Request._bias`), and the
+        likeliest alternatives too with `top`."""
         batch, rows = self._batch(plan)
         p = self.model
         logits, self.cache = M.ragged_step(p.params, self.cache, batch, config=p.config, runtime=p.runtime)
@@ -114,25 +117,31 @@ class Runner:
         top_p = np.ones((self.rows,), np.float32)
         top_k = np.zeros((self.rows,), np.int32)
         for r in rows:
-            seeds[r], steps[r], temperature[r], top_p[r], top_k[r] = params[r]
+            seeds[r], steps[r], temperature[r], top_p[r], top_k[r], _ = params[r]
+        biased = [r for r in rows if params[r][5] is not None]
+        if biased:  # only then: a step without biased rows runs as it did before biases existed
+            ids = np.zeros((self.rows, MAX_LOGIT_BIAS), np.int32)  # [S, L]
+            values = np.zeros((self.rows, MAX_LOGIT_BIAS), np.float32)  # [S, L]
+            for r in biased:
+                ids[r], values[r] = params[r][5]
+            logits = sampler.add_bias(logits, *jax.device_put((ids, values), self._where))
         out = _sample_rows(logits, *jax.device_put((seeds, steps, temperature, top_p, top_k), self._where),
                            sample=bool((temperature > 0).any()), top=MAX_TOP_LOGPROBS if top else 0)
         tokens, logprobs, top_ids, top_lps = sampler.read(out)
         return Sampled(rows, tokens, logprobs, top_ids, top_lps)
 
     def warmup(self) -> None:
-        """Compiles the step of every token bucket and every sampling variant (all rows padding: only
-        the null page is written)."""
+        """Compiles the step of every token bucket and every sampling variant, greedy or not, with and
+        without alternatives, after a logit bias or not (all rows padding: only the null page is
+        written)."""
         p = self.model
         empty = StepPlan(chunks=[], preempted=[])
         for _ in range(2):  # on a mesh a step may return the cache in other shardings than it came in
             for t in self.token_buckets:
                 batch, _ = self._batch(empty, t)
                 logits, self.cache = M.ragged_step(p.params, self.cache, batch, config=p.config, runtime=p.runtime)
-            params = {0: (0, 0, 1.0, 1.0, 0)}
-            for top in (False, True):
-                self._sample(logits, [0], params, top)
-                self._sample(logits, [], {}, top)
+            for top, temperature, bias in itertools.product((False, True), (0.0, 1.0), (None, zero_bias())):
+                self._sample(logits, [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top)
         jax.block_until_ready(self.cache)
 
 

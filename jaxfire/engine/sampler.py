@@ -1,7 +1,9 @@
 """The sampling programs every engine step ends with: each row drawn from its request's own stream, with
 its log-probability and, when asked, the likeliest alternatives, brought to the host in one transfer.
+A request's logit bias is added to its row before (`add_bias`), so the tokens and log-probabilities
+are those of the biased distribution.
 
-Dimensions: B rows, V vocab.
+Dimensions: B rows, V vocab, L bias entries per row (`MAX_LOGIT_BIAS`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfire import sampling
+
+
+def apply_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+    """Adds values[b, l] to logits[b, ids[b, l]]; padding entries are (any id, 0.0), which change nothing."""
+    # logits: [B, V] float32, ids: [B, L] int32, values: [B, L] float32 -> [B, V]
+    rows = jnp.arange(logits.shape[0])[:, None]  # [B, 1]
+    return logits.at[rows, ids].add(values.astype(logits.dtype))
+
+
+@jax.jit
+def add_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+    """`apply_bias` as a program of its own, which the host runs before a step's sampling program only
+    when a row of the step has a bias: steps without one run as they would without the feature, and
+    the sampling programs compile no variant for it. ids and values may hold more rows than the logits
+    (a slot state's), of which the first B are the logits' rows."""
+    # logits: [B, V] float32, ids: [>= B, L] int32, values: [>= B, L] float32 -> [B, V]
+    b = logits.shape[0]
+    return apply_bias(logits, ids[:b], values[:b])
 
 
 def with_logprobs(logits: jax.Array, tokens: jax.Array, top: int = 0) -> jax.Array:

@@ -16,6 +16,13 @@ A running sequence that needs a page when none is left preempts the most recentl
 sequence (possibly itself): its pages are released and it goes back to the head of the queue with
 every token it has (prompt and generated), to be recomputed; the engine streams only tokens sampled
 after them, so nothing is sent twice. `fits_alone` says whether a request can ever run.
+
+The engine plans step k+1 before it has read step k's samples (the host works while the device
+runs): `computed(plan)` records a dispatched plan, and each sequence it samples holds one *pending*
+token, known to the device only, until `append` brings it. A pending token is the input of the
+sequence's next decode row (`Chunk.pending`: the runner takes it from the last step's samples on the
+device); a sequence whose pending token is its last (`max_tokens`) gets no more rows; a page joins the
+prefix cache once every token in it is known.
 """
 
 from __future__ import annotations
@@ -38,19 +45,31 @@ class Sequence:
         self.max_tokens = max_tokens
         self.owner = owner  # the engine's request
         self.pages: list[int] = []  # in position order: page i holds positions [i Z, (i + 1) Z)
-        self.computed = 0  # leading tokens whose keys/values are in the pages
+        self.computed = 0  # leading tokens whose keys/values are in the pages (or are being written)
+        self.pending = 0  # samples of dispatched steps not yet in `tokens` (the host reads a step late)
         self.keys: list[bytes] = []  # hash-chain keys of the full pages among the computed ones
         self.row: int | None = None  # its row of the page table while running
         self.admitted = -1  # admission number: the latest admitted is preempted first
 
     @property
     def generated(self) -> int:
+        """Generated tokens the host has (a pending one not counted)."""
         return len(self.tokens) - self.prompt_len
 
     @property
+    def known(self) -> int:
+        """Tokens so far, a pending one included."""
+        return len(self.tokens) + self.pending
+
+    @property
     def decoding(self) -> bool:
-        """All known tokens but the last are computed: the next step computes one and samples."""
-        return self.row is not None and self.computed == len(self.tokens) - 1 and self.generated > 0
+        """All tokens but the last are computed: the next step computes one and samples."""
+        return self.row is not None and self.computed == self.known - 1 and self.known > self.prompt_len
+
+    @property
+    def complete(self) -> bool:
+        """Its last token (by `max_tokens`) is sampled: it needs no more rows."""
+        return self.known - self.prompt_len >= self.max_tokens
 
     def __repr__(self) -> str:
         return f"Sequence(id={self.id}, tokens={len(self.tokens)}, computed={self.computed}, row={self.row})"
@@ -66,6 +85,7 @@ class Chunk:
     tokens: list[int]
     pages: tuple[int, ...]  # the sequence's pages after this step's writes
     sample: bool  # the chunk ends at the last known token: the step samples the sequence's next token
+    pending: bool = False  # its one token is the sequence's pending one (tokens holds a placeholder)
 
 
 @dataclasses.dataclass
@@ -152,11 +172,13 @@ class Scheduler:
 
         def plan(seq: Sequence, n: int) -> None:
             end = seq.computed + n
-            planned[seq.id] = Chunk(seq, seq.row, seq.computed, seq.tokens[seq.computed:end], (),
-                                    sample=end == len(seq.tokens))
+            pending = seq.pending > 0 and end == seq.known
+            tokens = [0] if pending else seq.tokens[seq.computed:end]  # a pending token only decodes
+            planned[seq.id] = Chunk(seq, seq.row, seq.computed, tokens, (), sample=end == seq.known,
+                                    pending=pending)
 
-        for seq in [s for s in self.running if s.decoding]:
-            if seq in self.running and self._grow(seq, len(seq.tokens), planned, preempted):
+        for seq in [s for s in self.running if s.decoding and not s.complete]:
+            if seq in self.running and self._grow(seq, seq.known, planned, preempted):
                 plan(seq, 1)
         budget -= len(planned)
         for seq in [s for s in self.running if not s.decoding]:
@@ -170,6 +192,8 @@ class Scheduler:
                 budget = self.max_batched_tokens - sum(len(c.tokens) for c in planned.values())
         while self.waiting and self._free_rows and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if seq.pending:  # preempted while its last sample was in flight: recomputed once it is known
+                break
             n = self._admit(seq, budget)
             if n == 0:
                 break
@@ -205,18 +229,32 @@ class Scheduler:
         return n
 
     def computed(self, plan: StepPlan) -> None:
-        """Records that the plan ran: its tokens' keys/values are in the pages, and full pages join the
-        prefix cache. Call before appending the sampled tokens."""
-        z = self.pool.page_size
+        """Records that the plan was dispatched: its tokens' keys/values are (being) written into the
+        pages, each sequence it samples holds a pending token, and full pages of known tokens join the
+        prefix cache."""
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.row is None:  # finished (cancelled) since the plan
                 continue
             seq.computed = chunk.start + len(chunk.tokens)
-            if self.pool.caching:
-                done, full = len(seq.keys), seq.computed // z
-                if full > done:
-                    parent = seq.keys[-1] if seq.keys else b""
-                    seq.keys += P.page_keys(seq.tokens[done * z:full * z], z, parent)
-                    for i in range(done, full):
-                        self.pool.register(seq.pages[i], seq.keys[i])
+            seq.pending += chunk.sample
+            self._register(seq)
+
+    def append(self, seq: Sequence, token: int) -> None:
+        """Brings a sequence's oldest pending token to the host."""
+        seq.tokens.append(token)
+        seq.pending -= 1
+        if seq.row is not None:
+            self._register(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        """Full pages of computed, known tokens join the prefix cache."""
+        if not self.pool.caching:
+            return
+        z = self.pool.page_size
+        done, full = len(seq.keys), min(seq.computed, len(seq.tokens)) // z
+        if full > done:
+            parent = seq.keys[-1] if seq.keys else b""
+            seq.keys += P.page_keys(seq.tokens[done * z:full * z], z, parent)
+            for i in range(done, full):
+                self.pool.register(seq.pages[i], seq.keys[i])

@@ -14,10 +14,12 @@ FastAPI on uvicorn; request bodies are pydantic models (`protocol.py`). The fiel
 per prompt, each an engine request with seed + j), `stream`, `stream_options.include_usage`, `echo`
 (the prompt before the completion, with its tokens' log-probabilities from the model's forward pass:
 lm-evaluation-harness's loglikelihood requests), `logprobs` (completions' N or chat's `top_logprobs`
-N, up to 20 alternatives per token), `user` (ignored); plus vLLM's `top_k` (-1 or 0: no limit),
-`ignore_eos` and `stop_token_ids`. `logit_bias`, chat `response_format` other than text and `tools`
-are refused with a 400 saying so. Chat messages become the prompt through the model's chat template
-(the checkpoint's, or `--chat-template FILE`); a chat without `max_tokens` may fill the slot's cache.
+N, up to 20 alternatives per token), `logit_bias` (token ids as strings to numbers in [-100, 100],
+at most 300, added to the logits before sampling; the generated tokens' log-probabilities are then
+the biased distribution's), `user` (ignored); plus vLLM's `top_k` (-1 or 0: no limit), `ignore_eos`
+and `stop_token_ids`. Chat `response_format` other than text and `tools` are refused with a 400
+saying so. Chat messages become the prompt through the model's chat template (the checkpoint's, or
+`--chat-template FILE`); a chat without `max_tokens` may fill the slot's cache.
 A streamed completion is sent as server-sent events, one `data: {json}` chunk per token as the engine
 produces it, then `data: [DONE]`.
 

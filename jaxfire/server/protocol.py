@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -55,7 +56,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     n: int | None = 1
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Strict()]] | None = None  # token id (a string, as JSON keys are) -> bias
     user: str | None = None  # accepted and ignored, as vLLM does
 
 
@@ -144,8 +145,6 @@ def _common(b: _Sampling, prompts: int, limits: Limits) -> tuple[dict, list[int]
         raise BadRequest(f"'stop' has {len(stop)} strings, more than the server's limit of {limits.max_stop_strings}")
     if any(len(s) > limits.max_stop_chars for s in stop):
         raise BadRequest(f"a stop string is longer than the server's limit of {limits.max_stop_chars} characters")
-    if b.logit_bias:
-        raise BadRequest("logit_bias is not supported by this server")
     if b.seed is None:  # as OpenAI: unseeded draws differ
         seeds = [random.getrandbits(32) for _ in range(prompts * n)]
     elif not 0 <= b.seed < SEED_LIMIT:
@@ -156,7 +155,15 @@ def _common(b: _Sampling, prompts: int, limits: Limits) -> tuple[dict, list[int]
                   top_p=1.0 if b.top_p is None else b.top_p,
                   top_k=0 if b.top_k in (None, -1) else b.top_k, ignore_eos=b.ignore_eos, stop=tuple(stop),
                   stop_token_ids=tuple(b.stop_token_ids or ()))
+    if b.logit_bias:  # the engine checks the ids against the vocabulary and the biases' range
+        kwargs["logit_bias"] = {_token_key(k): v for k, v in b.logit_bias.items()}
     return kwargs, seeds, n
+
+
+def _token_key(key: str) -> int:
+    if not re.fullmatch(r"-?[0-9]{1,18}", key):  # beyond any vocabulary, and int() refuses thousands of digits
+        raise BadRequest(f"'logit_bias' keys must be token ids (integers as strings), got {key[:40]!r}")
+    return int(key)
 
 
 def completion_call(body: Any, limits: Limits = Limits()) -> Call:
