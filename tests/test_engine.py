@@ -77,7 +77,7 @@ def test_requests_at_random_times_match_generate_alone(model):
         for t in threads:
             t.join()
         assert engine.counters["prefills"] == len(jobs) > engine.slots
-        assert engine.token_buckets == (16, 32, 64, 128, 256, 512)  # steps pad to powers of two up to the budget
+        assert engine.token_buckets == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # powers of two up to the budget
         assert engine.counters["mixed_steps"] > 0  # decode tokens rode along newcomers' prefills
         assert engine.free_slots == engine.slots and engine.stats().kv_pages_used == 0
 
@@ -378,7 +378,7 @@ def test_no_recompilation_after_warmup(model, kind):
     # Shapes no other test uses, so the warm-up must compile (which shows the count works).
     if kind == "paged":
         engine = jaxfire.PagedEngine(model, slots=2, max_len=24, max_batched_tokens=24, detokenize=False)
-        assert engine.token_buckets == (16, 24)
+        assert engine.token_buckets == (1, 2, 4, 8, 16, 24)
     else:
         engine = ContiguousEngine(model, slots=2, max_len=24, detokenize=False)
         assert engine.buckets == (16, 24)

@@ -146,6 +146,36 @@ def test_a_cancelled_request_frees_its_pages_at_once(model):
     engine.close()
 
 
+def test_a_step_is_queued_before_the_previous_one_is_read(model, monkeypatch):
+    """The host plans and queues step k+1, then reads step k's samples: each step's tokens arrive with
+    the next step, a decode row takes its token from the previous samples on the device, and a request
+    that a stop ends drops the row it already had in the next step."""
+    from jaxfire.engine import runner
+
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=48, page_size=PAGE, detokenize=False)
+    order = []
+    dispatch, read = runner.Runner.dispatch, runner.Runner.read
+    monkeypatch.setattr(runner.Runner, "dispatch", lambda self, *a: order.append("dispatch") or dispatch(self, *a))
+    monkeypatch.setattr(runner.Runner, "read", lambda self, *a: order.append("read") or read(self, *a))
+    prompt = list(range(3, 20))
+    free = engine.submit(prompt, max_tokens=6, ignore_eos=True)
+    assert engine.step() == [] and order == ["dispatch"]  # the prompt's step is queued, nothing read yet
+    first = engine.step()
+    assert [e.token for e in first] == free.tokens[:1] and order == ["dispatch", "dispatch", "read"]
+    while not free.finished:
+        engine.step()
+    # a stop on the second token: the third row was already queued, and its sample never reaches the request
+    stop = free.tokens[1]
+    stopped = engine.submit(prompt, max_tokens=6, ignore_eos=True, stop_token_ids=[stop])
+    while not stopped.finished:
+        engine.step()
+    assert stopped.tokens == free.tokens[:1] and stopped.finish_reason == "stop"
+    while engine.step():
+        pass
+    assert engine.stats().kv_pages_used == 0 and engine.free_slots == 2
+    engine.close()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(page_size=0), "page_size: page size must be a power of two of at least 16 positions, got 0"),
     (dict(page_size=24), "page size must be a power of two of at least 16 positions, got 24"),

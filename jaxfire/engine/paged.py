@@ -9,10 +9,13 @@ results, as in `contiguous.py`):
    first served; an admitted prompt first takes its longest cached prefix of full pages from the
    prefix cache, `pages.py`); when pages run out it preempts the latest admitted request, which
    recomputes its prompt and streamed tokens later;
-3. the runner (`runner.py`) runs the plan as one ragged batch through `model.ragged_step`, which
+3. the runner (`runner.py`) queues the plan as one ragged batch through `model.ragged_step`, which
    writes every row's key/value into its page and returns the next-token logits of each request
-   whose chunk reached its last known token, and samples them;
-4. the sampled tokens are emitted, and full pages join the prefix cache.
+   whose chunk reached its last token, and samples them;
+4. then the previous step's samples are read back (the device runs the step just queued meanwhile)
+   and emitted, and full pages of known tokens join the prefix cache. So the host plans step k+1
+   before it knows step k's tokens: a request sampled in step k decodes in step k+1 from that sample
+   on the device, and a request that step k ends (a stop) loses the extra row it got in step k+1.
 Token n of a request is drawn with key fold_in(key(seed), n) over its own logits (its logit bias
 added), as in `contiguous.py`, so a request's tokens do not depend on what else runs, on chunking, on
 prefix hits or on preemption (a recomputed request resumes at the same n, never re-sending a token).
@@ -30,8 +33,8 @@ from jaxfire import paged_cache
 from jaxfire.engine.base import EngineBase
 from jaxfire.engine.pages import PagePool
 from jaxfire.engine.requests import EngineError, Request, RequestError, TokenEvent
-from jaxfire.engine.runner import Runner, default_pages
-from jaxfire.engine.scheduler import Scheduler
+from jaxfire.engine.runner import InFlight, Runner, default_pages
+from jaxfire.engine.scheduler import Scheduler, StepPlan
 from jaxfire.engine.scheduler import Sequence as Seq
 from jaxfire.errors import JaxfireError
 
@@ -56,13 +59,14 @@ class PagedEngine(EngineBase):
     max_batched_tokens: token rows per step, decode tokens and prefill chunks together (at least
       `slots`; default `max(slots, 512)`). Bounds how long a step, and so a running request's wait
       for its next token, can be.
-    min_bucket: the fewest token rows a step is padded to (steps compile for powers of two from it).
+    min_bucket: the fewest token rows a step is padded to (steps compile for powers of two from it):
+      1, so that a step of a few decode rows runs the kernels of its own size.
     detokenize: whether events carry text (needs the model's tokenizer).
     """
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, page_size: int = 16,
                  kv_pages: int | None = None, prefix_caching: bool = True, max_batched_tokens: int | None = None,
-                 min_bucket: int = 16, detokenize: bool = True):
+                 min_bucket: int = 1, detokenize: bool = True):
         super().__init__(model, slots, max_len, detokenize)
         try:
             paged_cache.check_page_size(page_size)  # the sizes the paged attention kernels take
@@ -97,6 +101,7 @@ class PagedEngine(EngineBase):
         self._state = Runner(model, self.slots, self.max_len, self.page_size, self.kv_pages,
                              self.max_batched_tokens, int(min_bucket))
         self.token_buckets = self._state.token_buckets
+        self._in_flight: tuple[StepPlan, InFlight] | None = None  # dispatched, samples not read yet
         # counters: steps (ragged steps run), mixed_steps (of them, steps with decode and prefill rows),
         # prefills (prompts whose first token was sampled), decode_tokens and prefill_tokens (rows of each
         # kind), padding_tokens (rows of a bucket left empty)
@@ -113,7 +118,7 @@ class PagedEngine(EngineBase):
                                f"engine's {self._pool.capacity} KV pages of {self.page_size}")
 
     def _busy(self) -> bool:
-        return bool(self._scheduler.waiting) or bool(self._scheduler.running)
+        return bool(self._scheduler.waiting) or bool(self._scheduler.running) or self._in_flight is not None
 
     def _num_running(self) -> int:
         return len(self._scheduler.running)
@@ -127,6 +132,7 @@ class PagedEngine(EngineBase):
         req._slot = None
 
     def _clear(self) -> None:
+        self._in_flight = None
         for seq in list(self._scheduler.running) + list(self._scheduler.waiting):
             self._scheduler.finish(seq)
 
@@ -162,8 +168,15 @@ class PagedEngine(EngineBase):
         plan = self._scheduler.schedule()
         for seq in plan.preempted:
             seq.owner._slot = None
-        if not plan.chunks:
-            return events
+        dispatched = self._dispatch(plan) if plan.chunks else None
+        # the step before this one ran while this one was planned; its samples come back now, while
+        # the device runs the step just dispatched
+        previous, self._in_flight = self._in_flight, dispatched
+        if previous is not None:
+            self._deliver(*previous, events)
+        return events
+
+    def _dispatch(self, plan: StepPlan) -> tuple[StepPlan, InFlight]:
         now = time.perf_counter()
         params, top = {}, False
         for chunk in plan.chunks:
@@ -174,27 +187,33 @@ class PagedEngine(EngineBase):
                 with self._stats_lock:
                     self._totals.prompt_tokens += req.metrics.prompt_tokens
                     self._totals.queue_time.observe(req.metrics.queue_time)
-            if chunk.sample:
+            if chunk.sample:  # the token's index in the request's stream: what its key folds in
                 params[chunk.row] = (req.seed, chunk.seq.known - chunk.seq.prompt_len, req.temperature, req.top_p,
                                      req.top_k, req._bias)
                 top = top or req.num_top_logprobs > 0
-        out = self._state.run(plan, params, top)
+        step = self._state.dispatch(plan, params, top)
         self._scheduler.computed(plan)
-        decode = sum(len(c.tokens) == 1 and c.seq.generated > 0 for c in plan.chunks)
+        decode = sum(len(c.tokens) == 1 and c.start >= c.seq.prompt_len for c in plan.chunks)
         self.counters["steps"] += 1
         self.counters["decode_tokens"] += decode
         self.counters["prefill_tokens"] += plan.num_tokens - decode
         self.counters["padding_tokens"] += next(b for b in self.token_buckets if b >= plan.num_tokens) - plan.num_tokens
         self.counters["mixed_steps"] += 0 < decode < plan.num_tokens
+        return plan, step
+
+    def _deliver(self, plan: StepPlan, step: InFlight, events: list[TokenEvent]) -> None:
+        """Emits a step's samples: each becomes its sequence's next token, unless its request ended
+        meanwhile (a stop, a cancel: its sample is dropped)."""
+        out = self._state.read(step)
         now = time.perf_counter()
         for chunk in plan.chunks:
-            if not chunk.sample:
+            req = chunk.seq.owner
+            if not chunk.sample or req.finished:
                 continue
-            req, r = chunk.seq.owner, chunk.row
+            r = chunk.row
             if chunk.seq.generated == 0:
                 self.counters["prefills"] += 1
             token = int(out.tokens[r])
             self._scheduler.append(chunk.seq, token)
             top_pair = None if out.top_ids is None else (out.top_ids[r], out.top_logprobs[r])
             self._emit(req, token, float(out.logprobs[r]), top_pair, now, events)
-        return events

@@ -1,6 +1,10 @@
 """The device step runner: a `StepPlan` becomes one `RaggedBatch`, one `model.ragged_step` over the
 paged cache, and one sampling program; the sampled tokens come back to the host.
 
+`dispatch` queues a step and returns at once; `read` waits for its samples. The engine dispatches
+step k+1 before it reads step k, so the host plans and emits while the device runs. A decode row whose
+token is step k's sample (`Chunk.pending`) takes it from step k's samples on the device.
+
 Dimensions: T token rows of a step (a bucket), S page-table rows (the engine's slots), M pages per
 row (`ceil(max_len / Z)`), Z page size, P pages in the pool, V vocab, L bias entries per row
 (`MAX_LOGIT_BIAS`).
@@ -19,10 +23,12 @@ import itertools
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxfire import model as M
 from jaxfire import paged_cache as PC
+from jaxfire import sharding as S
 from jaxfire.engine import sampler
 from jaxfire.engine.requests import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, zero_bias
 from jaxfire.engine.scheduler import StepPlan
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
     from jaxfire.api import Model
 
 
-def token_buckets(max_batched_tokens: int, min_bucket: int = 16) -> tuple[int, ...]:
+def token_buckets(max_batched_tokens: int, min_bucket: int = 1) -> tuple[int, ...]:
     """A step's token rows are padded up to one of these: powers of two from `min_bucket`, then the budget."""
     buckets, b = [], min(min_bucket, max_batched_tokens)
     while b < max_batched_tokens:
@@ -51,18 +57,40 @@ class Sampled:
     top_logprobs: np.ndarray | None  # [S, MAX_TOP_LOGPROBS] float32
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step: the page-table rows it samples and its sampling output, still on the device."""
+
+    rows: list[int]
+    out: jax.Array  # [2 + 2 top, S] int32, see `sampler.with_logprobs`
+
+
 @functools.partial(jax.jit, static_argnames=("sample", "top"))
 def _sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                 top_k: jax.Array, sample: bool, top: int) -> jax.Array:
-    # logits: [S, V] float32, the rest [S] -> [2 + 2 top, S]
-    return sampler.with_logprobs(logits, sampler.sample(logits, seeds, steps, temperature, top_p, top_k, sample), top)
+                 top_k: jax.Array, sample: bool, top: int) -> tuple[jax.Array, jax.Array]:
+    # logits: [S, V] float32, the rest [S] -> [2 + 2 top, S], and the tokens [S]
+    tokens = sampler.sample(logits, seeds, steps, temperature, top_p, top_k, sample)
+    return sampler.with_logprobs(logits, tokens, top), tokens
+
+
+def _step_fn(params, cache: PC.PagedKVCache, batch: PC.RaggedBatch, last: jax.Array, from_last: jax.Array,
+             config, runtime) -> tuple[jax.Array, PC.PagedKVCache]:
+    """`model.ragged_step` whose rows marked `from_last` take their sequence's token from `last`, the
+    previous step's samples by page-table row."""
+    # last: [S] int32, from_last: [T] bool -> logits [S, V] float32
+    tokens = jnp.where(from_last, last[jnp.maximum(batch.seq_ids, 0)], batch.tokens)  # [T]
+    return M.ragged_step_fn(params, cache, dataclasses.replace(batch, tokens=tokens), config, runtime)
+
+
+_step = jax.jit(_step_fn, static_argnames=("config", "runtime"), donate_argnames=("cache",),
+                compiler_options=S.COMPILER_OPTIONS)
 
 
 class Runner:
     """Holds the paged cache and runs plans on it."""
 
     def __init__(self, model: "Model", rows: int, max_len: int, page_size: int, num_pages: int,
-                 max_batched_tokens: int, min_bucket: int = 16):
+                 max_batched_tokens: int, min_bucket: int = 1):
         self.model = model
         self.rows = rows
         self.page_size = page_size
@@ -74,12 +102,15 @@ class Runner:
         self._where = (jax.devices()[0] if mesh is None
                        else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.cache = jax.device_put(cache, self._where) if mesh is None else cache
+        self._last = jax.device_put(np.zeros((rows,), np.int32), self._where)  # [S]: the last step's samples
 
-    def _batch(self, plan: StepPlan, bucket: int | None = None) -> tuple[PC.RaggedBatch, list[int]]:
-        """The plan as a ragged batch of `bucket` rows (default: the smallest holding it), host arrays put
-        on the device, and the page-table rows it samples."""
+    def _batch(self, plan: StepPlan, bucket: int | None = None) -> tuple[PC.RaggedBatch, jax.Array, list[int]]:
+        """The plan as a ragged batch of `bucket` rows (default: the smallest holding it) and the rows
+        whose token is the last step's sample, host arrays put on the device; and the page-table rows
+        it samples."""
         t = bucket or next(b for b in self.token_buckets if b >= plan.num_tokens)
         tokens = np.zeros((t,), np.int32)  # [T]
+        from_last = np.zeros((t,), bool)  # [T]
         positions = np.zeros((t,), np.int32)  # [T]
         seq_ids = np.full((t,), -1, np.int32)  # [T]: padding rows -1
         page_table = np.zeros((self.rows, self.pages_per_row), np.int32)  # [S, M]: unused entries the null page
@@ -89,6 +120,7 @@ class Runner:
         for chunk in plan.chunks:
             n = len(chunk.tokens)
             tokens[at:at + n] = chunk.tokens
+            from_last[at] = chunk.pending
             positions[at:at + n] = np.arange(chunk.start, chunk.start + n)
             seq_ids[at:at + n] = chunk.row
             page_table[chunk.row, :len(chunk.pages)] = chunk.pages
@@ -97,20 +129,30 @@ class Runner:
             if chunk.sample:
                 sampled.append(chunk.row)
             at += n
-        arrays = jax.device_put(dict(tokens=tokens, positions=positions, seq_ids=seq_ids, page_table=page_table,
-                                     context_lens=context_lens, logit_rows=logit_rows), self._where)
-        return PC.RaggedBatch(**arrays), sampled
+        arrays, from_last = jax.device_put((dict(tokens=tokens, positions=positions, seq_ids=seq_ids,
+                                                 page_table=page_table, context_lens=context_lens,
+                                                 logit_rows=logit_rows), from_last), self._where)
+        return PC.RaggedBatch(**arrays), from_last, sampled
 
-    def run(self, plan: StepPlan, params: dict[int, tuple], top: bool) -> Sampled:
-        """Runs the plan; samples row r with `params[r]` = (seed, index of the token in its request's
-        stream, temperature, top_p, top_k, padded logit bias or None: `Request._bias`), and the
-        likeliest alternatives too with `top`."""
-        batch, rows = self._batch(plan)
+    def _run_step(self, batch: PC.RaggedBatch, from_last: jax.Array) -> jax.Array:
         p = self.model
-        logits, self.cache = M.ragged_step(p.params, self.cache, batch, config=p.config, runtime=p.runtime)
-        return self._sample(logits, rows, params, top)
+        logits, self.cache = _step(p.params, self.cache, batch, self._last, from_last, config=p.config,
+                                   runtime=p.runtime)
+        return logits
 
-    def _sample(self, logits: jax.Array, rows: list[int], params: dict, top: bool) -> Sampled:
+    def dispatch(self, plan: StepPlan, params: dict[int, tuple], top: bool) -> InFlight:
+        """Queues the plan's step and its sampling, returning at once; samples row r with `params[r]` =
+        (seed, index of the token in its request's stream, temperature, top_p, top_k, padded logit bias
+        or None: `Request._bias`), and the likeliest alternatives too with `top`."""
+        batch, from_last, rows = self._batch(plan)
+        return self._sample(self._run_step(batch, from_last), rows, params, top)
+
+    def read(self, step: InFlight) -> Sampled:
+        """The step's samples on the host (waits for the device)."""
+        tokens, logprobs, top_ids, top_lps = sampler.read(step.out)
+        return Sampled(step.rows, tokens, logprobs, top_ids, top_lps)
+
+    def _sample(self, logits: jax.Array, rows: list[int], params: dict, top: bool) -> InFlight:
         seeds = np.zeros((self.rows,), np.uint32)
         steps = np.zeros((self.rows,), np.int32)
         temperature = np.zeros((self.rows,), np.float32)
@@ -125,23 +167,21 @@ class Runner:
             for r in biased:
                 ids[r], values[r] = params[r][5]
             logits = sampler.add_bias(logits, *jax.device_put((ids, values), self._where))
-        out = _sample_rows(logits, *jax.device_put((seeds, steps, temperature, top_p, top_k), self._where),
-                           sample=bool((temperature > 0).any()), top=MAX_TOP_LOGPROBS if top else 0)
-        tokens, logprobs, top_ids, top_lps = sampler.read(out)
-        return Sampled(rows, tokens, logprobs, top_ids, top_lps)
+        out, self._last = _sample_rows(logits, *jax.device_put((seeds, steps, temperature, top_p, top_k), self._where),
+                                       sample=bool((temperature > 0).any()), top=MAX_TOP_LOGPROBS if top else 0)
+        out.copy_to_host_async()
+        return InFlight(rows, out)
 
     def warmup(self) -> None:
         """Compiles the step of every token bucket and every sampling variant, greedy or not, with and
         without alternatives, after a logit bias or not (all rows padding: only the null page is
         written)."""
-        p = self.model
         empty = StepPlan(chunks=[], preempted=[])
         for _ in range(2):  # on a mesh a step may return the cache in other shardings than it came in
             for t in self.token_buckets:
-                batch, _ = self._batch(empty, t)
-                logits, self.cache = M.ragged_step(p.params, self.cache, batch, config=p.config, runtime=p.runtime)
+                logits = self._run_step(*self._batch(empty, t)[:2])
             for top, temperature, bias in itertools.product((False, True), (0.0, 1.0), (None, zero_bias())):
-                self._sample(logits, [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top)
+                self.read(self._sample(logits, [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top))
         jax.block_until_ready(self.cache)
 
 
