@@ -4,6 +4,7 @@
     PYTHONPATH=. python3 bench/decode_attention.py --out-dir bench/results           # the grid
     PYTHONPATH=. python3 bench/decode_attention.py --study sweep --batches 1,32 ...  # tuning
     PYTHONPATH=. python3 bench/decode_attention.py --study paged --page-sizes 16,64 ...  # paged vs contiguous
+    PYTHONPATH=. python3 bench/decode_attention.py --study paged-sweep --out-dir ...  # paged kernel configs
 
 Bytes counted: K + V (+ both per-token scale arrays for an fp8 cache), each read once; every
 length is S. Times are per call, from jitted groups of `--copies` calls queued back to back
@@ -16,6 +17,17 @@ The paged study times `pallas_kernels.paged_attention` (one decode row per seque
 caches cut into pages of each `--page-sizes` size and handed out in a shuffled order, so
 consecutive pages of a sequence are not adjacent in memory) beside the contiguous kernel on the
 same inputs in the same run: "vs_contiguous" is the paged kernel's TB/s over the contiguous one's.
+
+The paged sweep times the paged kernel over a grid of `PagedAttentionConfig`s for each batch, cache
+dtype and page size (Mixtral's heads, `--seqs` one length), beside the contiguous kernel's default on
+the same caches and the read ceiling (`bench.common.read_tbs`) of the same run. Configs run in tiers
+(0: the default and the kernel as first written; 1: the decode launch's main alternatives and a single
+launch of 16-row tiles; 2: the rest; the second page size and the serving step one tier later), each
+variant at every (batch, dtype, page size) before the next, until `--budget-s` has passed: a run cut
+short keeps the most telling rows. Each config is checked against the reference output before it is
+timed; one that fails to compile or to match is written with its error and skipped. With `--slots N`
+each batch also runs as a serving step does: N page-table rows of which `batch` are live, the rows
+padded to a bucket.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import time
 import warnings
 from typing import Any, Callable
 
@@ -32,7 +45,8 @@ import numpy as np
 
 from bench import common
 from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention, default_config
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
+from pallas_kernels.paged_attention import default_config as paged_default_config
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 FP8_MAX = 448.0
@@ -155,27 +169,26 @@ def ours(config: DecodeAttentionConfig | None) -> Callable[[Inputs], jax.Array]:
     return fn
 
 
-def check(fn: Callable[[Inputs], jax.Array], x: Inputs, chunk_bytes: int = 2 << 30) -> float:
-    """Relative L2 error against the reference, computed a few sequences at a time."""
-    out = jax.jit(fn)(x).astype(jnp.float32)
+def reference(x: Inputs, chunk_bytes: int = 2 << 30) -> jax.Array:
+    """The reference output [B, Hq, K] in float32, computed a few sequences at a time."""
     per_seq = x.kv_bytes // x.q.shape[0] * 4
     step = max(1, chunk_bytes // per_seq)
-    err = 0.0
-    ref_norm = 0.0
+    parts = []
     for b in range(0, x.q.shape[0], step):
         sl = slice(b, b + step)
-        part = Inputs(
-            x.q[sl], x.k[sl], x.v[sl], x.lengths[sl],
-            None if x.k_scale is None else x.k_scale[sl],
-            None if x.v_scale is None else x.v_scale[sl],
-        )
-        ref = decode_attention(
-            part.q, part.k, part.v, part.lengths, k_scale=part.k_scale, v_scale=part.v_scale,
-            implementation="reference",
-        ).astype(jnp.float32)
-        err += float(jnp.sum((out[sl] - ref) ** 2))
-        ref_norm += float(jnp.sum(ref**2))
-    rel = math.sqrt(err / ref_norm)
+        scales = {} if x.k_scale is None else {"k_scale": x.k_scale[sl], "v_scale": x.v_scale[sl]}
+        parts.append(decode_attention(x.q[sl], x.k[sl], x.v[sl], x.lengths[sl], **scales,
+                                      implementation="reference").astype(jnp.float32))
+    return jnp.concatenate(parts)
+
+
+def rel_err(out: jax.Array, ref: jax.Array) -> float:
+    return float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
+def check(fn: Callable[[Inputs], jax.Array], x: Inputs) -> float:
+    """Relative L2 error against the reference."""
+    rel = rel_err(jax.jit(fn)(x), reference(x))
     if not rel < 2e-2:
         raise AssertionError(f"decode_attention is wrong here: relative error {rel:.3g}")
     return rel
@@ -294,7 +307,9 @@ class PagedInputs:
     v_scale: jax.Array | None
 
 
-def to_pages(x: Inputs, page_size: int, seed: int) -> PagedInputs:
+def to_pages(x: Inputs, page_size: int, seed: int, slots: int = 0) -> PagedInputs:
+    """With `slots`, laid out as a serving step: max(B, slots) page-table rows of which the first B are
+    live (the others empty), and the rows padded to a bucket, the next power of two of at least 16."""
     batch, seq_len = x.k.shape[:2]
     per_seq = seq_len // page_size
     ids = 1 + np.random.default_rng(seed).permutation(batch * per_seq)  # [B S/Z]: shuffled pool pages
@@ -305,13 +320,19 @@ def to_pages(x: Inputs, page_size: int, seed: int) -> PagedInputs:
         return jnp.concatenate([jnp.zeros_like(pages[:1]), pages])
 
     scales = (None, None) if x.k_scale is None else (pool(x.k_scale), pool(x.v_scale))
-    return PagedInputs(x.q, pool(x.k), pool(x.v), jnp.asarray(ids.reshape(batch, per_seq), jnp.int32),
-                       jnp.arange(batch, dtype=jnp.int32), x.lengths - 1, x.lengths, *scales)
+    table = np.zeros((max(batch, slots), per_seq), np.int32)
+    table[:batch] = ids.reshape(batch, per_seq)
+    lengths = jnp.zeros((table.shape[0],), jnp.int32).at[:batch].set(x.lengths)
+    rows = max(16, 1 << (batch - 1).bit_length()) if slots else batch
+    q = jnp.zeros((rows, *x.q.shape[1:]), x.q.dtype).at[:batch].set(x.q)
+    seq_ids = jnp.full((rows,), -1, jnp.int32).at[:batch].set(jnp.arange(batch, dtype=jnp.int32))
+    positions = jnp.zeros((rows,), jnp.int32).at[:batch].set(x.lengths - 1)
+    return PagedInputs(q, pool(x.k), pool(x.v), jnp.asarray(table), seq_ids, positions, lengths, *scales)
 
 
-def ours_paged(x: PagedInputs) -> jax.Array:
+def ours_paged(x: PagedInputs, config: PagedAttentionConfig | None = None) -> jax.Array:
     return paged_attention(x.q, x.k, x.v, x.table, x.seq_ids, x.positions, x.lengths, k_scale=x.k_scale,
-                           v_scale=x.v_scale, implementation="pallas")
+                           v_scale=x.v_scale, implementation="pallas", config=config)
 
 
 def run_paged(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], None]) -> list[dict[str, Any]]:
@@ -337,12 +358,7 @@ def run_paged(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], N
                                contiguous_tbps=nbytes / contiguous / 1e12)
                     try:
                         paged = [to_pages(x, page_size, i) for i, x in enumerate(sets)]
-                        got = jax.jit(ours_paged)(paged[0]).astype(jnp.float32)
-                        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-                        if not rel < 2e-2:
-                            raise AssertionError(f"paged_attention is wrong here: relative error {rel:.3g} "
-                                                 "against the contiguous kernel")
-                        t = _paged_time(paged, args.copies)
+                        t, rel = _paged_time(paged, args.copies, want=want, against="the contiguous kernel")
                         row.update(rel_err=rel, time_us=t * 1e6, tbps=nbytes / t / 1e12,
                                    pct_copy=100 * nbytes / t / copy_bw, vs_contiguous=contiguous / t)
                         del paged
@@ -354,23 +370,142 @@ def run_paged(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], N
     return rows
 
 
-def _paged_time(sets: list[PagedInputs], copies: int) -> float:
-    """`device_time` for paged inputs: groups of `copies` calls in one program, q offset per copy."""
+def _paged_time(sets: list[PagedInputs], copies: int, config: PagedAttentionConfig | None = None,
+                iters: int | None = None, want: jax.Array | None = None,
+                against: str = "the reference") -> tuple[float, float | None]:
+    """`device_time` for paged inputs: seconds per call, from groups of `copies` calls in one program, q
+    offset per copy. With `want` ([B, Hq, K] of sets[0]), the first call of the first group (q as given)
+    is checked against it before any timing: (seconds, relative error)."""
 
     def group(inputs: list[PagedInputs]) -> list[jax.Array]:
-        return [ours_paged(dataclasses.replace(x, q=x.q + jnp.asarray(c, x.q.dtype))) for c, x in enumerate(inputs)]
+        return [ours_paged(dataclasses.replace(x, q=x.q + jnp.asarray(c, x.q.dtype)), config)
+                for c, x in enumerate(inputs)]
 
+    run = jax.jit(group)
     n_groups = max(1, math.ceil(len(sets) / copies))
     groups = [[sets[(g * copies + c) % len(sets)] for c in range(copies)] for g in range(n_groups)]
-    t = common.time_fn(jax.jit(group), arg_sets=[(g,) for g in groups], warmup=2, iters=max(10, 2 * n_groups),
-                       sync_each=False)
-    return t / copies
+    rel = None
+    if want is not None:
+        rel = rel_err(run(groups[0])[0][:want.shape[0]], want)
+        if not rel < 2e-2:
+            raise AssertionError(f"paged_attention is wrong here: relative error {rel:.3g} against {against}")
+    t = common.time_fn(run, arg_sets=[(g,) for g in groups], warmup=1 if want is not None else 2,
+                       iters=iters or max(10, 2 * n_groups), sync_each=False)
+    return t / copies, rel
+
+
+def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_size: int,
+                        itemsize: int) -> list[tuple[int, str, PagedAttentionConfig]]:
+    """(tier, name, config) of the paged sweep at these shapes (`rows` T, `seqs` S page-table rows): tier 0
+    the default and the kernel as first written, 1 the decode launch's main alternatives (key blocks,
+    stages, warps, how many splits its wave asks for) and a single launch of 16-row tiles, 2 the rest."""
+    base = paged_default_config(HQ // HKV, page_size, rows, seqs, seq_len // page_size, kv_heads=HKV,
+                                head_dim=HEAD_DIM, itemsize=itemsize)
+    dec = base.decode
+
+    def decode(positions: int, stages: int, warps: int = 4, **kw) -> PagedAttentionConfig:
+        return dataclasses.replace(base, decode=dataclasses.replace(
+            dec, block_kv=positions, num_stages=stages, num_warps=warps, **kw))
+
+    old = dataclasses.replace(base, decode=None, gather="pages")
+    tile16 = max(1, 16 // (1 << (HQ // HKV - 1).bit_length()))  # block_q of a 16-row tile
+    single = dataclasses.replace(old, block_q=tile16, gather="rows", pages_per_step=max(1, 128 // page_size),
+                                 num_stages=3, num_warps=4)
+    grid = [
+        (0, "default", base),
+        (0, "old", old),
+        (1, "single-tile16", single),
+        (1, "decode-kv64", decode(64, 3)),
+        (1, "decode-wave2x", decode(128, 3, wave=2 * dec.wave)),
+        (1, "decode-wave0.5x", decode(128, 3, wave=max(1, dec.wave // 2))),
+        (1, "decode-stages4", decode(128, 4)),
+        (1, "decode-warps8", decode(128, 3, 8)),
+        (2, "decode-nosplit", decode(128, 3, num_splits=1)),
+        (2, "decode-wave4x", decode(128, 3, num_splits=32, wave=4 * dec.wave)),
+        (2, "decode-stages2", decode(128, 2)),
+        (2, "decode-kv64-stages4", decode(64, 4)),
+        (2, "decode-kv64-warps8", decode(64, 3, 8)),
+        (2, "decode-kv256-stages2", decode(256, 2)),
+        (2, "single-tile16-kv64", dataclasses.replace(single, pages_per_step=max(1, 64 // page_size))),
+        (2, "single-tile16-pages", dataclasses.replace(old, block_q=tile16)),
+        (2, "old-rows", dataclasses.replace(old, gather="rows", num_stages=3)),
+    ]
+    seen, out = set(), []
+    for tier, name, config in grid:  # at some page sizes two names are one config
+        if config not in seen:
+            seen.add(config)
+            out.append((tier, name, config))
+    return out
+
+
+def run_paged_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """Paged kernel configs against the contiguous kernel and the read ceiling, by tiers, within --budget-s."""
+    read = common.read_tbs()
+    print(f"read ceiling {read:.3f} TB/s", flush=True)
+    seq_len = args.seqs[0]
+    rows: list[dict[str, Any]] = []
+    work = []  # (priority, rank in its grid, order, row base, paged sets, want, config)
+    for dtype in args.dtypes:
+        fp8 = dtype == "fp8"
+        for batch in args.batches:
+            sets = make_input_sets(batch, seq_len, fp8)
+            nbytes = sets[0].kv_bytes
+            contiguous_config = default_config(batch, seq_len, HKV, HEAD_DIM, sets[0].k.dtype)
+            base = {"study": "paged-sweep", "batch": batch, "seq_len": seq_len, "cache": dtype, "q_heads": HQ,
+                    "kv_heads": HKV, "head_dim": HEAD_DIM, "kv_bytes": nbytes, "copy_tbps": copy_bw / 1e12,
+                    "read_tbs": read, "copies": args.copies, "iters": args.sweep_iters,
+                    "contiguous_config": _config_dict(contiguous_config)}
+            try:
+                contiguous = device_time(ours(contiguous_config), sets, args.copies)
+                base.update(contiguous_us=contiguous * 1e6, contiguous_tbps=nbytes / contiguous / 1e12)
+            except Exception as e:  # the paged configs are still timed, without the comparison
+                base["contiguous_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            want = reference(sets[0])
+            for z, page_size in enumerate(args.page_sizes):
+                for slots in [0, args.slots] if args.slots else [0]:
+                    paged = [to_pages(x, page_size, i, slots) for i, x in enumerate(sets)]
+                    table_rows, step_rows = paged[0].table.shape[0], paged[0].q.shape[0]
+                    if slots and table_rows == step_rows == batch:
+                        continue  # the serving step of a batch this large is the batch itself
+                    shape = dict(base, page_size=page_size, slots=slots or None, rows=step_rows)
+                    configs = paged_sweep_configs(batch, step_rows, table_rows, seq_len, page_size, 1 if fp8 else 2)
+                    for rank, (tier, name, config) in enumerate(configs):
+                        if tier in args.tiers:
+                            row = dict(shape, variant=name, tier=tier, default=name == "default")
+                            priority = tier + min(z, 1) + min(slots, 1)
+                            work.append((priority, rank, len(work), row, paged, want, config))
+            del sets
+    # Within a tier, one variant at every shape before the next: a budget cut drops variants, not shapes.
+    work.sort(key=lambda w: w[:3])
+    start, skipped = time.perf_counter(), 0
+    for *_, row, paged, want, config in work:
+        if time.perf_counter() - start >= args.budget_s:
+            skipped += 1
+            continue
+        row = dict(row, config=dataclasses.asdict(config))
+        t0 = time.perf_counter()
+        try:
+            t, rel = _paged_time(paged, args.copies, config, iters=args.sweep_iters, want=want)
+            nbytes = row["kv_bytes"]
+            row.update(rel_err=rel, time_us=t * 1e6, tbps=nbytes / t / 1e12, of_read=nbytes / t / 1e12 / read,
+                       pct_copy=100 * nbytes / t / copy_bw)
+            if "contiguous_us" in row:
+                row["vs_contiguous"] = row["contiguous_us"] / row["time_us"]
+        except Exception as e:  # a config that does not compile or does not match is recorded and skipped
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["wall_s"] = time.perf_counter() - t0  # compile, check and timing
+        rows.append(row)
+        emit(row)
+    if skipped:
+        print(f"--budget-s {args.budget_s:g} s spent: {skipped} of {len(work)} configs not run", flush=True)
+    return rows
 
 
 def _line(row: dict[str, Any]) -> str:
-    keys = ("study", "cache", "batch", "seq_len", "page_size", "config", "time_us", "tbps", "pct_copy",
-            "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps", "pallas_gqa_tbps", "vs_best_peer",
-            "time_vs_bf16", "error")
+    # A sweep row names its config by variant: the whole config is in the written row.
+    keys = ("study", "cache", "batch", "seq_len", "page_size", "slots", "variant" if "variant" in row else "config",
+            "time_us", "tbps", "pct_copy", "of_read", "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps",
+            "pallas_gqa_tbps", "vs_best_peer", "time_vs_bf16", "wall_s", "error")
     return " ".join(f"{k}={common._fmt(row[k])}" for k in keys if k in row)
 
 
@@ -378,11 +513,12 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study", choices=("grid", "sweep", "both", "paged"), default="grid")
+    p.add_argument("--study", choices=("grid", "sweep", "both", "paged", "paged-sweep"), default="grid")
     p.add_argument("--batches", type=_ints, default=[1, 8, 32, 128])
-    p.add_argument("--seqs", type=_ints, default=[1024, 4096, 16384])
+    p.add_argument("--seqs", type=_ints, default=None, help="lengths (default 1024,4096,16384; the paged sweep "
+                                                            "takes one, 4096)")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp8"])
     p.add_argument("--copies", type=int, default=16)
     p.add_argument("--no-peers", action="store_true")
@@ -393,10 +529,28 @@ def main() -> None:
                    type=lambda s: [float(x) for x in s.split(",")], default=[1.0])
     p.add_argument("--sweep-batches", type=_ints, default=None)
     p.add_argument("--sweep-seqs", type=_ints, default=None)
-    p.add_argument("--page-sizes", dest="page_sizes", type=_ints, default=[16, 32, 64, 128],
-                   help="the paged study's page sizes (each must divide every --seqs length)")
+    p.add_argument("--page-sizes", dest="page_sizes", type=_ints, default=None,
+                   help="the paged studies' page sizes, each dividing every --seqs length (default 16,32,64,128; "
+                        "the paged sweep 16,64)")
+    p.add_argument("--tiers", type=_ints, default=[0, 1, 2], help="the paged sweep's config tiers")
+    p.add_argument("--budget-s", dest="budget_s", type=float, default=150.0,
+                   help="the paged sweep starts no config after this many seconds of configs")
+    p.add_argument("--sweep-iters", dest="sweep_iters", type=int, default=5,
+                   help="the paged sweep's timed groups of --copies calls per config")
+    p.add_argument("--slots", type=int, default=0,
+                   help="the paged sweep also runs each batch as a serving step of this many page-table rows")
     p.add_argument("--out-dir", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    sweep = args.study == "paged-sweep"
+    if args.seqs is None:
+        args.seqs = [4096] if sweep else [1024, 4096, 16384]
+    if args.page_sizes is None:
+        args.page_sizes = [16, 64] if sweep else [16, 32, 64, 128]
+    if sweep and len(args.seqs) != 1:
+        p.error(f"--seqs: the paged sweep takes one length, got {args.seqs}")
+    bad = [(z, n) for z in args.page_sizes for n in args.seqs if n % z]
+    if args.study in ("paged", "paged-sweep") and bad:
+        p.error(f"--page-sizes: page size {bad[0][0]} does not divide the length {bad[0][1]}")
 
     print(common.device_info(), flush=True)
     copy_bw = common.copy_bandwidth()
@@ -416,18 +570,21 @@ def main() -> None:
     if args.study in ("grid", "both"):
         rows += run_grid(args, copy_bw, emit)
     if args.study == "paged":
-        bad = [(z, n) for z in args.page_sizes for n in args.seqs if n % z]
-        if bad:
-            p.error(f"--page-sizes: page size {bad[0][0]} does not divide the length {bad[0][1]}")
         rows += run_paged(args, copy_bw, emit)
         common.print_table(rows, ["cache", "batch", "seq_len", "page_size", "time_us", "tbps", "contiguous_tbps",
                                   "vs_contiguous", "error"])
+    if sweep:
+        rows += run_paged_sweep(args, copy_bw, emit)
+    if sweep and rows:
+        common.print_table(rows, ["cache", "batch", "page_size", "slots", "variant", "time_us", "tbps", "of_read",
+                                  "contiguous_tbps", "vs_contiguous", "error"])
     print(f"wrote {len(rows)} rows to {args.out_dir or common.RESULTS_DIR}")
     grid = [r for r in rows if r["study"] == "grid"]
     if grid:
         common.print_table(grid, ["cache", "batch", "seq_len", "time_us", "tbps", "pct_copy",
                                   "xla_tbps", "cudnn_tbps", "pallas_gqa_tbps", "vs_best_peer",
                                   "time_vs_bf16"])
+    return rows
 
 
 if __name__ == "__main__":

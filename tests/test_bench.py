@@ -179,3 +179,50 @@ def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, mon
     assert {name: sum(r["shape"] == name for r in rows) for name in want} == want
     assert all(r["rel_err"] < G.MAX_REL_ERR and r["of_read_bw"] > 0 for r in rows)
     assert {r["dtype"] for r in rows if r["impl"].startswith(("xla fp8", "mosaic"))} == {"w8a8"}
+
+
+@pytest.fixture
+def tiny_attention(monkeypatch):
+    """bench/decode_attention.py at a tiny size: 8 query heads on 2 KV heads of 64, one input set."""
+    from bench import decode_attention
+
+    for name, value in (("HQ", 8), ("HKV", 2), ("HEAD_DIM", 64), ("ROTATE_BYTES", 1)):
+        monkeypatch.setattr(decode_attention, name, value)
+    return decode_attention
+
+
+def test_paged_sweep_checks_and_times_each_config_beside_the_contiguous_kernel(tmp_path, tiny_attention):
+    """The paged sweep's first tier (the default and the kernel as first written) on bf16 and fp8 caches,
+    as one batch and as a serving step (4 page-table rows, the rows padded to a bucket of 16): each config
+    checked against the reference, timed, and written with the contiguous kernel and the read ceiling of
+    the same run."""
+    D = tiny_attention
+    rows = D.main(["--study", "paged-sweep", "--batches", "2", "--seqs", "64", "--page-sizes", "16", "--copies", "1",
+                   "--sweep-iters", "1", "--tiers", "0", "--slots", "4", "--out-dir", str(tmp_path)])
+    assert [(r["cache"], r["slots"], r["variant"]) for r in rows] == [
+        (cache, slots, variant) for slots in (None, 4) for variant in ("default", "old") for cache in ("bf16", "fp8")]
+    written = [json.loads(line) for line in (tmp_path / "decode_attention.jsonl").read_text().splitlines()]
+    assert len(written) == len(rows) and all(r["study"] == "paged-sweep" and "error" not in r for r in written)
+    for r in written:
+        assert r["rel_err"] < 2e-2 and r["time_us"] > 0 and r["read_tbs"] == common.read_tbs() > 0
+        assert r["vs_contiguous"] == pytest.approx(r["contiguous_us"] / r["time_us"])
+        assert r["of_read"] == pytest.approx(r["tbps"] / r["read_tbs"])
+        assert r["default"] == (r["variant"] == "default") and r["rows"] == (16 if r["slots"] else 2)
+    assert all(r["config"]["decode"] for r in written if r["default"])
+    assert not any(r["config"]["decode"] for r in written if r["variant"] == "old")
+
+
+def test_paged_sweep_records_a_failing_config_and_goes_on(tmp_path, tiny_attention, monkeypatch, capsys):
+    from pallas_kernels.paged_attention import PagedAttentionConfig
+
+    D = tiny_attention
+    monkeypatch.setattr(D, "paged_sweep_configs", lambda *a: [(0, "broken", PagedAttentionConfig(block_q=3)),
+                                                              (0, "first", PagedAttentionConfig())])
+    args = ["--study", "paged-sweep", "--batches", "1", "--seqs", "32", "--page-sizes", "16", "--dtypes", "bf16",
+            "--copies", "1", "--sweep-iters", "1", "--out-dir", str(tmp_path)]
+    broken, first = D.main(args)
+    assert "block_q must be a power of two" in broken["error"] and "time_us" not in broken
+    assert first["time_us"] > 0 and "error" not in first
+    # A spent budget starts no config, and says so.
+    assert D.main(args + ["--budget-s", "0"]) == []
+    assert "2 of 2 configs not run" in capsys.readouterr().out

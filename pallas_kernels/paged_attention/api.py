@@ -86,7 +86,7 @@ def paged_attention(
         raise ValueError(f"the kernel takes head dims {HEAD_DIMS}, got {head_dim}.")
     if config is None:
         config = default_config(q.shape[1] // k_pages.shape[2], k_pages.shape[1], q.shape[0], *page_table.shape,
-                                kv_heads=k_pages.shape[2])
+                                kv_heads=k_pages.shape[2], head_dim=head_dim, itemsize=k_pages.dtype.itemsize)
     config.validate()
     return triton_backend.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
                                           k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window,

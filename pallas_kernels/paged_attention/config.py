@@ -1,9 +1,42 @@
-# Z page size, R = Hq // Hkv query heads per KV head.
+# Z page size, R = Hq // Hkv query heads per KV head (R' padded to a power of two), K head dim.
 """Tuning parameters of the ragged paged attention kernel and their heuristic default."""
 
 from __future__ import annotations
 
 import dataclasses
+
+GATHERS = ("pages", "rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """The decode launch: rows that are their sequence's only row of the step.
+
+    One program per (KV head, work item), a work item being one row's share of its keys: the row's R'
+    query heads padded to a 16-row tile (the smallest tensor-core tile), as in
+    `pallas_kernels.decode_attention`, rather than block_q x R' rows of which R' are live. How many
+    splits each row takes is chosen on the device from the decode rows actually present, so a step
+    with few live rows among many page-table rows still fills the machine.
+
+    num_splits: the most work items one row is cut into (each a share of its key steps).
+    block_kv: positions each loop step reads (a power of two >= 16), gathered slot by slot: more or
+        fewer than a page.
+    num_warps, num_stages: Triton launch width and software-pipelining depth.
+    wave: programs the device runs at once; splits are picked so that the programs fill whole waves.
+    """
+
+    num_splits: int = 16
+    block_kv: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    wave: int = 132
+
+    def validate(self) -> None:
+        _check_launch(self, "config.decode")
+        if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
+            raise ValueError(f"config.decode.block_kv must be a power of two >= 16, got {self.block_kv}.")
+        if self.wave < 1:
+            raise ValueError(f"config.decode.wave must be >= 1, got {self.wave}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +51,16 @@ class PagedAttentionConfig:
     pages_per_step: pages each loop step loads (a power of two): small pages are read in key blocks
         of pages_per_step x Z positions rather than Z.
     num_warps, num_stages: Triton launch width and software-pipelining depth.
+    gather: how a step's keys and values are read. "pages": the step's pages as a [pages, Z, K]
+        block, reshaped and zeroed past the span in registers; "rows": each position's slot
+        (page x Z + offset) gathered with a masked load, which feeds the dot from shared memory as it
+        came and reads nothing past the span.
+    decode: None: every row goes through the block launch. A `DecodeConfig`: rows that are their
+        sequence's only row of the step go through a launch of their own (see there), the block
+        launch taking the rest.
+
+    The dataclass's own defaults are the kernel as first written (one launch, "pages"); `default_config`
+    picks the tuned choice.
     """
 
     block_q: int = 16
@@ -25,18 +68,31 @@ class PagedAttentionConfig:
     pages_per_step: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    gather: str = "pages"
+    decode: DecodeConfig | None = None
 
     def validate(self) -> None:
         if self.block_q < 1 or self.block_q & (self.block_q - 1):
             raise ValueError(f"config.block_q must be a power of two, got {self.block_q}.")
-        if self.num_splits < 1:
-            raise ValueError(f"config.num_splits must be >= 1, got {self.num_splits}.")
+        _check_launch(self, "config")
         if self.pages_per_step < 1 or self.pages_per_step & (self.pages_per_step - 1):
             raise ValueError(f"config.pages_per_step must be a power of two, got {self.pages_per_step}.")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
-        if self.num_stages < 1:
-            raise ValueError(f"config.num_stages must be >= 1, got {self.num_stages}.")
+        if self.gather not in GATHERS:
+            raise ValueError(f"config.gather must be one of {GATHERS}, got {self.gather!r}.")
+        if self.decode is not None:
+            if not isinstance(self.decode, DecodeConfig):
+                raise ValueError(f"config.decode must be a DecodeConfig or None, got {type(self.decode).__name__}.")
+            self.decode.validate()
+
+
+def _check_launch(c: DecodeConfig | PagedAttentionConfig, name: str) -> None:
+    """The fields both launches have: splits, warps, stages."""
+    if c.num_splits < 1:
+        raise ValueError(f"{name}.num_splits must be >= 1, got {c.num_splits}.")
+    if c.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{name}.num_warps must be 1, 2, 4, 8 or 16, got {c.num_warps}.")
+    if c.num_stages < 1:
+        raise ValueError(f"{name}.num_stages must be >= 1, got {c.num_stages}.")
 
 
 def query_heads_padded(group: int) -> int:
@@ -45,16 +101,27 @@ def query_heads_padded(group: int) -> int:
 
 # H100 / H200 multiprocessor count.
 _CORES = 132
+# Shared memory per multiprocessor that a kernel's buffers can use on Hopper (of 228 KiB).
+_SHARED_MEMORY = 200 * 1024
+# Key tiles of the decode launch: 32 KiB and at most 128 positions (128 of bf16 at K = 128), as the
+# contiguous kernel's measured best (pallas_kernels.decode_attention.config).
+_TILE_BYTES = 32 * 1024
 
 
 def default_config(group: int, page_size: int, rows: int | None = None, seqs: int | None = None,
-                   pages_per_seq: int | None = None, kv_heads: int = 1) -> PagedAttentionConfig:
+                   pages_per_seq: int | None = None, kv_heads: int = 1, head_dim: int = 128,
+                   itemsize: int = 2) -> PagedAttentionConfig:
     """About 64 query rows per program: enough to keep the tensor cores busy on prompt chunks while the
     [64, W] logits and the [64, K] accumulator stay in registers; at least 16.
 
     Splits from the static shapes (`rows` T, `seqs` S, `pages_per_seq` M, when given): a step of few
     sequences (at most min(S, T) blocks hold a sequence's only rows) gets enough splits for about two
     programs per multiprocessor over its blocks and `kv_heads`, each split keeping at least four steps.
+
+    Decode rows take the decode launch: 16-row tiles, key blocks of 32 KiB (at most 128 positions, by
+    `head_dim` and the pages' `itemsize`), three stages, and a wave of as many programs as fit on the
+    multiprocessors by shared memory, at most four each: the contiguous kernel's choices. The block launch keeps the "pages" reads
+    it was first measured with: "rows" is untimed on prompt tiles (bench/prefill.py times those).
     """
     heads = query_heads_padded(group)
     block_q = max(1, 64 // heads, 16 // heads)
@@ -66,5 +133,11 @@ def default_config(group: int, page_size: int, rows: int | None = None, seqs: in
     pages_per_step = max(1, 64 // page_size)
     if pages_per_seq:
         splits = max(1, min(splits, pages_per_seq // (4 * pages_per_step)))
+    block_kv = max(16, min(128, _TILE_BYTES // (head_dim * itemsize)))
+    stages = 3
+    resident = max(1, min(4, _SHARED_MEMORY // (2 * stages * block_kv * head_dim * itemsize)))
+    decode = DecodeConfig(num_splits=16, block_kv=block_kv, num_warps=4, num_stages=stages,
+                          wave=_CORES * resident)
     return PagedAttentionConfig(block_q=block_q, num_splits=splits, pages_per_step=pages_per_step,
-                                num_warps=4 if page_size * pages_per_step <= 64 else 8, num_stages=2)
+                                num_warps=4 if page_size * pages_per_step <= 64 else 8, num_stages=2,
+                                gather="pages", decode=decode)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import PagedAttentionConfig, append, default_config, paged_attention
+from pallas_kernels.paged_attention import DecodeConfig, PagedAttentionConfig, append, default_config, paged_attention
 from tests.kernels.checks import assert_close, seed  # noqa: F401 (seed: a fixture)
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
@@ -165,6 +165,27 @@ class PagedAttentionCases:
         self.check(case)
 
 
+    def test_decode_step_over_idle_page_table_rows_and_empty_rows(self, seed):
+        # A serving step: few live decode rows among many page-table rows, one row of a sequence with no
+        # positions yet (it sees nothing: zeros), a length that fills its last page exactly, padding.
+        case = make_case(seed, steps=[(0, 0), (100, 1), (0, 0), (0, 1), (17, 1), (0, 0), (0, 0), (144, 1), (0, 0)],
+                         pages_per_seq=9, padding=5)
+        out = np.asarray(self.check(case), np.float32)
+        assert (out[(case.seq_ids == 3)] == 0).all(), "a row that sees no position must give zeros"
+
+    def test_fp8_decode_rows_beside_a_two_row_sequence_with_window(self, seed):
+        # MQA over fp8 pages, decode rows whose window starts inside a page, beside a sequence of two rows.
+        case = make_case(seed, q_heads=4, kv_heads=1, cache_dtype=FP8, window=20, pages_per_seq=6,
+                         steps=[(70, 1), (33, 1), (5, 1), (64, 2), (90, 1)])
+        self.check(case)
+
+    def test_group_wider_than_the_smallest_tile(self, seed):
+        # 32 query heads on one KV head: a decode row's heads alone fill more than the 16-row tile.
+        case = make_case(seed, q_heads=32, kv_heads=1, q_dtype=jnp.float16, steps=[(40, 1), (23, 3), (64, 1)],
+                         padding=1)
+        self.check(case)
+
+
 class TestReference(PagedAttentionCases):
     implementation = "reference"
 
@@ -190,6 +211,67 @@ class TestPallas(PagedAttentionCases):
         # A block the kernel widens to a 16-row tile, more splits than pages, one page a step.
         case = make_case(seed, steps=[(50, 17), (12, 1), (0, 0)])
         self.check(case, config=PagedAttentionConfig(block_q=1, num_splits=5))
+
+
+class TestPallasDecodeLaunch(PagedAttentionCases):
+    implementation = "pallas"
+    # Decode rows through their own launch, cut into up to four items over 16-position steps (half a page
+    # of the 32-position pages; a small wave, so that few rows still split); the rest through the block
+    # launch with slot-by-slot reads.
+    config = PagedAttentionConfig(block_q=4, num_splits=2, pages_per_step=2, gather="rows",
+                                  decode=DecodeConfig(num_splits=4, block_kv=16, wave=16))
+
+    def test_long_rows_split_into_many_items(self, seed):
+        # A wave large enough that each row takes its most items: eight for the long rows, fewer for a
+        # row of few steps (a split of under two steps is not worth its partials).
+        case = make_case(seed, steps=[(150, 1), (37, 1), (160, 1), (20, 20)], pages_per_seq=10, padding=2)
+        self.check(case, config=dataclasses.replace(self.config, decode=DecodeConfig(num_splits=8, block_kv=16,
+                                                                                     wave=4096)))
+
+    def test_one_row_has_no_block_launch(self, seed):
+        case = make_case(seed, steps=[(45, 1)], padding=0)
+        self.check(case)
+
+
+class TestPallasDefaultConfig(PagedAttentionCases):
+    """The kernel with the default config of each case's shapes (the one the model runs)."""
+
+    implementation = "pallas"
+
+
+def _items(live: int, steps: list[int], **kw) -> dict:
+    from pallas_kernels.paged_attention.triton import decode_items
+
+    rows = len(steps)
+    span = 16
+    decode = dict(hi=jnp.asarray([n * span for n in steps], jnp.int32), lo=jnp.zeros((rows,), jnp.int32),
+                  seq=jnp.arange(rows, dtype=jnp.int32), row0=jnp.arange(rows, dtype=jnp.int32),
+                  live=jnp.int32(live))
+    kw = dict(dict(num_splits=16, wave=132, kv_heads=8, span=span), **kw)
+    kw.setdefault("num_items", min(rows * kw["num_splits"], rows + -(-kw["wave"] // kw["kv_heads"])))
+    return {name: np.asarray(a) for name, a in decode_items(decode, **kw).items()}
+
+
+def test_decode_splits_fill_whole_waves_of_the_rows_present():
+    """Splits per decode row as the contiguous kernel picks them for a batch, here from the live rows: with
+    Mixtral's 8 KV heads one row takes 16 (128 of 132 programs), two rows 8, eight rows 2, 32 rows 1; a
+    row of few steps takes no more than half its steps; items past the last have no parts."""
+    assert _items(1, [256] * 32)["row_parts"][:2].tolist() == [16, 0]
+    assert _items(8, [256] * 32)["row_parts"][:9].tolist() == [2] * 8 + [0]
+    assert (_items(32, [256] * 32)["row_parts"] == 1).all()
+    few = _items(2, [256, 5] + [0] * 6)
+    assert few["row_parts"].tolist() == [8, 2] + [0] * 6 and (few["parts"] > 0).sum() == 10
+    items = _items(3, [4, 4, 4] + [0] * 13)
+    assert items["row_parts"][:4].tolist() == [2, 2, 2, 0] and (items["parts"] > 0).sum() == 6
+    # Each live item names its row and its share, a row's items adjacent.
+    live = items["parts"] > 0
+    assert items["row0"][live].tolist() == [0, 0, 1, 1, 2, 2] and items["part"][live].tolist() == [0, 1] * 3
+
+
+def test_decode_items_never_outgrow_the_grid():
+    # 40 live rows of Mixtral's heads overfill one wave; the grid holds rows + one wave's worth of items.
+    items = _items(40, [256] * 40)
+    assert (items["parts"] > 0).sum() <= items["parts"].shape[0] == 40 + 17
 
 
 def test_default_implementation_on_cpu_is_the_reference():
@@ -262,16 +344,23 @@ def _good(**over):
     (dict(config=PagedAttentionConfig(block_q=3), implementation="pallas"), "block_q must be a power of two"),
     (dict(config=PagedAttentionConfig(pages_per_step=3), implementation="pallas"),
      "pages_per_step must be a power of two"),
+    (dict(config=PagedAttentionConfig(gather="slots"), implementation="pallas"), "gather must be one of"),
+    (dict(config=PagedAttentionConfig(decode=DecodeConfig(block_kv=8)), implementation="pallas"),
+     "decode.block_kv must be a power of two >= 16"),
+    (dict(config=PagedAttentionConfig(decode=DecodeConfig(wave=0)), implementation="pallas"), "decode.wave must be"),
 ])
 def test_bad_input_raises_one_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
         paged_attention(**_good(**override))
 
 
-@pytest.mark.parametrize("cache,splits,window", [("bf16", 1, None), ("fp8", 2, 4096), ("bf16", 4, 100)])
-def test_kernel_lowers_for_h100(cache, splits, window, monkeypatch):
-    """Mixtral shapes (a 256-row step over 64-position pages) lower through Pallas to a Triton module that
-    passes the MLIR verifier: catches what the Triton lowering lacks before a GPU run."""
+@pytest.mark.parametrize("cache,splits,window,decode", [("bf16", 1, None, False), ("fp8", 2, 4096, False),
+                                                        ("bf16", 4, 100, False), ("bf16", 1, None, True),
+                                                        ("fp8", 2, 4096, True)])
+def test_kernel_lowers_for_h100(cache, splits, window, decode, monkeypatch):
+    """Mixtral shapes (a 256-row step over 64-position pages) lower through Pallas to Triton modules that
+    pass the MLIR verifier: catches what the Triton lowering lacks before a GPU run. With a decode config
+    the block launch reads slot by slot and the decode launch is a second module."""
     from pallas_kernels.paged_attention import triton as triton_backend
 
     verified = verify_triton_modules(monkeypatch)
@@ -281,6 +370,8 @@ def test_kernel_lowers_for_h100(cache, splits, window, monkeypatch):
     pool = s((pages, page_size, kv_heads, head_dim), dtype)
     scale = s((pages, page_size, kv_heads), jnp.float32) if cache == "fp8" else None
     config = PagedAttentionConfig(block_q=16, num_splits=splits, pages_per_step=2 if splits > 1 else 1)
+    if decode:
+        config = dataclasses.replace(config, gather="rows", decode=default_config(4, page_size).decode)
 
     def fn(q, k, v, page_table, seq_ids, positions, context_lens, k_scale, v_scale):
         return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens, k_scale=k_scale,
@@ -290,4 +381,4 @@ def test_kernel_lowers_for_h100(cache, splits, window, monkeypatch):
     text = lower_for_h100(fn, s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((seqs, per_seq), i32),
                           s((rows,), i32), s((rows,), i32), s((seqs,), i32), scale, scale)
     assert "jaxfire_paged_attention" in text
-    assert verified == [True]
+    assert verified == [True, True] if decode else [True]
