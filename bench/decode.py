@@ -53,14 +53,17 @@ from jaxfire.params import fuse_qkv, init_params  # noqa: E402
 PEAK_FLOPS = {"bf16": 661e12, "fp8": 1257e12}  # dense matmul ceilings measured on the H100 (shared/GPU.md)
 
 
-def step_bytes(c: Config, layers: int, batch: int, context: int, weight_bytes: float, kv_bytes: float) -> float:
+def step_bytes(c: Config, layers: int, batch: int, context: int, weight_bytes: float, kv_bytes: float,
+               cached: int | None = None) -> float:
     """Fewest bytes one decode step must read: weights of the experts routing can touch, attention
-    weights, the router, the KV cache and the LM head."""
+    weights, the router, the KV cache and the LM head. `batch` token rows are routed; `cached`
+    positions are read from the cache (default `batch * context`: a ragged step's prompt chunk reads
+    only its own prompt's)."""
     d, f, e, k = c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok
     active_experts = e * (1 - (1 - k / e) ** batch)  # expected distinct experts under uniform routing
     attn = (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim * d * weight_bytes
     experts = active_experts * 3 * d * f * weight_bytes
-    kv = batch * context * 2 * c.num_kv_heads * c.head_dim * kv_bytes
+    kv = (batch * context if cached is None else cached) * 2 * c.num_kv_heads * c.head_dim * kv_bytes
     per_layer = attn + experts + e * d * 2 + kv
     return layers * per_layer + c.vocab_size * d * 2
 
@@ -79,15 +82,20 @@ def prefill_flops(c: Config, layers: int, tokens: int) -> float:
     return layers * (proj + experts + attn) + 2 * tokens * c.vocab_size * d
 
 
-def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, key, mesh=None) -> KVCache:
-    cache = init_cache(c, batch, max_len, kv_dtype, mesh)
-    fill = jax.jit(lambda k, x: (jax.random.normal(k, x.shape, jnp.float32) * 0.5).astype(x.dtype))
+_fill = jax.jit(lambda k, x: (jax.random.normal(k, x.shape, jnp.float32) * 0.5).astype(x.dtype))
+
+
+def random_values(cache, key):
+    """The cache (contiguous or paged: any with per-layer lists `k` and `v`) holding random keys and
+    values, never zeros."""
     keys = jax.random.split(key, 2 * len(cache.k))
-    return dataclasses.replace(
-        cache,
-        k=[fill(keys[2 * i], x) for i, x in enumerate(cache.k)],
-        v=[fill(keys[2 * i + 1], x) for i, x in enumerate(cache.v)],
-        lengths=jnp.full((batch,), context, jnp.int32))
+    return dataclasses.replace(cache, k=[_fill(keys[2 * i], x) for i, x in enumerate(cache.k)],
+                               v=[_fill(keys[2 * i + 1], x) for i, x in enumerate(cache.v)])
+
+
+def random_cache(c: Config, batch: int, max_len: int, context: int, kv_dtype, key, mesh=None) -> KVCache:
+    cache = random_values(init_cache(c, batch, max_len, kv_dtype, mesh), key)
+    return dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
 
 
 WARMUP_CALLS = (3, 20)  # at least, at most

@@ -66,13 +66,19 @@ def matmul_ceilings(rows: int, c: Config) -> dict[str, float]:
 
 
 class Pages:
-    """Prompts laid out in a paged cache: prompt i in page-table row i, its pages in a shuffled order."""
+    """Sequences laid out in a paged cache: sequence i, of prompts[i] positions, in page-table row i
+    holding the pages those positions need, all pages in a shuffled order. The table has `rows` rows
+    of `width` entries (default: one row per sequence, as wide as the longest needs; the engine's is
+    [slots, ceil(max_len / Z)]), entries past a sequence's pages 0, the null page."""
 
-    def __init__(self, prompts: list[int], page_size: int, seed: int = 0):
-        per_seq = -(-max(prompts) // page_size)
-        self.num_pages = 1 + len(prompts) * per_seq
-        ids = 1 + np.random.default_rng(seed).permutation(len(prompts) * per_seq)
-        self.table = ids.reshape(len(prompts), per_seq).astype(np.int32)
+    def __init__(self, prompts: list[int], page_size: int, seed: int = 0, rows: int | None = None,
+                 width: int | None = None):
+        held = [-(-n // page_size) for n in prompts]
+        self.num_pages = 1 + sum(held)
+        ids = 1 + np.random.default_rng(seed).permutation(sum(held))
+        self.table = np.zeros((rows or len(prompts), width or max(held)), np.int32)  # [S, M]
+        for row, (first, n) in enumerate(zip(np.cumsum([0] + held), held)):
+            self.table[row, :n] = ids[first:first + n]
         self.prompts = prompts
 
     def batch(self, rows: int, parts: list[tuple[int, int, int]], tokens: np.ndarray) -> pc.RaggedBatch:
@@ -80,8 +86,8 @@ class Pages:
         t = np.zeros(rows, np.int32)
         pos = np.zeros(rows, np.int32)
         seq = np.full(rows, -1, np.int32)
-        lens = np.zeros(len(self.prompts), np.int32)
-        logit_rows = np.zeros(len(self.prompts), np.int32)
+        lens = np.zeros(len(self.table), np.int32)
+        logit_rows = np.zeros(len(self.table), np.int32)
         at = 0
         for row, start, n in parts:
             t[at:at + n], pos[at:at + n], seq[at:at + n] = tokens[row, start:start + n], np.arange(start, start + n), row

@@ -1,19 +1,34 @@
-"""Where a step's time goes: a profiler trace of whole-model decode steps and of a prompt prefill at full
-Mixtral geometry (random weights), each device kernel attributed to the named scope it was traced
-in (attention/qkv, attention/attend, moe/route, moe/dispatch, moe/experts, moe/combine, lm_head, ...),
-beside the time the device sat idle between kernels (host dispatch, launch gaps).
+"""Where a step's time goes: a profiler trace of whole-model decode steps, of paged engine steps and of a
+prompt prefill at full Mixtral geometry (random weights), each device kernel attributed to the named
+scope it was traced in (attention/qkv, attention/attend, moe/route, moe/dispatch, moe/experts,
+moe/combine, lm_head, ...), beside the time the device sat idle between kernels (host dispatch,
+launch gaps).
 
     PYTHONPATH=. python bench/profile.py --layers 8 --variant fp8-w-kv8 --batches 1,32
     PYTHONPATH=. python bench/profile.py --mesh expert=2 --variant fp8-wa --out-dir /tmp/prof
+    PYTHONPATH=. python bench/profile.py --batches 1,8 --prefill-tokens 0 \
+        --ragged decode=1 decode=8 decode=8,chunk=256
+
+Jobs: "decode", `model.decode_step` over the contiguous cache at each of `--batches`; "ragged", one
+`model.ragged_step` over the paged cache as `jaxfire.PagedEngine` runs it, per `--ragged` spec
+(`decode=N` rows of one token, each at position `--context` of its own sequence; `chunk=C` tokens of
+one prompt from position `at=A`, default 0; `bucket=T` token rows, default the smallest power of two
+holding them, the rest padding rows of seq_id -1); "prefill", `model.prefill` of `--prefill-tokens`.
+A ragged step's page table has the engine's shape, `--slots` rows of ceil(`--max-len` / `--page-size`)
+entries, the live sequences in the first rows holding pages in a shuffled order, the other rows
+none; the cache pool holds just the live sequences' pages. A decode-only spec and `--batches` of the
+same size put the two engines' steps side by side, as the third line above does. What the engine's
+step adds is not traced: its pending decode tokens taken from the last samples (one gather) and
+the sampling, a program of its own.
 
 Kernels are matched to the compiled program's HLO instructions (through the profiler's `hlo_op`
 annotation, or the kernel's own name for XLA's fusions), and each instruction to the innermost
 `jax.named_scope` path in its metadata. Collectives (all_to_all, all-reduce, ...) form a stage of
 their own, "communication". One row per measured job goes to bench/results/profile.jsonl: wall time
 per step, device busy time, idle time, kernels per step and per layer, the stages and the ten
-costliest kernels; decode rows also carry the bytes the step must read (`bench/decode.py`'s count)
-over its wall time ("tbs") as a share of the card's read bandwidth measured in the same run
-("read_tbs", "of_read_bw").
+costliest kernels; decode and ragged rows also carry the bytes the step must read (`bench/decode.py`'s
+count: the experts its token rows can reach, the cached positions its rows read) over its wall time
+("tbs") as a share of the card's read bandwidth measured in the same run ("read_tbs", "of_read_bw").
 
 While the profiler traces, XLA runs programs without CUDA graphs (its default), so a traced step's
 idle time includes launch gaps that the same step run untraced does not have: compare `wall_ms` with
@@ -37,6 +52,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +64,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}\s,]+(?:,\s*%?[\w.\-]+)*)\}?")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_NOISE = re.compile(r"^(jit|pjit|shard_map|checkpoint|remat|jvp|transpose|vmap|cond|while|body|branch)\b|^\W")
+_NOISE = re.compile(r"^(jit|pjit|shard_map|checkpoint|remat|jvp|transpose|vmap|cond|while|body|branch|eval_jaxpr)\b"
+                    r"|^\W")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +143,7 @@ def stage_of(inst: Instruction | None, kernel: str) -> str:
 _FAMILIES = ((r"grouped_matmul_swiglu", "experts gate/up (Pallas)"),
              (r"grouped_matmul", "experts down or projections (Pallas)"),
              (r"decode_attention", "decode attention (Pallas)"),
+             (r"paged_attention", "paged attention (Pallas)"),
              (r"cache_append", "cache append (Pallas)"),
              (r"sdpa|flash|fmha", "prompt attention (cuDNN)"),
              (r"nvjet|gemm|cutlass|sm90_xmma", "matmul (cuBLAS)"),
@@ -257,9 +275,72 @@ def traced_seconds(calls: list[Callable[[], Any]]) -> float:
     return _busy_ns(events) / len(calls) / 1e9
 
 
+@dataclasses.dataclass(frozen=True)
+class RaggedJob:
+    """One paged engine step: `decode` rows of one token, a prompt chunk of `chunk` tokens from position
+    `at`, padded to `bucket` token rows."""
+
+    decode: int = 0
+    chunk: int = 0
+    at: int = 0
+    bucket: int = 0  # 0: the smallest power of two holding the rows, as the engine pads
+
+    @classmethod
+    def parse(cls, spec: str) -> "RaggedJob":
+        """From "decode=8,chunk=256,bucket=512"; ValueError naming what does not fit."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            given = {k.strip(): int(v) for k, v in (part.split("=") for part in spec.split(",") if part)}
+        except ValueError:
+            raise ValueError(f"{spec!r} is not a list of key=integer, e.g. decode=8,chunk=256,bucket=512") from None
+        unknown = sorted(given.keys() - fields)
+        if unknown:
+            raise ValueError(f"{spec!r}: {unknown[0]!r} is not one of {', '.join(sorted(fields))}")
+        job = cls(**given)
+        if min(given.values(), default=0) < 0 or job.tokens < 1:
+            raise ValueError(f"{spec!r} needs at least one token row and no negative counts")
+        if job.bucket and job.bucket < job.tokens:
+            raise ValueError(f"{spec!r}: bucket {job.bucket} holds fewer than its {job.tokens} token rows")
+        if job.at and not job.chunk:
+            raise ValueError(f"{spec!r}: at= places a chunk, and there is none")
+        return job
+
+    @property
+    def tokens(self) -> int:
+        return self.decode + self.chunk
+
+    @property
+    def rows(self) -> int:
+        """Token rows of the step, padding included."""
+        return self.bucket or 1 << (self.tokens - 1).bit_length()
+
+    @property
+    def sequences(self) -> int:
+        return self.decode + (self.chunk > 0)
+
+    def __str__(self) -> str:
+        chunk = [f"chunk={self.chunk}"] * (self.chunk > 0) + [f"at={self.at}"] * (self.at > 0)
+        return ",".join([f"decode={self.decode}", *chunk, f"bucket={self.rows}"])
+
+
+def ragged_batch(job: RaggedJob, context: int, slots: int, max_len: int, page_size: int, vocab_size: int):
+    """The job's step as the paged engine lays it out (`jaxfire.engine.runner.Runner._batch`): decode
+    rows first, sequence i in page-table row i, then the chunk; padding rows of seq_id -1 up to the
+    bucket; a page table of `slots` rows of ceil(max_len / page_size) entries. The `Pages` (whose
+    `num_pages` the pool needs) and the `RaggedBatch`."""
+    from bench.prefill import Pages
+
+    lengths = [context + 1] * job.decode + [job.at + job.chunk] * (job.chunk > 0)  # positions after the step
+    pages = Pages(lengths, page_size, rows=slots, width=-(-max_len // page_size))
+    tokens = np.random.default_rng(5).integers(0, vocab_size, (len(lengths), max(lengths)), dtype=np.int32)
+    parts = [(row, context, 1) for row in range(job.decode)] + [(job.decode, job.at, job.chunk)] * (job.chunk > 0)
+    return pages, pages.batch(job.rows, parts, tokens)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from bench import decode as D
     from jaxfire import model as M
+    from jaxfire import paged_cache as pc
     from jaxfire import sharding as S
     from jaxfire.config import Config
     from jaxfire.kv_cache import init_cache
@@ -272,6 +353,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill-tokens", type=int, default=1024, help="0 skips the prefill")
+    ap.add_argument("--ragged", nargs="*", default=[], metavar="SPEC",
+                    help="paged engine steps to profile, e.g. decode=1 decode=8,chunk=256,bucket=512 (keys decode, "
+                         "chunk, at, bucket)")
+    ap.add_argument("--slots", type=int, default=32, help="page-table rows of a ragged step (the engine's slots)")
+    ap.add_argument("--max-len", type=int, default=0,
+                    help="positions per slot, which size the page table (default: the engine's, the model's "
+                         "positions up to 4096)")
+    ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--runtime", default="", help="extra Runtime fields, e.g. prefill_attention=cudnn")
     ap.add_argument("--mesh", default="", help="mesh axis sizes, e.g. expert=2")
     ap.add_argument("--steps", type=int, default=10)
@@ -285,6 +374,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                    + " --xla_enable_command_buffers_during_profiling=true").strip()
 
     c = Config.preset(args.preset).replace(num_layers=args.layers)
+    max_len = args.max_len or min(c.max_position_embeddings, 4096)
+    try:
+        pc.check_page_size(args.page_size)
+    except pc.PagedCacheError as e:
+        ap.error(f"--page-size: {e}")
+    try:
+        ragged = [RaggedJob.parse(spec) for spec in args.ragged]
+    except ValueError as e:
+        ap.error(f"--ragged: {e}")
+    for job in ragged:
+        if job.sequences > args.slots:
+            ap.error(f"--ragged {job}: {job.sequences} sequences do not fit --slots {args.slots}")
+        if max(args.context + 1, job.at + job.chunk) > max_len:
+            ap.error(f"--ragged {job}: a sequence of {max(args.context + 1, job.at + job.chunk)} positions "
+                     f"exceeds --max-len {max_len}")
     weights, kv_dtype, runtime = D.VARIANTS[args.variant]
     wb, kvb = D.element_bytes(c, weights, kv_dtype)
     read_bw = read_tbs()  # before the weights are placed: it takes several GiB for a moment
@@ -296,6 +400,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 command_buffers=args.command_buffers, read_tbs=read_bw,
                 runtime=repr(dataclasses.replace(runtime, mesh=None)), mesh=dict(mesh.shape) if mesh else None)
     rows = []
+    devices = mesh.size if mesh is not None else 1
+
+    def step_row(step: Callable[[], Any], text: str, nbytes: float, **desc: Any) -> dict[str, Any]:
+        """A traced step's row, with the bytes it must read over its wall time against the read ceiling."""
+        step()
+        row = profile(step, text, args.steps, top=args.top)
+        tbs = nbytes / row["wall_ms"] / 1e9
+        return dict(base, **desc, **row, bytes=nbytes, tbs=tbs, of_read_bw=tbs / read_bw / devices,
+                    kernels_per_layer=row["kernels_per_step"] / args.layers)
+
     for batch in map(int, filter(None, args.batches.split(","))):
         state = {"cache": D.random_cache(c, batch, args.context + 4 * args.steps, args.context, kv_dtype,
                                          jax.random.key(1), mesh)}
@@ -306,14 +420,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             return logits
 
         text = M.decode_step.lower(params, state["cache"], tokens, c, runtime=runtime).compile().as_text()
-        step()
-        row = dict(base, job="decode", batch=batch, context=args.context,
-                   **profile(step, text, args.steps, top=args.top))
-        nbytes = D.step_bytes(c, args.layers, batch, args.context, wb, kvb)
-        tbs = nbytes / row["wall_ms"] / 1e9
-        devices = mesh.size if mesh is not None else 1
-        rows.append(dict(row, bytes=nbytes, tbs=tbs, of_read_bw=tbs / read_bw / devices,
-                         kernels_per_layer=row["kernels_per_step"] / args.layers))
+        rows.append(step_row(step, text, D.step_bytes(c, args.layers, batch, args.context, wb, kvb),
+                             job="decode", batch=batch, context=args.context))
+        del state
+    for job in ragged:
+        pages, batch = ragged_batch(job, args.context, args.slots, max_len, args.page_size, c.vocab_size)
+        pool = pc.init_paged_cache(c, pages.num_pages, args.page_size, kv_dtype, mesh)
+        # Every step writes the same positions again, so the sequences keep their lengths.
+        state = {"cache": D.random_values(pool, jax.random.key(1))}
+
+        def step():
+            logits, state["cache"] = M.ragged_step(params, state["cache"], batch, config=c, runtime=runtime)
+            return logits
+
+        text = M.ragged_step.lower(params, state["cache"], batch, config=c, runtime=runtime).compile().as_text()
+        # The chunk reads its prompt's positions, each decode row its context (as the decode job counts).
+        nbytes = D.step_bytes(c, args.layers, job.tokens, args.context, wb, kvb,
+                              cached=job.decode * args.context + (job.at + job.chunk) * (job.chunk > 0))
+        rows.append(step_row(step, text, nbytes, job="ragged", spec=str(job), batch=job.decode,
+                             chunk_tokens=job.chunk, chunk_at=job.at, bucket=job.rows, slots=args.slots,
+                             page_size=args.page_size, max_len=max_len, context=args.context,
+                             pages=pages.num_pages))
         del state
     if args.prefill_tokens:
         t = args.prefill_tokens
@@ -330,15 +457,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          **profile(prefill, text, max(args.steps // 2, 2), top=args.top)))
     path = write_results("profile", rows, args.out_dir)
     for r in rows:
-        print(f"\n{r['variant']} {r['job']} B={r['batch']}: {r['wall_ms']:.3f} ms a step, device busy "
+        label = r.get("spec") or f"B={r['batch']}"
+        print(f"\n{r['variant']} {r['job']} {label}: {r['wall_ms']:.3f} ms a step, device busy "
               f"{r['busy_ms']:.3f} ms, idle {r['idle_ms']:.3f} ms, {r['kernels_per_step']:.0f} kernels "
               f"({r['matched_share']:.0%} matched to HLO)")
-        if r["job"] == "decode":
+        if "bytes" in r:
             print(f"{r['kernels_per_layer']:.1f} kernels a layer; the bytes it must read at {r['tbs']:.2f} TB/s, "
                   f"{r['of_read_bw']:.0%} of the {r['read_tbs']:.2f} TB/s read bandwidth")
         print_table([dict(stage=s, ms=ms, share=ms / r["wall_ms"]) for s, ms in r["stages_ms"].items()],
                     ["stage", "ms", "share"])
         print_table(r["top_kernels"], ["kernel", "stage", "ms", "calls_per_step"])
+    print()
+    print_table(rows, ["job", "batch", "spec", "wall_ms", "busy_ms", "idle_ms", "kernels_per_layer", "tbs",
+                       "of_read_bw"])
     print(f"wrote {path}")
     return rows
 

@@ -127,6 +127,58 @@ def test_profile_bench_books_decode_and_prefill_stages(tmp_path):
     assert step["of_read_bw"] == pytest.approx(step["bytes"] / step["wall_ms"] / 1e9 / step["read_tbs"])
 
 
+def test_profile_bench_books_ragged_steps_beside_the_decode_step(tmp_path):
+    """Paged engine steps of one decode row unpadded and padded to 16 rows, and decode rows beside a
+    prompt chunk, profiled in the run that profiles the contiguous decode step at batch 1."""
+    rows = profile.main(TINY + ["--variant", "bf16", "--batches", "1", "--prefill-tokens", "0", "--slots", "4",
+                                "--ragged", "decode=1,bucket=1", "decode=1,bucket=16", "decode=2,chunk=8,at=16",
+                                "--out-dir", str(tmp_path)])
+    assert [r["job"] for r in rows] == ["decode", "ragged", "ragged", "ragged"]
+    assert [r["bucket"] for r in rows[1:]] == [1, 16, 16] and {r["slots"] for r in rows[1:]} == {4}
+    for r in rows:
+        assert r["matched_share"] > 0.5, r
+        stages = r["stages_ms"]
+        assert any(s.startswith("moe/") for s in stages) and any(s.startswith("attention") for s in stages)
+        assert r["kernels_per_layer"] == pytest.approx(r["kernels_per_step"] / 2)
+    # one decode row reads what the contiguous step at batch 1 reads, padded or not
+    assert rows[1]["bytes"] == rows[2]["bytes"] == rows[0]["bytes"]
+    # ten rows routed; two decode rows read their 16 cached positions, the chunk its prompt's 24
+    assert rows[3]["bytes"] == decode.step_bytes(Config.preset("tiny").replace(num_layers=2), 2, 10, 16, 2.0, 2.0,
+                                                 cached=2 * 16 + 24)
+    written = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
+    assert [r.get("spec") for r in written] == [None, "decode=1,bucket=1", "decode=1,bucket=16",
+                                                "decode=2,chunk=8,at=16,bucket=16"]
+
+
+def test_profile_ragged_batch_is_the_one_the_paged_engine_builds():
+    """The profiled step's rows, padding and page table are the ones `Runner` builds for the same
+    decode rows and chunk, with the pages the profiler gave each sequence."""
+    from jaxfire.api import Model
+    from jaxfire.engine.runner import Runner
+    from jaxfire.engine.scheduler import Chunk, StepPlan
+
+    c, params, runtime = one_layer_model()
+    job = profile.RaggedJob.parse("decode=3,chunk=20,at=8")
+    pages, got = profile.ragged_batch(job, 40, 6, 128, 16, c.vocab_size)
+    runner = Runner(Model(c, params, None, runtime=runtime), 6, 128, 16, pages.num_pages, 64)
+    held = lambda row: tuple(int(p) for p in pages.table[row] if p)  # noqa: E731
+    chunks = [Chunk(None, row, 40, [int(got.tokens[row])], held(row), True) for row in range(3)]
+    chunks.append(Chunk(None, 3, 8, [int(t) for t in got.tokens[3:23]], held(3), True))
+    want, _, _ = runner._batch(StepPlan(chunks, []))
+    assert job.rows == 32 and got.tokens.shape == (32,) and pages.table.shape == (6, 8)
+    assert [len(held(row)) for row in range(6)] == [3, 3, 3, 2, 0, 0]
+    for name in ("tokens", "positions", "seq_ids", "page_table", "context_lens", "logit_rows"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+@pytest.mark.parametrize("spec, says", [("decode=8,bucket=4", "holds fewer"), ("decode=x", "key=integer"),
+                                         ("rows=3", "'rows' is not one of"), ("decode=0", "at least one"),
+                                         ("decode=1,at=4", "there is none")])
+def test_profile_ragged_spec_refuses_a_step_that_cannot_be(spec, says):
+    with pytest.raises(ValueError, match=says):
+        profile.RaggedJob.parse(spec)
+
+
 def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
     """The multiply-add sweep on a tiny two-expert problem: each config is checked against the reference,
     timed from a profiler trace over weight sets stacked on the expert axis (one compile), and written

@@ -18,6 +18,8 @@ def test_scope_path_drops_wrappers_einsum_specs_and_the_op():
     assert P.scope_path("jit(f)/jit(main)/layer_0/attention/attend/btgrk,bsgk->bgrts/dot_general") == \
         "layer_0/attention/attend"
     assert P.scope_path("params.layers[0].moe.w") == ""
+    assert P.scope_path("jit(ragged_step)/layer_1/attention/attend/eval_jaxpr/dot_general") == \
+        "layer_1/attention/attend"
 
 
 def test_stage_drops_the_layer_index_and_books_collectives_to_communication():
@@ -27,6 +29,7 @@ def test_stage_drops_the_layer_index_and_books_collectives_to_communication():
     assert P.stage_of(None, "psum_113_0_fusion_1") == "communication"  # XLA's own all-reduce kernel
     assert P.stage_of(None, "mystery") == "unattributed"
     assert P.stage_of(None, "grouped_matmul_swiglu_triton") == "unattributed: experts gate/up (Pallas)"
+    assert P.stage_of(None, "jaxfire_paged_attention_decode") == "unattributed: paged attention (Pallas)"
 
 
 def test_parse_hlo_gives_fusions_the_scope_of_their_body():
