@@ -108,6 +108,15 @@ _SHARED_MEMORY = 200 * 1024
 _TILE_BYTES = 32 * 1024
 
 
+# Steps of fewer token rows than this keep the first kernel for decode rows too. Measured on one H200
+# (bench/decode_attention.py, 4096 cached tokens, page 16, time against the contiguous kernel's in the
+# same run): the decode launch took 0.40-0.74 of the contiguous kernel's bandwidth at batch 8-128
+# (bf16) and 0.29-0.67 (FP8), where the first kernel took 0.20-0.59 and 0.22-0.38 in an earlier run;
+# at batch 1 it took 0.50 (bf16) and 0.40 (FP8), where the first kernel took 0.75-1.18 and 0.54-0.67:
+# its second launch and extra XLA ops cost more than a single row gains.
+DECODE_LAUNCH_MIN_ROWS = 8
+
+
 def default_config(group: int, page_size: int, rows: int | None = None, seqs: int | None = None,
                    pages_per_seq: int | None = None, kv_heads: int = 1, head_dim: int = 128,
                    itemsize: int = 2) -> PagedAttentionConfig:
@@ -118,7 +127,7 @@ def default_config(group: int, page_size: int, rows: int | None = None, seqs: in
     sequences (at most min(S, T) blocks hold a sequence's only rows) gets enough splits for about two
     programs per multiprocessor over its blocks and `kv_heads`, each split keeping at least four steps.
 
-    Decode rows take the decode launch: 16-row tiles, key blocks of 32 KiB (at most 128 positions, by
+    Decode rows of steps of at least `DECODE_LAUNCH_MIN_ROWS` token rows take the decode launch: 16-row tiles, key blocks of 32 KiB (at most 128 positions, by
     `head_dim` and the pages' `itemsize`), three stages, and a wave of as many programs as fit on the
     multiprocessors by shared memory, at most four each: the contiguous kernel's choices. The block launch keeps the "pages" reads
     it was first measured with: "rows" is untimed on prompt tiles (bench/prefill.py times those).
@@ -137,7 +146,7 @@ def default_config(group: int, page_size: int, rows: int | None = None, seqs: in
     stages = 3
     resident = max(1, min(4, _SHARED_MEMORY // (2 * stages * block_kv * head_dim * itemsize)))
     decode = DecodeConfig(num_splits=16, block_kv=block_kv, num_warps=4, num_stages=stages,
-                          wave=_CORES * resident)
+                          wave=_CORES * resident) if rows is None or rows >= DECODE_LAUNCH_MIN_ROWS else None
     return PagedAttentionConfig(block_q=block_q, num_splits=splits, pages_per_step=pages_per_step,
                                 num_warps=4 if page_size * pages_per_step <= 64 else 8, num_stages=2,
                                 gather="pages", decode=decode)

@@ -292,6 +292,16 @@ def test_default_config_splits_only_steps_of_few_sequences():
     assert default_config(4, 16).pages_per_step == 4 and default_config(4, 128).pages_per_step == 1
 
 
+def test_default_config_takes_the_decode_launch_from_eight_rows():
+    """Measured faster from batch 8, slower at batch 1 (see DECODE_LAUNCH_MIN_ROWS)."""
+    from pallas_kernels.paged_attention.config import DECODE_LAUNCH_MIN_ROWS
+
+    assert DECODE_LAUNCH_MIN_ROWS == 8
+    assert default_config(4, 16, rows=4, seqs=32, pages_per_seq=64, kv_heads=8).decode is None
+    assert default_config(4, 16, rows=8, seqs=32, pages_per_seq=64, kv_heads=8).decode is not None
+    assert default_config(4, 16).decode is not None  # without the shapes: the launch serving steps of 8+ take
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_append_writes_each_row_at_its_slot_and_drops_the_rest(fp8):
     rng = np.random.default_rng(3)
