@@ -146,6 +146,26 @@ def test_a_cancelled_request_frees_its_pages_at_once(model):
     engine.close()
 
 
+def test_on_a_mesh_the_paged_engine_gives_the_tokens_of_one_device(model):
+    """The whole engine (pages, chunks packed with decode, the one-step-behind reads) over an
+    expert-parallel mesh gives the greedy tokens of one device, with the FP8 cache (the ragged step
+    alone on tensor and expert meshes: tests/test_paged.py)."""
+    import jax
+
+    rng = np.random.default_rng(6)
+    jobs = random_jobs(rng, model, 3, 5, 30)
+    one = jaxfire.Model(config=model.config, params=model.params, tokenizer=None, kv_cache_dtype="fp8")
+    engine = jaxfire.PagedEngine(one, slots=2, max_len=48, page_size=PAGE, max_batched_tokens=16, detokenize=False)
+    want = [r.tokens for r in serve(engine, jobs)[0]]
+    engine.close()
+    meshed = jaxfire.load(dtype="float32", kv_cache_dtype="fp8", mesh=jaxfire.make_mesh(jax.devices()[:2], expert=2))
+    engine = jaxfire.PagedEngine(meshed, slots=2, max_len=48, page_size=PAGE, max_batched_tokens=16,
+                                 detokenize=False)
+    assert [r.tokens for r in serve(engine, jobs)[0]] == want
+    assert engine.stats().kv_pages_used == 0
+    engine.close()
+
+
 def test_a_step_is_queued_before_the_previous_one_is_read(model, monkeypatch):
     """The host plans and queues step k+1, then reads step k's samples: each step's tokens arrive with
     the next step, a decode row takes its token from the previous samples on the device, and a request
