@@ -401,7 +401,8 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
     stages, warps, how many splits its wave asks for) and a single launch of 16-row tiles, 2 the rest."""
     base = paged_default_config(HQ // HKV, page_size, rows, seqs, seq_len // page_size, kv_heads=HKV,
                                 head_dim=HEAD_DIM, itemsize=itemsize)
-    dec = base.decode
+    # the decode launch's own choices, also where the default keeps the first kernel (few rows)
+    dec = base.decode or paged_default_config(HQ // HKV, page_size, head_dim=HEAD_DIM, itemsize=itemsize).decode
 
     def decode(positions: int, stages: int, warps: int = 4, **kw) -> PagedAttentionConfig:
         return dataclasses.replace(base, decode=dataclasses.replace(
@@ -414,6 +415,7 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
     grid = [
         (0, "default", base),
         (0, "old", old),
+        *([(0, "decode-launch", dataclasses.replace(base, decode=dec))] if base.decode is None else []),
         (1, "single-tile16", single),
         (1, "decode-kv64", decode(64, 3)),
         (1, "decode-wave2x", decode(128, 3, wave=2 * dec.wave)),

@@ -39,3 +39,17 @@ def converted(hf_model_dir, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Each test module's compiled programs are let go after it: a worker runs hundreds of tests, and in
+    full runs XLA crashed (a segfault while compiling a mesh program, late in the run, in a test that
+    passes alone) once the workers had piled up every program compiled before."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
