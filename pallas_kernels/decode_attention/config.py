@@ -9,6 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.launch import check_launch
+
 # H100 / H200 multiprocessor count; used when the device does not report one.
 _DEFAULT_CORE_COUNT = 132
 # Shared memory per multiprocessor that a kernel's buffers can use on Hopper (of 228 KiB).
@@ -33,12 +35,7 @@ class DecodeAttentionConfig:
     def validate(self) -> None:
         if self.block_s < 16 or self.block_s & (self.block_s - 1):
             raise ValueError(f"config.block_s must be a power of two >= 16, got {self.block_s}.")
-        if self.num_splits < 1:
-            raise ValueError(f"config.num_splits must be >= 1, got {self.num_splits}.")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}.")
-        if self.num_stages < 1:
-            raise ValueError(f"config.num_stages must be >= 1, got {self.num_stages}.")
+        check_launch(self, "config")
 
 
 def _core_count() -> int:

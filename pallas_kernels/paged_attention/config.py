@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.launch import check_launch
+
 GATHERS = ("pages", "rows")
 
 
@@ -32,7 +34,7 @@ class DecodeConfig:
     wave: int = 132
 
     def validate(self) -> None:
-        _check_launch(self, "config.decode")
+        check_launch(self, "config.decode")
         if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
             raise ValueError(f"config.decode.block_kv must be a power of two >= 16, got {self.block_kv}.")
         if self.wave < 1:
@@ -74,7 +76,7 @@ class PagedAttentionConfig:
     def validate(self) -> None:
         if self.block_q < 1 or self.block_q & (self.block_q - 1):
             raise ValueError(f"config.block_q must be a power of two, got {self.block_q}.")
-        _check_launch(self, "config")
+        check_launch(self, "config")
         if self.pages_per_step < 1 or self.pages_per_step & (self.pages_per_step - 1):
             raise ValueError(f"config.pages_per_step must be a power of two, got {self.pages_per_step}.")
         if self.gather not in GATHERS:
@@ -83,16 +85,6 @@ class PagedAttentionConfig:
             if not isinstance(self.decode, DecodeConfig):
                 raise ValueError(f"config.decode must be a DecodeConfig or None, got {type(self.decode).__name__}.")
             self.decode.validate()
-
-
-def _check_launch(c: DecodeConfig | PagedAttentionConfig, name: str) -> None:
-    """The fields both launches have: splits, warps, stages."""
-    if c.num_splits < 1:
-        raise ValueError(f"{name}.num_splits must be >= 1, got {c.num_splits}.")
-    if c.num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"{name}.num_warps must be 1, 2, 4, 8 or 16, got {c.num_warps}.")
-    if c.num_stages < 1:
-        raise ValueError(f"{name}.num_stages must be >= 1, got {c.num_stages}.")
 
 
 def query_heads_padded(group: int) -> int:
