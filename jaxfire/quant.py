@@ -8,7 +8,9 @@ FP8 runs in two modes, picked per call from the number of tokens (see `Fp8Policy
 - weight-only: the weight is upcast inside the matmul and the activation stays bf16. Few tokens
   (decode) are bound by reading the weights, so this halves the bytes at no accuracy cost.
 - fp8 x fp8: activations are quantized per token with a dynamic scale, the matmul runs on the FP8
-  tensor cores (twice the bf16 rate), and both scales are applied to the float32 result.
+  tensor cores (twice the bf16 rate), and both scales are applied to the float32 result. Expert
+  calls on the GPU's kernels take it from 8 rows (a decode batch of 4 at top-2), where the wgmma
+  kernel reads the FP8 weights faster than the weight-only one; projections from 64 tokens.
 
 Dimensions: T tokens, K input width, N output width, E experts.
 """
@@ -51,19 +53,28 @@ class Fp8Policy:
     """When FP8 weights also get FP8 activations. A static argument of the jitted model functions.
 
     activations: "auto" quantizes activations from `min_tokens` tokens per call on (prefill and
-    large batches), "always" and "never" force the choice.
+    large batches), and the rows of expert calls that may run on the wgmma kernel from
+    `min_kernel_rows` on; "always" and "never" force the choice.
+
+    Measured on one H200 (bench/grouped_matmul.py --study decode-alt, 2026-12-03): at 8 / 32 / 64
+    expert rows the wgmma kernel with FP8 activations took 114 / 156 / 150 us for the down
+    projection and 312 / 291 / 308 us for the fused gate/up, where the weight-only kernel took
+    178-180 and 319-322 us. The projections are another matter: with FP8 activations XLA was
+    slower than its weight-only product below 64 tokens (15.5 against 9.9 us for q/k/v at 8).
     """
 
     activations: str = "auto"
     min_tokens: int = 64
+    min_kernel_rows: int = 8
 
     def __post_init__(self):
         if self.activations not in ("auto", "always", "never"):
             raise ValueError(f"Fp8Policy.activations must be 'auto', 'always' or 'never', got {self.activations!r}")
 
-    def quantize_activations(self, tokens: int) -> bool:
+    def quantize_activations(self, tokens: int, kernel: bool = False) -> bool:
+        """For a call of `tokens` rows; `kernel`: an expert call that may run on the wgmma kernel."""
         if self.activations == "auto":
-            return tokens >= self.min_tokens
+            return tokens >= (min(self.min_tokens, self.min_kernel_rows) if kernel else self.min_tokens)
         return self.activations == "always"
 
 
@@ -92,17 +103,21 @@ def dense(x: jax.Array, w: jax.Array | QArray, policy: Fp8Policy = Fp8Policy(),
           implementation: str = "xla") -> jax.Array:
     """x @ w.T for a weight stored [N, K]; returns x's dtype.
 
-    `implementation` as for `grouped`: with "auto" on a GPU, weight-only FP8 runs as a one-group
-    grouped matmul, whose kernel reads the e4m3 weight once (XLA would first write an upcast copy).
+    `implementation` as for `grouped`: with "auto" on a GPU, weight-only FP8 of one token runs as a
+    one-group grouped matmul on the multiply-add kernel; from two tokens on XLA's own product,
+    which fuses the upcast into its matmul and read the weight 3-5x faster than the grouped
+    matmul's MMA kernel at 8 and 32 tokens (one H200, study=decode-alt: q/k/v 9.9 / 13.3 us
+    against 32 / 52, o 7.6 / 9.6 against 39 / 46).
     """
     # x: [..., K], w: [N, K] -> [..., N]
     if not isinstance(w, QArray):
         return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     fp8_acts = policy.quantize_activations(_num_tokens(x))
-    if not fp8_acts and _grouped_backend(x, implementation) != "xla":
+    if not fp8_acts and _dense_kernel(x, implementation):
         rows = x.reshape(-1, x.shape[-1])
         one_group = QArray(value=w.value[None], scale=w.scale[None])
-        y = grouped(rows, one_group, jnp.array([rows.shape[0]], jnp.int32), policy, implementation)
+        # weight-only, as decided above (the experts' lower threshold is not the projections')
+        y = grouped(rows, one_group, jnp.array([rows.shape[0]], jnp.int32), Fp8Policy("never"), implementation)
         return y.reshape(*x.shape[:-1], -1)
     if fp8_acts:
         xq, xs = quantize(x, axis=-1)  # [..., K], [...]
@@ -140,6 +155,20 @@ def _grouped_backend(x: jax.Array, implementation: str) -> str | None:
     return implementation
 
 
+def _dense_kernel(x: jax.Array, implementation: str) -> bool:
+    """Whether a weight-only FP8 projection of x runs on the grouped matmul's kernels: a named
+    implementation always, "auto" for one token on a GPU."""
+    if implementation == "auto":
+        return _grouped_backend(x, implementation) != "xla" and _num_tokens(x) == 1
+    return implementation != "xla"
+
+
+def _takes_wgmma(backend: str | None) -> bool:
+    """Whether the grouped matmul may run FP8 activations on its wgmma kernel for this backend (the
+    default choice, or a named one that includes it)."""
+    return backend in (None, "pallas", "pallas_mma", "pallas_mosaic")
+
+
 def _kernel_operands(x: jax.Array, w: jax.Array | QArray, fp8_acts: bool):
     lhs, lhs_scale = quantize(x, axis=-1) if fp8_acts else (x, None)
     rhs, rhs_scale = (w.value, w.scale) if isinstance(w, QArray) else (w.astype(x.dtype), None)
@@ -154,8 +183,8 @@ def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, policy:
     elsewhere); any other value is passed as `implementation=` to `pallas_kernels.grouped_matmul`.
     """
     # x: [T, K], w: [E, N, K] -> [T, N]
-    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0])
     backend = _grouped_backend(x, implementation)
+    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0], kernel=_takes_wgmma(backend))
     if backend != "xla":
         from pallas_kernels import grouped_matmul
 
@@ -186,7 +215,7 @@ def grouped_swiglu(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array,
         return jax.nn.silu(gate) * up
     from pallas_kernels import grouped_matmul_swiglu
 
-    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0])
+    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0], kernel=_takes_wgmma(backend))
     ops = _kernel_operands(x, w, fp8_acts)
     return grouped_matmul_swiglu(ops["lhs"], ops["rhs"], group_sizes, lhs_scale=ops["lhs_scale"],
                                  rhs_scale=ops["rhs_scale"], transpose_rhs=True, preferred_element_type=x.dtype,

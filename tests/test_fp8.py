@@ -74,6 +74,59 @@ def test_policy_switches_on_token_count():
     assert not quant.Fp8Policy("never").quantize_activations(10**6)
     with pytest.raises(ValueError, match="activations"):
         quant.Fp8Policy("sometimes")
+    # Expert calls that may take the wgmma kernel quantize from 8 rows; projections keep 64.
+    assert not auto.quantize_activations(7, kernel=True) and auto.quantize_activations(8, kernel=True)
+    assert not auto.quantize_activations(8)
+    assert not quant.Fp8Policy("never").quantize_activations(64, kernel=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 8, 63])
+def test_projections_on_a_gpu_take_xla_from_two_tokens(tokens, monkeypatch):
+    """With "auto" on a GPU a weight-only FP8 projection of one token runs on the multiply-add
+    kernel and of more on XLA's product; a named implementation always takes the kernels."""
+    x = jnp.zeros((tokens, 64), jnp.bfloat16)
+    monkeypatch.setattr(quant.jax, "default_backend", lambda: "gpu")
+    assert quant._dense_kernel(x, "auto") == (tokens == 1)
+    assert quant._dense_kernel(x, "pallas") and not quant._dense_kernel(x, "xla")
+    monkeypatch.setattr(quant.jax, "default_backend", lambda: "cpu")
+    assert not quant._dense_kernel(x, "auto")
+
+
+def test_decode_sized_expert_rows_run_fp8_on_the_wgmma_kernel(monkeypatch):
+    """Eight rows of FP8 experts through `implementation="pallas"` quantize their activations and
+    take the wgmma kernel (interpreted here) on 64-row tiles for the down projection, 128 for the
+    fused gate/up; seven stay weight-only on the Triton kernel; a projection of eight tokens stays
+    weight-only. All match the dequantized reference within FP8 activation rounding."""
+    from pallas_kernels.grouped_matmul import mosaic, triton
+
+    seen = []
+    for mod, name in ((mosaic, "mosaic"), (triton, "triton")):
+        real = mod.grouped_matmul
+
+        def spy(lhs, *args, config, real=real, name=name, **kwargs):
+            seen.append((name, jnp.dtype(lhs.dtype).itemsize, config.block_m))
+            return real(lhs, *args, config=config, **kwargs)
+
+        monkeypatch.setattr(mod, "grouped_matmul", spy)
+    e, k, n = 4, 256, 256  # N: a multiple of the wgmma kernel's CTA tile
+    w = quant.quantize_weight(jax.random.normal(jax.random.key(4), (e, n, k)))
+    wd = w.dequantize()
+    for t, sizes, want in ((8, [3, 0, 4, 1], ("mosaic", 1, 64)), (7, [3, 0, 4, 0], ("triton", 2, 16))):
+        x = jax.random.normal(jax.random.key(t), (t, k)).astype(jnp.bfloat16)
+        gs = jnp.array(sizes, jnp.int32)
+        out = quant.grouped(x, w, gs, quant.Fp8Policy(), "pallas")
+        expert = np.repeat(np.arange(e), sizes)
+        ref = jnp.einsum("tk,tnk->tn", x[:sum(sizes)].astype(jnp.float32), wd[expert])
+        ref = jnp.concatenate([ref, jnp.zeros((t - sum(sizes), n))])
+        assert float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)) < 4e-2
+        assert seen.pop() == want
+    gate_up = quant.quantize_weight(jax.random.normal(jax.random.key(5), (e, 2 * n, k)))
+    quant.grouped_swiglu(jax.random.normal(jax.random.key(6), (8, k)).astype(jnp.bfloat16), gate_up,
+                         jnp.array([2, 2, 2, 2], jnp.int32), quant.Fp8Policy(), "pallas")
+    assert seen.pop() == ("mosaic", 1, 128)
+    proj = quant.quantize_weight(jax.random.normal(jax.random.key(7), (n, k)))
+    quant.dense(jax.random.normal(jax.random.key(8), (8, k)).astype(jnp.bfloat16), proj, quant.Fp8Policy(), "pallas")
+    assert seen.pop() == ("triton", 2, 16)
 
 
 def dense_moe_reference(p, x, top_k):

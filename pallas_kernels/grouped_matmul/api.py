@@ -18,9 +18,12 @@ _INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), _FP8)
 _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # At or below this many rows the bandwidth-bound Triton kernel beats the wgmma kernel (H100 grid in
 # bench/results/grouped_matmul.jsonl): at T=128 it took 10-26% less time in bf16 in three of the
-# four shape/routing cases (5% more in one), while with fp8 operands the wgmma kernel took as long
-# or up to 21% less.
-DECODE_MAX_ROWS = {1: 64, 2: 128}  # by lhs itemsize
+# four shape/routing cases (5% more in one). With fp8 operands the wgmma kernel took as long or up to
+# 21% less there, and it also reads the experts' FP8 weights faster at decode sizes (one H200,
+# study=decode-alt, 8 / 32 / 64 rows over 8 experts): the down projection in 114 / 156 / 150 us
+# against 178-180 for the weight-only Triton kernel, the fused gate/up in 312 / 291 / 308 against
+# 319-322. So FP8 activations take it from 8 rows (jaxfire.quant quantizes expert rows from there).
+DECODE_MAX_ROWS = {1: 7, 2: 128}  # by lhs itemsize
 
 
 def _check(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config,

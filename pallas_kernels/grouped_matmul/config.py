@@ -144,7 +144,10 @@ def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool)
     """Warp-specialised wgmma: a CTA of two compute warpgroups and one TMA warpgroup.
 
     Swept on an H100 at T=4096 (bench/results/grouped_matmul.jsonl, study=sweep): four stages beat
-    three by 10-12%, and visiting N-bands eight tiles wide was best or within 1% of it.
+    three by 10-12%, and visiting N-bands eight tiles wide was best or within 1% of it. At decode
+    sizes (8-64 FP8 rows over 8 experts, one H200, study=decode-alt) 128-column tiles beat 64 by 10-60%,
+    and the down projection ran on 64-row tiles (114-156 us; 128-row tiles were not timed there).
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
-    return Config(block_m=128, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)
+    block_m = 64 if num_rows <= 64 and itemsize == 1 and not swiglu else 128
+    return Config(block_m=block_m, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)
