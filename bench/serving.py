@@ -1,5 +1,5 @@
 """Serving under load: Poisson arrivals of 1024-token prompts that each generate 50 tokens, swept over
-request rates, through `jaxfire.Engine`; latency statistics per rate and the highest rate that meets
+request rates, through a `jaxfire` engine; latency statistics per rate and the highest rate that meets
 each latency cut-off (1 s and 3 s end to end, 20 ms between tokens).
 
     PYTHONPATH=. python bench/serving.py --preset mixtral-8x7b --fp8 --kv-cache fp8 --rates 1,2,4,8,16
@@ -27,8 +27,8 @@ against total latency) go beside it as PNG.
 
 The engine is `jaxfire.PagedEngine` (paged KV cache, token-budget scheduler, prefix caching; flags
 `--page-size`, `--kv-pages`, `--no-prefix-caching`, `--max-batched-tokens`), or with `--contiguous`
-the engine over a contiguous `[slots, max_len]` cache (`jaxfire.Engine`, the default elsewhere until
-this benchmark shows the paged engine ahead on a GPU; flags `--prefills-per-step`, `--prefill-chunk`,
+the engine over a contiguous `[slots, max_len]` cache (`jaxfire.ContiguousEngine`; flags
+`--prefills-per-step`, `--prefill-chunk`,
 `--no-mix-decode`, `--decode-buckets`). `--compare` runs the sweep once more on the contiguous engine (whole prompts, one per
 call) in the same process, its rows beside the paged engine's.
 

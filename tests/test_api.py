@@ -106,11 +106,11 @@ def test_cli_runs_the_builtin_model():
     assert "tokens/s" in out.stderr
 
 
-def test_cli_paged_engine_gives_the_default_engines_tokens():
+def test_cli_contiguous_engine_gives_the_default_engines_tokens():
     args = ("--prompt", "def fibonacci(n):", "--max-new-tokens", "6")
-    default, paged = run_cli(*args), run_cli(*args, "--paged", "--page-size", "32", "--max-batched-tokens", "32")
-    assert default.returncode == 0 and paged.returncode == 0, paged.stderr
-    assert paged.stdout == default.stdout and len(default.stdout) > len("def fibonacci(n):\n")
+    paged, contiguous = run_cli(*args, "--page-size", "32", "--max-batched-tokens", "32"), run_cli(*args, "--contiguous")
+    assert paged.returncode == 0 and contiguous.returncode == 0, paged.stderr + contiguous.stderr
+    assert paged.stdout == contiguous.stdout and len(paged.stdout) > len("def fibonacci(n):\n")
 
 
 def test_cli_prompts_file(tmp_path):
@@ -131,8 +131,8 @@ def test_cli_prompts_file(tmp_path):
     (["--prompts-file", "/nonexistent/p.txt"], "does not exist"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
     (["--prompt", "x", "--system", "Be brief."], "--system and --chat-template go with --chat"),
-    (["--prompt", "x", "--page-size", "32"], "go with --paged"),
-    (["--prompt", "x", "--no-prefix-caching"], "go with --paged"),
+    (["--prompt", "x", "--contiguous", "--page-size", "32"], "leave out --contiguous"),
+    (["--prompt", "x", "--contiguous", "--no-prefix-caching"], "leave out --contiguous"),
 ])
 def test_cli_usage_errors(args, message):
     out = run_cli(*args)

@@ -3,7 +3,7 @@ per-request sampling, no recompilation after warm-up, and the serving benchmark'
 
 What every engine shares runs on `jaxfire.PagedEngine`; the tests of the contiguous engine's own
 options (decode slot buckets, prefills carrying decode steps, chunks into a batch-1 cache) run
-`ContiguousEngine`, which `jaxfire.Engine` is (and which the API, server and CLI tests run too)."""
+`ContiguousEngine`. `jaxfire.Engine` is the paged engine (which the API, server and CLI tests run)."""
 
 import random
 import threading
