@@ -163,10 +163,15 @@ def _dense_kernel(x: jax.Array, implementation: str) -> bool:
     return implementation != "xla"
 
 
-def _takes_wgmma(backend: str | None) -> bool:
-    """Whether the grouped matmul may run FP8 activations on its wgmma kernel for this backend (the
-    default choice, or a named one that includes it)."""
-    return backend in (None, "pallas", "pallas_mma", "pallas_mosaic")
+def _takes_wgmma(backend: str | None, x: jax.Array, w: jax.Array | QArray, swiglu: bool) -> bool:
+    """Whether the grouped matmul would run x's rows through w on its wgmma kernel with FP8
+    activations: a backend that includes it (the default choice, or a named one) and a problem it
+    takes (elsewhere FP8 activations would land on the Triton kernel, not measured faster)."""
+    if backend not in (None, "pallas", "pallas_mma", "pallas_mosaic"):
+        return False
+    from pallas_kernels.grouped_matmul.api import fp8_takes_wgmma
+
+    return fp8_takes_wgmma(x.shape[0], w.shape[-1], w.shape[-2], swiglu=swiglu)
 
 
 def _kernel_operands(x: jax.Array, w: jax.Array | QArray, fp8_acts: bool):
@@ -184,7 +189,8 @@ def grouped(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, policy:
     """
     # x: [T, K], w: [E, N, K] -> [T, N]
     backend = _grouped_backend(x, implementation)
-    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0], kernel=_takes_wgmma(backend))
+    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(
+        x.shape[0], kernel=_takes_wgmma(backend, x, w, swiglu=False))
     if backend != "xla":
         from pallas_kernels import grouped_matmul
 
@@ -215,7 +221,8 @@ def grouped_swiglu(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array,
         return jax.nn.silu(gate) * up
     from pallas_kernels import grouped_matmul_swiglu
 
-    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(x.shape[0], kernel=_takes_wgmma(backend))
+    fp8_acts = isinstance(w, QArray) and policy.quantize_activations(
+        x.shape[0], kernel=_takes_wgmma(backend, x, w, swiglu=True))
     ops = _kernel_operands(x, w, fp8_acts)
     return grouped_matmul_swiglu(ops["lhs"], ops["rhs"], group_sizes, lhs_scale=ops["lhs_scale"],
                                  rhs_scale=ops["rhs_scale"], transpose_rhs=True, preferred_element_type=x.dtype,
