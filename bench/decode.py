@@ -265,8 +265,12 @@ def check_against_xla(params, c: Config, runtime, kv_dtype) -> float:
 VARIANTS = {
     # name: (weights, kv cache dtype, runtime)
     "bf16": ("bf16", jnp.bfloat16, M.Runtime()),
-    # The default FP8 policy: weight-only under 64 tokens a call, FP8 activations from 64 on.
+    # The default FP8 policy: weight-only projections under 64 tokens a call (XLA's product from two
+    # tokens), expert calls with FP8 activations on the wgmma kernel from 8 rows, everything from 64.
     "fp8": ("fp8", "fp8", M.Runtime()),
+    # The decode paths before run S3's kernel study: projections of 2-63 tokens on the grouped
+    # matmul's MMA kernel, expert calls weight-only under 64 rows (the peer of "fp8").
+    "fp8-pre-s3": ("fp8", "fp8", M.Runtime(grouped_matmul="pallas", fp8=quant.Fp8Policy(min_kernel_rows=64))),
     "fp8-w": ("fp8", jnp.bfloat16, M.Runtime(fp8=quant.Fp8Policy("never"))),
     "fp8-wa": ("fp8", jnp.bfloat16, M.Runtime(fp8=quant.Fp8Policy("always"))),
     "fp8-w-kv8": ("fp8", "fp8", M.Runtime(fp8=quant.Fp8Policy("never"))),
