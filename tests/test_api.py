@@ -36,6 +36,16 @@ def test_stream_yields_the_same_tokens_as_generate(builtin):
     assert streamed == result.tokens and all(finished)
 
 
+def test_generate_takes_logit_bias(builtin):
+    """+100 on one id makes it every token of every prompt, greedy or sampled; the other arguments
+    run as without it."""
+    forced = 1234
+    result = jaxfire.generate(builtin, ["import os", "class A:"], max_new_tokens=4, logit_bias={forced: 100.0})
+    assert result.tokens == [[forced] * 4, [forced] * 4]
+    sampled = jaxfire.generate(builtin, "x = ", max_new_tokens=3, temperature=1.0, seed=5, logit_bias={forced: 100})
+    assert sampled.tokens == [[forced] * 3]
+
+
 def test_dtype_override(builtin):
     model = jaxfire.load(dtype="float32")
     assert model.params.embed.dtype == np.float32 and builtin.params.embed.dtype == "bfloat16"
@@ -53,6 +63,7 @@ def test_dtype_override(builtin):
     ({"max_new_tokens": 2}, [[1, 99999]], "token id 99999 outside the vocabulary"),
     ({"max_new_tokens": 2}, [], "no prompts"),
     ({"max_new_tokens": 1000}, ["x" * 10], "exceeds the model's 512 positions"),
+    ({"max_new_tokens": 2, "logit_bias": {5: 500.0}}, ["x"], "logit_bias"),
 ])
 def test_generate_rejects_bad_input(builtin, kwargs, prompts, message):
     with pytest.raises(jaxfire.JaxfireError, match=message):
