@@ -434,18 +434,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = sweep(args, model, desc, work, rates, max_len, rng, **variant)
         results += rows
         if args.workload != "chat":  # each engine's rows land before the next one compiles
-            path = write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in rows],
-                                 out_dir)
+            path = _write_rows(rows, out_dir)
     if args.workload == "chat":
         on, off = (r for r in results if r["job"] == "summary")
         ratio = (off["median_ttft_later_turns_ms"] or 0) / max(on["median_ttft_later_turns_ms"] or 0, 1e-9)
         print(f"median TTFT of turns 2-{args.turns}: {on['median_ttft_later_turns_ms']:.1f} ms with prefix caching, "
               f"{off['median_ttft_later_turns_ms']:.1f} ms without ({ratio:.1f}x)")
         on["ttft_later_turns_speedup"] = ratio
-        path = write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in results],
-                             out_dir)
+        path = _write_rows(results, out_dir)
     print(f"wrote {path}")
     return results
+
+
+def _write_rows(rows: list[dict[str, Any]], out_dir: pathlib.Path) -> pathlib.Path:
+    return write_results("serving", [{k: v for k, v in r.items() if k != "offered_rate"} for r in rows], out_dir)
 
 
 def make_engine(args: argparse.Namespace, model: jaxfire.Model, max_len: int, contiguous: bool,

@@ -6,6 +6,6 @@ from jaxfire.engine import ContiguousEngine, Engine, PagedEngine, Request, Reque
 from jaxfire.errors import JaxfireError
 from jaxfire.sharding import make_mesh
 
-__all__ = ["Config", "ContiguousEngine", "Engine", "Generation", "JaxfireError", "Model", "PagedEngine", "Request", "RequestMetrics",
-           "TokenEvent", "generate", "generate_stream", "load", "logits", "make_mesh"]
+__all__ = ["Config", "ContiguousEngine", "Engine", "Generation", "JaxfireError", "Model", "PagedEngine", "Request",
+           "RequestMetrics", "TokenEvent", "generate", "generate_stream", "load", "logits", "make_mesh"]
 __version__ = "0.1.0"

@@ -2,11 +2,11 @@
 
 `Engine` is `PagedEngine`: a paged KV cache, a token-budget scheduler (chunked prefill packed with
 decode) and prefix caching. `ContiguousEngine` keeps decode slots over a contiguous `[slots, max_len]`
-cache and prefills whole prompts one per call. On one H200 (bench/serving.py, run S3, Mixtral-8x7B in FP8) the paged engine matched
-it at zero load (6.0 ms a token), beat it at 1 request/s (median inter-token 6.05 against 6.56 ms, end
-to end 0.39 against 0.45 s), held p90 inter-token latency at 20-21 ms where the contiguous engine's
-reached 46-56 from 8 requests/s up, and lost at 4 requests/s (median 16.9 against 12.8 ms) and in
-throughput at 16 offered (9.8 against 11.4 completed a second). Where things are:
+cache and prefills whole prompts one per call. On one H200 (bench/serving.py, run S3, Mixtral-8x7B in
+FP8) the paged engine matched it at zero load (6.0 ms a token), beat it at 1 request/s (median
+inter-token 6.05 against 6.56 ms, end to end 0.39 against 0.45 s), held p90 inter-token latency at 20-21
+ms where the contiguous engine's reached 46-56 from 8 requests/s up, and lost at 4 requests/s (median
+16.9 against 12.8 ms) and in throughput at 16 offered (9.8 against 11.4 completed a second). Where things are:
 - `requests.py`: a request's handle (`Request`), what it streams (`TokenEvent`) and its timings
   (`RequestMetrics`), and the errors an engine raises;
 - `base.py`: what every engine shares: submission and its checks, the background thread, streaming
