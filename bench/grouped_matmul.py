@@ -7,7 +7,8 @@ ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the read bandwid
     PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
     PYTHONPATH=. python3 bench/grouped_matmul.py --study gemv-sweep                  # MMA vs multiply-add
-    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-alt                  # other ways to run a decode step's problems
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-alt                  # a decode step's problems, other ways
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study chunk-sweep                 # wgmma tiles at chunk sizes
 
 Every row carries the card's streaming read bandwidth measured in the same run ("read_tbs",
 `bench.common.read_tbs`) and its weight bytes per second as a share of it ("of_read_bw"), beside the
@@ -37,7 +38,7 @@ import numpy as np
 
 from bench import common, profile
 from pallas_kernels.grouped_matmul import Config, api, reference
-from pallas_kernels.grouped_matmul.config import triton_config
+from pallas_kernels.grouped_matmul.config import mosaic_config, triton_config
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_swiglu
 
 E = 8
@@ -301,21 +302,58 @@ def run_sweep(b: Bench, copy_bw: float, impls: tuple[str, ...]) -> None:
                 for config in configs:
                     if impl == "pallas_mosaic" and config.block_k * args[0].dtype.itemsize != 128:
                         continue
-                    fn = ours(impl, config=config)
-                    call = lambda *a, fn=fn: fn(*a[:2], a[2], **scales)  # noqa: E731
-                    err = b.check(f"sweep {impl} {dtype} {shape_name} {config}", call, (*args, g), want)
-                    if err is None:
-                        continue
-                    sec = b.time(call, *args, g)
-                    if sec is None:
-                        continue
-                    wbytes = E * n * k * args[1].dtype.itemsize
-                    b.add(dict(study="sweep", shape=shape_name, k=k, n=n, e=E, t=t, routing="balanced",
-                                       impl=f"jaxfire_{impl}", dtype=dtype, config=str(config), ms=sec * 1e3,
-                                       tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
-                                       pct_copy=100 * wbytes / sec / copy_bw, rel_err=err,
-                                       copy_tbps=copy_bw / 1e12))
+                    _sweep_point(b, copy_bw, "sweep", shape_name, impl, dtype, config, args, g, scales, want,
+                                 "balanced")
             del inp
+
+
+def _sweep_point(b: Bench, copy_bw: float, study: str, shape: str, impl: str, dtype: str, config: Config,
+                 args: tuple[jax.Array, jax.Array], g: jax.Array, scales: dict[str, jax.Array], want: jax.Array,
+                 routing_kind: str, label: str | None = None) -> None:
+    """One kernel config on one problem: checked against the reference, then timed and recorded (the
+    weight bytes: every expert that owns a row, read once)."""
+    (t, k), n = args[0].shape, args[1].shape[1]
+    fn = ours(impl, config=config)
+    call = lambda *a, fn=fn: fn(*a[:2], a[2], **scales)  # noqa: E731
+    err = b.check(f"{study} {impl} {dtype} {shape} {routing_kind} {label or config}", call, (*args, g), want)
+    if err is None:
+        return
+    sec = b.time(call, *args, g)
+    if sec is None:
+        return
+    wbytes = int(np.count_nonzero(np.asarray(g))) * n * k * args[1].dtype.itemsize
+    b.add(dict(study=study, shape=shape, k=k, n=n, e=E, t=t, routing=routing_kind, impl=f"jaxfire_{impl}",
+               dtype=dtype, config=(f"{label}: " if label else "") + str(config), ms=sec * 1e3,
+               tflops=2.0 * t * k * n / sec / 1e12, weight_tbps=wbytes / sec / 1e12,
+               pct_copy=100 * wbytes / sec / copy_bw, rel_err=err, copy_tbps=copy_bw / 1e12))
+
+
+# The prefill chunks of a token-budget step (study "chunk-sweep"): FP8 x FP8 rows on the wgmma kernel
+# at the sizes a step's chunk gives the experts (128 / 256 / 512 tokens at top-2), balanced and skewed
+# routing, the default tiles against narrower ones: (name, K, N, rows).
+CHUNK_PROBLEMS = tuple((f"{shape}_t{t}", k, n, t) for shape, (k, n) in SHAPES.items() for t in (256, 512, 1024))
+CHUNK_CONFIGS = tuple(Config(block_m=bm, block_n=bn, block_k=128, num_stages=4, grid_tile_width=8)
+                      for bm in (64, 128) for bn in (64, 128))
+
+
+def run_chunk_sweep(b: Bench, copy_bw: float, problems: str) -> None:
+    """The default wgmma config and every one of `CHUNK_CONFIGS` on each of `CHUNK_PROBLEMS`."""
+    wanted = set(filter(None, problems.split(",")))
+    key = jax.random.key(3)
+    for name, k, n, t in CHUNK_PROBLEMS:
+        if wanted and name not in wanted:
+            continue
+        key, sub = jax.random.split(key)
+        inp = problem_inputs(k, n, t, sub)
+        args, scales = (inp["x8"], inp["w8"]), dict(lhs_scale=inp["xs"], rhs_scale=inp["ws"])
+        for kind in ("balanced", "skewed"):
+            g = jnp.asarray(routing(kind, t))
+            want = jax.jit(functools.partial(reference.grouped_matmul_f32, transpose_rhs=True))(*args, g, **scales)
+            default = mosaic_config(t, k, n, itemsize=1, swiglu=False)
+            for config, label in [(default, "default")] + [(c, None) for c in CHUNK_CONFIGS if c != default]:
+                _sweep_point(b, copy_bw, "chunk-sweep", name, "pallas_mosaic", "fp8", config, args, g, scales, want,
+                             kind, label)
+        del inp
 
 
 # The weight-only FP8 problems a decode step runs: (name, K, N, experts, group sizes, swiglu). Batch 1
@@ -581,16 +619,19 @@ def run_decode_alt(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=("grid", "decode", "sweep", "decode-sweep", "gemv-sweep", "decode-alt"), default="grid")
+    p.add_argument("--study", choices=("grid", "decode", "sweep", "decode-sweep", "gemv-sweep", "decode-alt",
+                                       "chunk-sweep"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--problems", default="", help="decode, gemv-sweep: problem names to run (all when empty)")
+    p.add_argument("--problems", default="",
+                   help="decode, gemv-sweep, decode-alt, chunk-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    known = {"decode": DECODE_STEP_PROBLEMS, "gemv-sweep": GEMV_PROBLEMS, "decode-alt": ALT_PROBLEMS}.get(args.study, ())
+    known = {"decode": DECODE_STEP_PROBLEMS, "gemv-sweep": GEMV_PROBLEMS, "decode-alt": ALT_PROBLEMS,
+             "chunk-sweep": CHUNK_PROBLEMS}.get(args.study, ())
     unknown = set(filter(None, args.problems.split(","))) - {prob[0] for prob in known}
     if unknown:
         p.error(f"--problems: {', '.join(sorted(unknown))} not among the {args.study} study's problems "
@@ -613,6 +654,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         run_gemv_sweep(b, copy_bw, args.iters, args.problems)
     elif args.study == "decode-alt":
         run_decode_alt(b, copy_bw, args.iters, args.problems)
+    elif args.study == "chunk-sweep":
+        run_chunk_sweep(b, copy_bw, args.problems)
     else:
         rows = [int(v) for v in args.rows.split(",") if v]
         shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}

@@ -233,6 +233,24 @@ def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, mon
     assert {r["dtype"] for r in rows if r["impl"].startswith(("xla fp8", "mosaic"))} == {"w8a8"}
 
 
+def test_chunk_sweep_checks_and_times_each_config_under_both_routings(tmp_path, monkeypatch):
+    """The prefill-chunk sweep: the default wgmma config (labelled) and each other config, checked
+    against the reference and timed with balanced and skewed routing; weight bytes count the experts
+    that own rows."""
+    from bench import grouped_matmul as G
+
+    monkeypatch.setattr(G, "CHUNK_PROBLEMS", (("tiny_t16", 256, 256, 16),))
+    monkeypatch.setattr(G, "CHUNK_CONFIGS", (G.Config(block_m=64, block_n=128, block_k=128, num_stages=2),))
+    rows = G.main(["--study", "chunk-sweep", "--iters", "1", "--out-dir", str(tmp_path)])
+    assert [(r["routing"], r["config"].startswith("default: ")) for r in rows] == [
+        ("balanced", True), ("balanced", False), ("skewed", True), ("skewed", False)]
+    assert all(r["rel_err"] < G.MAX_REL_ERR and r["dtype"] == "fp8" and r["of_read_bw"] > 0 for r in rows)
+    experts = int(np.count_nonzero(G.routing("skewed", 16)))
+    assert rows[2]["weight_tbps"] == pytest.approx(experts * 256 * 256 / (rows[2]["ms"] / 1e3) / 1e12)
+    with pytest.raises(SystemExit):
+        G.main(["--study", "chunk-sweep", "--problems", "w2_t7"])
+
+
 @pytest.fixture
 def tiny_attention(monkeypatch):
     """bench/decode_attention.py at a tiny size: 8 query heads on 2 KV heads of 64, one input set."""
