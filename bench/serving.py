@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--kv-pages", type=int, help="KV cache pages (default: as many as fit the free memory)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="reuse no cached prompt pages")
     ap.add_argument("--max-batched-tokens", type=int, help="token rows per engine step (default: the engine's)")
+    ap.add_argument("--max-idle-batched-tokens", type=int,
+                    help="token rows of a step without decode tokens (default: --max-batched-tokens)")
     ap.add_argument("--contiguous", action="store_true",
                     help="the engine over a contiguous [slots, max_len] cache (the flags below are its own)")
     ap.add_argument("--compare", action="store_true",
@@ -463,7 +465,8 @@ def make_engine(args: argparse.Namespace, model: jaxfire.Model, max_len: int, co
                                     detokenize=False, decode_buckets=buckets, mix_decode=not args.no_mix_decode)
         return jaxfire.PagedEngine(model, slots=args.slots, max_len=max_len, page_size=args.page_size,
                                    kv_pages=args.kv_pages, prefix_caching=prefix_caching,
-                                   max_batched_tokens=args.max_batched_tokens, detokenize=False)
+                                   max_batched_tokens=args.max_batched_tokens,
+                                   max_idle_batched_tokens=args.max_idle_batched_tokens, detokenize=False)
     except ValueError as e:  # a JaxfireError, or --decode-buckets that are not integers
         raise SystemExit(f"engine options: {e}") from None
 
@@ -474,7 +477,8 @@ def engine_desc(engine) -> dict[str, Any]:
                     prefill_chunk=engine.prefill_chunk, decode_buckets=list(engine.decode_buckets),
                     mix_decode=engine.mix_decode)
     return dict(engine="paged", page_size=engine.page_size, kv_pages=engine.kv_pages,
-                prefix_caching=engine.prefix_caching, max_batched_tokens=engine.max_batched_tokens)
+                prefix_caching=engine.prefix_caching, max_batched_tokens=engine.max_batched_tokens,
+                max_idle_batched_tokens=engine.max_idle_batched_tokens)
 
 
 def step_figures(engine, before: dict[str, int]) -> dict[str, Any]:

@@ -55,6 +55,26 @@ def test_paged_equals_contiguous_across_page_boundaries(model, kv):
     engine.close()
 
 
+def test_idle_steps_take_larger_chunks_and_give_the_same_tokens(model):
+    """With an idle budget above the step budget, a prompt reaching an idle engine prefills in fewer
+    steps (its bucket compiled with the rest), and every request gets the tokens of the contiguous
+    engine."""
+    rng = np.random.default_rng(3)
+    jobs = random_jobs(rng, model, 4, 20, 30)
+    want = contiguous_tokens(model, jobs, 48)
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=48, page_size=PAGE, max_batched_tokens=8,
+                                 max_idle_batched_tokens=32, detokenize=False)
+    assert engine.token_buckets == (1, 2, 4, 8, 16, 32)
+    first = engine.submit(jobs[0][0], max_tokens=jobs[0][1])
+    engine.step()
+    assert engine.counters["prefill_tokens"] == min(len(jobs[0][0]), 32)  # one idle step, not chunks of 8
+    first.result()
+    requests, _ = serve(engine, jobs[1:])
+    assert [first.tokens] + [r.tokens for r in requests] == want
+    assert engine.stats().kv_pages_used == 0
+    engine.close()
+
+
 def test_a_converted_model_with_mqa_and_a_window_matches_the_contiguous_engine(converted):
     _, ckpt = converted("mqa_window_tied")
     m = jaxfire.load(ckpt, dtype="float32")
@@ -203,6 +223,8 @@ def test_a_step_is_queued_before_the_previous_one_is_read(model, monkeypatch):
     (dict(kv_pages=2), "kv_pages must be at least 3: one request of max_len 32 takes 2 pages of 16"),
     (dict(max_batched_tokens=3), r"max_batched_tokens must be an integer of at least slots \(4\)"),
     (dict(min_bucket=0), "min_bucket must be a positive integer"),
+    (dict(max_batched_tokens=16, max_idle_batched_tokens=8),
+     r"max_idle_batched_tokens must be an integer of at least max_batched_tokens \(16\)"),
 ])
 def test_bad_configuration_is_refused_in_one_sentence(model, kwargs, message):
     with pytest.raises(EngineError, match=message):

@@ -46,12 +46,12 @@ class Device:
 
 
 def run(jobs, *, rows, budget, num_pages, page_size, caching=True, arrivals=None, cancel=None, max_steps=2000,
-        lag=0):
+        lag=0, idle=None):
     """Serves `jobs` (prompt, max_tokens) to the end; returns each one's tokens, the plans, and the order of
     first admissions. `arrivals[i]` is the step job i is submitted at; samples reach the host `lag` steps
-    after their step ran."""
+    after their step ran; `idle` is the budget of steps without a decode token."""
     pool = PagePool(num_pages, page_size, caching)
-    sched = Scheduler(pool, rows=rows, max_batched_tokens=budget)
+    sched = Scheduler(pool, rows=rows, max_batched_tokens=budget, idle_batched_tokens=idle)
     device = Device(num_pages, page_size)
     seqs = [Sequence(i, p, n) for i, (p, n) in enumerate(jobs)]
     arrivals = arrivals or [0] * len(jobs)
@@ -69,7 +69,9 @@ def run(jobs, *, rows, budget, num_pages, page_size, caching=True, arrivals=None
         decoding = {s.id for s in sched.running if s.decoding and not s.complete}
         plan = sched.schedule()
         plans.append(plan)
-        assert plan.num_tokens <= budget
+        decode_rows = any(len(c.tokens) == 1 and c.start == len(c.seq.tokens) + c.seq.pending - 1
+                          and c.start >= c.seq.prompt_len for c in plan.chunks)
+        assert plan.num_tokens <= (budget if decode_rows or idle is None else idle)
         planned = [c.seq.id for c in plan.chunks]
         assert len(planned) == len(set(planned))
         # every decoding sequence not preempted gets its token
@@ -188,6 +190,24 @@ def test_a_cancelled_request_frees_its_pages_at_once(lag):
     jobs = [(list(range(10)), 20), (list(range(20, 30)), 3)]
     out, _, _, sched = run(jobs, rows=2, budget=16, num_pages=16, page_size=2, caching=False, cancel=(0, 3), lag=lag)
     assert len(out[0]) < 20 and out[1] == expected(*jobs[1])
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_steps_without_a_decode_token_take_the_idle_budget(lag):
+    """A prompt reaching an idle scheduler prefills in chunks of the idle budget; once a sequence
+    decodes, chunks beside it keep to the step budget. Tokens are those of the plain budget."""
+    rng = np.random.default_rng(7)
+    jobs = [(rng.integers(0, VOCAB, 40).tolist(), 6), (rng.integers(0, VOCAB, 40).tolist(), 3)]
+    out, plans, _, _ = run(jobs, rows=2, budget=8, idle=32, num_pages=40, page_size=4, arrivals=[0, 3], lag=lag)
+    assert [len(c.tokens) for c in plans[0].chunks] == [32]  # alone and idle: 32 of its 40 tokens
+    beside = [len(c.tokens) for p in plans if {c.seq.id for c in p.chunks} == {0, 1} for c in p.chunks
+              if c.seq.id == 1]
+    assert beside and max(beside) <= 8 - 1  # beside the first one's decode token
+    assert any(len(c.tokens) > 8 for p in plans[4:] for c in p.chunks)  # idle again once the first ends
+    plain, _, _, _ = run(jobs, rows=2, budget=8, num_pages=40, page_size=4, arrivals=[0, 3], lag=lag)
+    assert out == plain == {i: expected(*job) for i, job in enumerate(jobs)}
+    with pytest.raises(ValueError, match="idle_batched_tokens"):
+        Scheduler(PagePool(4, 2), rows=2, max_batched_tokens=8, idle_batched_tokens=4)
 
 
 def test_a_budget_below_the_rows_is_refused():

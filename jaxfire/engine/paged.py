@@ -62,6 +62,10 @@ class PagedEngine(EngineBase):
       tokens out, over HTTP; bench/results/serving.jsonl, run S3): 256 held p90 inter-token latency
       at 20-21 ms from 4 to 16 requests/s offered (completing up to 9.8 a second), 512 at 25-30 ms
       (up to 12.7 a second), 128 at 20 ms but no more than 5.9 a second.
+    max_idle_batched_tokens: token rows of a step in which no running request decodes (none waits for
+      a token), so that a prompt reaching an idle engine prefills in fewer, larger chunks (default:
+      `max_batched_tokens`, no difference; at least that). Not yet measured in serving: on one H200 a
+      1024-token prompt in four chunks of 256 cost 1.57x one call of 1024 (bench/prefill.py).
     min_bucket: the fewest token rows a step is padded to (steps compile for powers of two from it):
       1, so that a step of a few decode rows runs the kernels of its own size.
     detokenize: whether events carry text (needs the model's tokenizer).
@@ -69,7 +73,7 @@ class PagedEngine(EngineBase):
 
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, page_size: int = 16,
                  kv_pages: int | None = None, prefix_caching: bool = True, max_batched_tokens: int | None = None,
-                 min_bucket: int = 1, detokenize: bool = True):
+                 max_idle_batched_tokens: int | None = None, min_bucket: int = 1, detokenize: bool = True):
         super().__init__(model, slots, max_len, detokenize)
         try:
             paged_cache.check_page_size(page_size)  # the sizes the paged attention kernels take
@@ -93,16 +97,23 @@ class PagedEngine(EngineBase):
                 or max_batched_tokens < self.slots):
             raise EngineError(f"max_batched_tokens must be an integer of at least slots ({self.slots}): every "
                               f"running request decodes a token each step; got {max_batched_tokens!r}")
+        if max_idle_batched_tokens is None:
+            max_idle_batched_tokens = max_batched_tokens
+        if (isinstance(max_idle_batched_tokens, bool) or not isinstance(max_idle_batched_tokens, (int, np.integer))
+                or max_idle_batched_tokens < max_batched_tokens):
+            raise EngineError(f"max_idle_batched_tokens must be an integer of at least max_batched_tokens "
+                              f"({max_batched_tokens}); got {max_idle_batched_tokens!r}")
         if isinstance(min_bucket, bool) or not isinstance(min_bucket, (int, np.integer)) or min_bucket < 1:
             raise EngineError(f"min_bucket must be a positive integer, got {min_bucket!r}")
         self.kv_pages = int(kv_pages)
         self.prefix_caching = bool(prefix_caching)
         self.max_batched_tokens = int(max_batched_tokens)
+        self.max_idle_batched_tokens = int(max_idle_batched_tokens)
         self._pool = PagePool(self.kv_pages, self.page_size, caching=self.prefix_caching)
-        self._scheduler = Scheduler(self._pool, self.slots, self.max_batched_tokens)
+        self._scheduler = Scheduler(self._pool, self.slots, self.max_batched_tokens, self.max_idle_batched_tokens)
         # the device state: the paged cache and the programs over it (None once closed)
         self._state = Runner(model, self.slots, self.max_len, self.page_size, self.kv_pages,
-                             self.max_batched_tokens, int(min_bucket))
+                             self.max_idle_batched_tokens, int(min_bucket))
         self.token_buckets = self._state.token_buckets
         self._in_flight: tuple[StepPlan, InFlight] | None = None  # dispatched, samples not read yet
         # counters: steps (ragged steps run), mixed_steps (of them, steps with decode and prefill rows),

@@ -12,6 +12,8 @@ Per step, under a budget of `max_batched_tokens` token rows:
    last: each first takes the longest run of its prompt's full pages found in the prefix cache, then
    a chunk of the rest. The queue's head is never passed over (a later, smaller request does not
    overtake it), so no request starves.
+A step with no decode token (nobody waits on one) may take up to `idle_batched_tokens` rows instead,
+so that a prompt reaching an idle engine prefills in fewer, larger chunks.
 A running sequence that needs a page when none is left preempts the most recently admitted running
 sequence (possibly itself): its pages are released and it goes back to the head of the queue with
 every token it has (prompt and generated), to be recomputed; the engine streams only tokens sampled
@@ -101,12 +103,16 @@ class StepPlan:
 class Scheduler:
     """Running and waiting sequences over `rows` page-table rows and one page pool."""
 
-    def __init__(self, pool: P.PagePool, rows: int, max_batched_tokens: int):
+    def __init__(self, pool: P.PagePool, rows: int, max_batched_tokens: int, idle_batched_tokens: int | None = None):
         if max_batched_tokens < rows:
             raise ValueError(f"max_batched_tokens ({max_batched_tokens}) must cover one decode token per row ({rows})")
+        idle = max_batched_tokens if idle_batched_tokens is None else idle_batched_tokens
+        if idle < max_batched_tokens:
+            raise ValueError(f"idle_batched_tokens ({idle}) must be at least max_batched_tokens ({max_batched_tokens})")
         self.pool = pool
         self.rows = rows
         self.max_batched_tokens = max_batched_tokens
+        self.idle_batched_tokens = idle
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         self._free_rows = list(range(rows))  # a heap: the lowest row first
@@ -166,7 +172,6 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """The next step's plan (see the module docstring); pages are taken for it here."""
-        budget = self.max_batched_tokens
         planned: dict[int, Chunk] = {}  # by sequence id, in insertion order
         preempted: list[Sequence] = []
 
@@ -180,7 +185,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.decoding and not s.complete]:
             if seq in self.running and self._grow(seq, seq.known, planned, preempted):
                 plan(seq, 1)
-        budget -= len(planned)
+        limit = self.max_batched_tokens if planned else self.idle_batched_tokens  # none waits for a token
+        budget = limit - len(planned)
         for seq in [s for s in self.running if not s.decoding]:
             if seq not in self.running or budget <= 0:
                 continue
@@ -189,7 +195,7 @@ class Scheduler:
                 plan(seq, n)
                 budget -= n
             else:
-                budget = self.max_batched_tokens - sum(len(c.tokens) for c in planned.values())
+                budget = limit - sum(len(c.tokens) for c in planned.values())
         while self.waiting and self._free_rows and budget > 0 and not preempted:
             seq = self.waiting[0]
             if seq.pending:  # preempted while its last sample was in flight: recomputed once it is known
