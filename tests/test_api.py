@@ -119,7 +119,8 @@ def test_cli_runs_the_builtin_model():
 
 def test_cli_contiguous_engine_gives_the_default_engines_tokens():
     args = ("--prompt", "def fibonacci(n):", "--max-new-tokens", "6")
-    paged, contiguous = run_cli(*args, "--page-size", "32", "--max-batched-tokens", "32"), run_cli(*args, "--contiguous")
+    paged = run_cli(*args, "--page-size", "32", "--max-batched-tokens", "32", "--max-idle-batched-tokens", "64")
+    contiguous = run_cli(*args, "--contiguous")
     assert paged.returncode == 0 and contiguous.returncode == 0, paged.stderr + contiguous.stderr
     assert paged.stdout == contiguous.stdout and len(paged.stdout) > len("def fibonacci(n):\n")
 
@@ -144,6 +145,7 @@ def test_cli_prompts_file(tmp_path):
     (["--prompt", "x", "--system", "Be brief."], "--system and --chat-template go with --chat"),
     (["--prompt", "x", "--contiguous", "--page-size", "32"], "leave out --contiguous"),
     (["--prompt", "x", "--contiguous", "--no-prefix-caching"], "leave out --contiguous"),
+    (["--prompt", "x", "--contiguous", "--max-idle-batched-tokens", "64"], "leave out --contiguous"),
 ])
 def test_cli_usage_errors(args, message):
     out = run_cli(*args)
