@@ -80,9 +80,8 @@ def _check(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype
 def fp8_takes_wgmma(num_rows: int, k: int, n: int, *, swiglu: bool) -> bool:
     """Whether FP8 x FP8 rows of a K-major problem (`n`: the weight's rows, gate and up together for
     swiglu) run on the wgmma kernel when the implementation is left to choose."""
-    config = mosaic_config(num_rows, k, n // 2 if swiglu else n, itemsize=1, swiglu=swiglu)
-    return num_rows > DECODE_MAX_ROWS[1] and mosaic.unsupported_reason(
-        _FP8, _FP8, k, n, transpose_rhs=True, swiglu=swiglu, out_dtype=jnp.dtype(jnp.bfloat16), config=config) is None
+    lhs, rhs = jax.ShapeDtypeStruct((num_rows, k), _FP8), jax.ShapeDtypeStruct((1, n, k), _FP8)
+    return _pallas_backend(lhs, rhs, True, swiglu, jnp.dtype(jnp.bfloat16), None, None)[0] == "mosaic"
 
 
 def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation) -> tuple[str, Config]:
