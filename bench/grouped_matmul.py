@@ -8,6 +8,7 @@ ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the read bandwid
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
     PYTHONPATH=. python3 bench/grouped_matmul.py --study gemv-sweep                  # MMA vs multiply-add
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-alt                  # a decode step's problems, other ways
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-tiles                # wgmma tiles at decode sizes
     PYTHONPATH=. python3 bench/grouped_matmul.py --study chunk-sweep                 # wgmma tiles at chunk sizes
 
 Every row carries the card's streaming read bandwidth measured in the same run ("read_tbs",
@@ -590,16 +591,38 @@ def _xla_dense(fp8_acts: bool):
     return jax.jit(fn)
 
 
-def run_decode_alt(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
-    """Every variant of `_alt_configs` on the problems of `ALT_PROBLEMS`, checked against the float32
-    reference and timed from a profiler trace over weight sets that overflow the L2 (as `run_decode`)."""
-    for c in decode_cases(ALT_PROBLEMS, problems, 5):
+# The wgmma kernel's tiles at decode sizes (study "decode-tiles", FP8 activations): 128-row swiglu tiles
+# (the warpgroups split the rows) against 64-row ones (they split the columns of F, loading half the lhs
+# bytes a step), pipeline depths, and the down projection's column widths and depths.
+TILE_PROBLEMS = tuple(p for p in ALT_PROBLEMS if p[0].startswith(("gate_up", "down")))
+
+
+def _tile_configs(t: int, k: int, n: int, e: int, swiglu: bool) -> list[tuple[str, str | None, Config | None, bool]]:
+    if swiglu:
+        blocks = ((128, 128, 4), (64, 64, 4), (64, 64, 5), (64, 128, 3), (128, 64, 4))
+    else:
+        blocks = ((64, 128, 4), (64, 128, 5), (64, 64, 6), (64, 256, 3), (128, 128, 4))
+    default = mosaic_config(t, k, n // 2 if swiglu else n, itemsize=1, swiglu=swiglu)
+    variants = [("default", None, None, False), ("mosaic default", "pallas_mosaic", default, True)]
+    for bm, bn, stages in blocks:
+        config = Config(block_m=bm, block_n=bn, block_k=128, num_stages=stages)
+        if config != default:
+            variants.append(("mosaic fp8 x fp8", "pallas_mosaic", config, True))
+    return variants
+
+
+def run_decode_alt(b: Bench, copy_bw: float, iters: int, problems: str, study: str = "decode-alt") -> None:
+    """Every variant of `_alt_configs` (or `_tile_configs` for study "decode-tiles") on the problems of
+    `ALT_PROBLEMS` (`TILE_PROBLEMS`), checked against the float32 reference and timed from a profiler
+    trace over weight sets that overflow the L2 (as `run_decode`)."""
+    table, variants = (TILE_PROBLEMS, _tile_configs) if study == "decode-tiles" else (ALT_PROBLEMS, _alt_configs)
+    for c in decode_cases(table, problems, 5):
         x8, xs = quantize(c.x, axis=1)
         # FP8 activations are checked against the reference over the rows they quantize to
         ref = reference.grouped_matmul_swiglu if c.swiglu else reference.grouped_matmul
         want8 = ref(x8.astype(jnp.float32) * xs[:, None], c.w8, c.g, rhs_scale=c.ws, transpose_rhs=True,
                     preferred_element_type=jnp.float32)
-        for label, impl, config, fp8_acts in _alt_configs(c.t, c.k, c.n, c.e, c.swiglu):
+        for label, impl, config, fp8_acts in variants(c.t, c.k, c.n, c.e, c.swiglu):
             if impl == "xla":
                 fn = _xla_dense(fp8_acts)
                 check = lambda fn=fn: fn(c.x, c.w8[0], c.ws[0])  # noqa: E731
@@ -612,26 +635,26 @@ def run_decode_alt(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
                 calls = [functools.partial(fn, xin, c.w8, rolled, rhs_scale=c.ws, **lhs) for rolled in c.sets] * iters
             if impl is None:
                 config = api._pallas_backend(c.x, c.w8, True, c.swiglu, jnp.bfloat16, None, None)[1]
-            b.traced(f"decode-alt {c.name} {label} {config}", c, check, want8 if fp8_acts else c.want, calls,
-                     copy_bw, study="decode-alt", impl=label, dtype="w8a8" if fp8_acts else "w8a16",
+            b.traced(f"{study} {c.name} {label} {config}", c, check, want8 if fp8_acts else c.want, calls,
+                     copy_bw, study=study, impl=label, dtype="w8a8" if fp8_acts else "w8a16",
                      config=str(config))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", choices=("grid", "decode", "sweep", "decode-sweep", "gemv-sweep", "decode-alt",
-                                       "chunk-sweep"), default="grid")
+                                       "decode-tiles", "chunk-sweep"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
     p.add_argument("--swiglu-rows", default="32,4096")
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--problems", default="",
-                   help="decode, gemv-sweep, decode-alt, chunk-sweep: problem names to run (all when empty)")
+                   help="decode, gemv-sweep, decode-alt, decode-tiles, chunk-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     known = {"decode": DECODE_STEP_PROBLEMS, "gemv-sweep": GEMV_PROBLEMS, "decode-alt": ALT_PROBLEMS,
-             "chunk-sweep": CHUNK_PROBLEMS}.get(args.study, ())
+             "decode-tiles": TILE_PROBLEMS, "chunk-sweep": CHUNK_PROBLEMS}.get(args.study, ())
     unknown = set(filter(None, args.problems.split(","))) - {prob[0] for prob in known}
     if unknown:
         p.error(f"--problems: {', '.join(sorted(unknown))} not among the {args.study} study's problems "
@@ -652,8 +675,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         run_decode_sweep(b, copy_bw)
     elif args.study == "gemv-sweep":
         run_gemv_sweep(b, copy_bw, args.iters, args.problems)
-    elif args.study == "decode-alt":
-        run_decode_alt(b, copy_bw, args.iters, args.problems)
+    elif args.study in ("decode-alt", "decode-tiles"):
+        run_decode_alt(b, copy_bw, args.iters, args.problems, args.study)
     elif args.study == "chunk-sweep":
         run_chunk_sweep(b, copy_bw, args.problems)
     else:

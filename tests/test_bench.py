@@ -231,6 +231,9 @@ def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, mon
     assert {name: sum(r["shape"] == name for r in rows) for name in want} == want
     assert all(r["rel_err"] < G.MAX_REL_ERR and r["of_read_bw"] > 0 for r in rows)
     assert {r["dtype"] for r in rows if r["impl"].startswith(("xla fp8", "mosaic"))} == {"w8a8"}
+    # the tile study's variants: the model's default path, the kernel's default tiles, then the others
+    variants = G._tile_configs(8, 4096, 2 * 14336, 8, True)
+    assert [v[0] for v in variants[:2]] == ["default", "mosaic default"] and len(set(map(str, variants))) == 6
 
 
 def test_chunk_sweep_checks_and_times_each_config_under_both_routings(tmp_path, monkeypatch):

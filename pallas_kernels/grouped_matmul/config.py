@@ -149,5 +149,8 @@ def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool)
     and the down projection ran on 64-row tiles (114-156 us; 128-row tiles were not timed there).
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
-    block_m = 64 if num_rows <= 64 and itemsize == 1 and not swiglu else 128
-    return Config(block_m=block_m, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)
+    if num_rows <= 64 and itemsize == 1:
+        if swiglu:  # 64-row tiles, the warpgroups splitting F: half the lhs bytes, a fifth stage
+            return Config(block_m=64, block_n=64, block_k=128, num_stages=5, grid_tile_width=8)
+        return Config(block_m=64, block_n=128, block_k=128, num_stages=4, grid_tile_width=8)
+    return Config(block_m=128, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)

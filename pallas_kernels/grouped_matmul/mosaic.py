@@ -1,14 +1,16 @@
 """Grouped matmul on Hopper through Mosaic GPU: warp-specialised wgmma for prefill, bf16 and FP8.
 
 Shapes: T rows (sorted by expert), K contraction, N weight output columns, E experts, F swiglu
-width (N = 2F), P row tasks, BM/BN/BK block sizes, WM rows of one warpgroup's tile, EN epilogue
-tile width.
+width (N = 2F), P row tasks, BM/BN/BK block sizes, WM rows of one warpgroup's tile, CN columns of
+one CTA's output tile, EN epilogue tile width.
 
 A persistent kernel: each SM loops over (row task, column tile) pairs. A CTA holds two compute
 warpgroups and one TMA warpgroup that streams [BM, BK] lhs and weight tiles through a
 `num_stages`-deep shared-memory ring. Plain matmul: the warpgroups split the CTA's 2*BN columns
-(tile [BM, 2*BN]). Swiglu: they split the BM rows and each keeps a gate and an up accumulator
-over the same BN columns of F, so silu(gate) * up is formed in registers.
+(tile [BM, 2*BN]). Swiglu keeps a gate and an up accumulator per warpgroup, so silu(gate) * up is
+formed in registers: from 128 rows the warpgroups split the BM rows over the same BN columns of F;
+with 64-row tiles (decode) they share the rows and split 2*BN columns of F, so each pipeline step
+loads half the lhs rows for the same weight bytes.
 FP8 operands feed e4m3 x e4m3 wgmma with f32 accumulation (both K-major, so `transpose_rhs`);
 the per-row and per-column scales, fetched by TMA while the main loop runs, multiply the f32
 accumulator in the epilogue. Output rows outside a task's expert are never stored; the rows past
@@ -43,13 +45,29 @@ def _epilogue_width(out_dtype) -> int:
     return 128 * 8 // _bits(out_dtype)
 
 
-def _stage_bytes(config: Config, in_dtype) -> int:
-    # lhs [BM, BK] + weights [2*BN, BK] (two N halves, or gate and up).
-    return (config.block_m + 2 * config.block_n) * config.block_k * jnp.dtype(in_dtype).itemsize
+def _split_rows(config: Config, swiglu: bool) -> bool:
+    """Whether the two compute warpgroups split the tile's rows (swiglu from 128 rows) rather than
+    its columns."""
+    return swiglu and config.block_m >= 128
+
+
+def _tile_shape(config: Config, swiglu: bool) -> tuple[int, int, int]:
+    """(WM, CN, band): a warpgroup's rows, the CTA's output columns, the weight rows of one band
+    (one each for gate and up with swiglu)."""
+    if _split_rows(config, swiglu):
+        return config.block_m // 2, config.block_n, config.block_n
+    return config.block_m, 2 * config.block_n, 2 * config.block_n
+
+
+def _stage_bytes(config: Config, in_dtype, swiglu: bool) -> int:
+    # lhs [BM, BK] + weight bands [band, BK] (two N halves, or gate and up).
+    bands = 2 if swiglu else 1
+    band = _tile_shape(config, swiglu)[2]
+    return (config.block_m + bands * band) * config.block_k * jnp.dtype(in_dtype).itemsize
 
 
 def _epilogue_bytes(config: Config, out_dtype, swiglu: bool, slots: int, scales: tuple[bool, bool]) -> int:
-    wg_m = config.block_m // 2 if swiglu else config.block_m
+    wg_m = _tile_shape(config, swiglu)[0]
     out = 2 * slots * wg_m * _epilogue_width(out_dtype) * jnp.dtype(out_dtype).itemsize
     row_scales = 2 * wg_m * 4 if scales[0] else 0
     col_scales = 2 * (2 if swiglu else 1) * config.block_n * 4 if scales[1] else 0
@@ -60,7 +78,7 @@ def smem_plan(
     config: Config, in_dtype, out_dtype, swiglu: bool, scales: tuple[bool, bool] = (True, True)
 ) -> tuple[int, int]:
     """(pipeline stages, epilogue slots): the configured depth first, then double-buffered output."""
-    stage = _stage_bytes(config, in_dtype)
+    stage = _stage_bytes(config, in_dtype, swiglu)
     for stages in range(config.num_stages, 0, -1):
         for slots in (2, 1):
             if stages * stage + _epilogue_bytes(config, out_dtype, swiglu, slots, scales) <= _SMEM_BYTES:
@@ -80,10 +98,10 @@ def unsupported_reason(
         return f"block_k={config.block_k} must span 128 bytes of {jnp.dtype(lhs_dtype).name}"
     if k % config.block_k:
         return f"K={k} is not a multiple of block_k={config.block_k}"
-    n_out, cta_n = (n // 2, config.block_n) if swiglu else (n, 2 * config.block_n)
+    wg_m, cta_n, _ = _tile_shape(config, swiglu)
+    n_out = n // 2 if swiglu else n
     if n_out % cta_n:
         return f"{'F' if swiglu else 'N'}={n_out} is not a multiple of the CTA tile width {cta_n}"
-    wg_m = config.block_m // 2 if swiglu else config.block_m
     if wg_m % 64 or config.block_m % _ROW_ALIGN:
         return f"block_m={config.block_m} gives warpgroup tiles of {wg_m} rows, not a multiple of 64"
     if config.block_n % _epilogue_width(out_dtype):
@@ -140,8 +158,8 @@ def _kernel(
     n_out = out_gmem.shape[1]
     out_dtype = out_gmem.dtype
     num_tasks = group_gmem.shape[0]
-    wg_m = bm // 2 if swiglu else bm
-    cta_n = bn if swiglu else 2 * bn
+    split_rows = _split_rows(config, swiglu)
+    wg_m, cta_n, w_rows = _tile_shape(config, swiglu)
     n_tiles = n_out // cta_n
     epi_n = _epilogue_width(out_dtype)
     num_acc = 2 if swiglu else 1
@@ -157,7 +175,6 @@ def _kernel(
     )
 
     lhs_spec = plgpu.BlockSpec((bm, bk), lambda ki: (0, ki), transforms=in_transforms, delay_release=1)
-    w_rows = bn if swiglu else 2 * bn
     if transpose_rhs:
         w_spec = plgpu.BlockSpec((w_rows, bk), lambda ki: (0, ki), transforms=in_transforms, delay_release=1)
     else:
@@ -205,9 +222,9 @@ def _kernel(
             group, tile_start = group_gmem[task], pl.multiple_of(start_gmem[task], _ROW_ALIGN)
             offset, size = offset_gmem[task], size_gmem[task]
             expert = jnp.minimum(group, num_groups - 1)
-            # Swiglu warpgroups own row halves of the tile; plain ones own column halves.
-            row0 = wg * wg_m if swiglu else 0
-            col0 = nj * cta_n + (0 if swiglu else wg * bn)
+            # Warpgroups own row halves of the tile (swiglu from 128 rows) or column halves.
+            row0 = wg * wg_m if split_rows else 0
+            col0 = nj * cta_n + (0 if split_rows else wg * bn)
             first = jnp.clip(offset - row0, 0, wg_m)
             count = jnp.clip(offset + size - row0, 0, wg_m) - first
 
@@ -230,9 +247,9 @@ def _kernel(
 
             def mma_body(_, lhs_smem, *w_smems_and_accs):
                 *w_smems, accs = w_smems_and_accs
-                lhs = lhs_smem.at[pl.ds(wg * wg_m, wg_m)] if swiglu else lhs_smem
+                lhs = lhs_smem.at[pl.ds(wg * wg_m, wg_m)] if split_rows else lhs_smem
                 for acc_ref, w_smem in zip(accs, w_smems):
-                    if not swiglu:
+                    if not split_rows:
                         if transpose_rhs:
                             w_smem = w_smem.at[pl.ds(wg * bn, bn)]
                         else:
@@ -281,9 +298,9 @@ def _kernel(
                 store(out.astype(out_dtype))
 
             def run_expert():
-                w_refs = [weight_band(expert, col0 if swiglu else nj * cta_n)]
+                w_refs = [weight_band(expert, nj * cta_n)]
                 if swiglu:
-                    w_refs.append(weight_band(expert, n_out + col0))
+                    w_refs.append(weight_band(expert, n_out + nj * cta_n))
                 make_pipeline(mma_body, compute_context)(
                     lhs_gmem.at[pl.ds(tile_start, bm)], *w_refs, allocations=pipeline_allocs
                 )
@@ -358,7 +375,7 @@ def grouped_matmul(
         has_lhs_scale=lhs_scale is not None,
         has_rhs_scale=rhs_scale is not None,
     )
-    num_tiles = tasks.num_tasks * (n_out // (config.block_n if swiglu else 2 * config.block_n))
+    num_tiles = tasks.num_tasks * (n_out // _tile_shape(config, swiglu)[1])
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((t, n_out), out_dtype),

@@ -326,6 +326,26 @@ class TestPallasMosaic(GroupedMatmulTestBase):
         return None
 
 
+class TestPallasMosaic64(TestPallasMosaic):
+    """64-row tiles (decode): plain products on one warpgroup's rows, swiglu with the warpgroups
+    splitting the columns of F instead of the rows."""
+
+    def config(self, case, swiglu):
+        itemsize = jnp.dtype(case.lhs_dtype).itemsize
+        return Config(block_m=64, block_n=64, block_k=128 // itemsize, num_stages=3)
+
+    @pytest.mark.parametrize("case", [CASES[0], CASES[7], CASES[8]], ids=lambda c: c.name)
+    def test_grouped_matmul(self, case):
+        self.run_case(case, True, swiglu=False, seed=_seed(case.name, "mosaic64"))
+
+    # F = 128: two warpgroups of 64 columns
+    @pytest.mark.parametrize("case", [dataclasses.replace(c, n=256) for c in SWIGLU_CASES[:2]] + [
+        Case("swiglu_fp8_decode", t=9, group_sizes=(0, 4, 0, 5), k=256, n=256, lhs_dtype=FP8, rhs_dtype=FP8,
+             lhs_scale=True, rhs_scale=True)], ids=lambda c: c.name)
+    def test_swiglu(self, case):
+        self.run_case(case, True, swiglu=True, seed=_seed(case.name, "mosaic64", "swiglu"))
+
+
 class TestPallas(GroupedMatmulTestBase):
     """The generic "pallas" switch picks a kernel that can run each case."""
 
