@@ -593,21 +593,28 @@ def _xla_dense(fp8_acts: bool):
 
 # The wgmma kernel's tiles at decode sizes (study "decode-tiles", FP8 activations): 128-row swiglu tiles
 # (the warpgroups split the rows) against 64-row ones (they split the columns of F, loading half the lhs
-# bytes a step), pipeline depths, and the down projection's column widths and depths.
-TILE_PROBLEMS = tuple(p for p in ALT_PROBLEMS if p[0].startswith(("gate_up", "down")))
+# bytes a step), pipeline depths, the down projection's column widths and depths, and the order of the
+# persistent loop (bands of 8 column tiles, or task-major: each row task's tiles in turn). One token's
+# gate/up (two rows, two experts) is there for the batch-1 step.
+TILE_PROBLEMS = (("gate_up_t2", 4096, 2 * 14336, E, (1, 1) + (0,) * (E - 2), True),
+                 *(p for p in ALT_PROBLEMS if p[0].startswith(("gate_up", "down"))))
+TASK_MAJOR = 1 << 12  # a grid_tile_width past any problem's column tiles
 
 
 def _tile_configs(t: int, k: int, n: int, e: int, swiglu: bool) -> list[tuple[str, str | None, Config | None, bool]]:
     if swiglu:
-        blocks = ((128, 128, 4), (64, 64, 4), (64, 64, 5), (64, 128, 3), (128, 64, 4))
+        blocks = ((128, 128, 4, 8), (64, 64, 4, 8), (64, 64, 5, 8), (64, 64, 5, TASK_MAJOR), (64, 128, 3, 8),
+                  (128, 64, 4, 8))
     else:
-        blocks = ((64, 128, 4), (64, 128, 5), (64, 64, 6), (64, 256, 3), (128, 128, 4))
+        blocks = ((64, 128, 4, 8), (64, 128, 4, TASK_MAJOR), (64, 128, 5, 8), (64, 64, 6, 8), (64, 256, 3, 8),
+                  (128, 128, 4, 8))
     default = mosaic_config(t, k, n // 2 if swiglu else n, itemsize=1, swiglu=swiglu)
     variants = [("default", None, None, False), ("mosaic default", "pallas_mosaic", default, True)]
-    for bm, bn, stages in blocks:
-        config = Config(block_m=bm, block_n=bn, block_k=128, num_stages=stages)
+    for bm, bn, stages, width in blocks:
+        config = Config(block_m=bm, block_n=bn, block_k=128, num_stages=stages, grid_tile_width=width)
         if config != default:
-            variants.append(("mosaic fp8 x fp8", "pallas_mosaic", config, True))
+            label = "mosaic task-major" if width == TASK_MAJOR else "mosaic fp8 x fp8"
+            variants.append((label, "pallas_mosaic", config, True))
     return variants
 
 

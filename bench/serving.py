@@ -435,15 +435,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for variant in variants:
         rows = sweep(args, model, desc, work, rates, max_len, rng, **variant)
         results += rows
-        if args.workload != "chat":  # each engine's rows land before the next one compiles
-            path = _write_rows(rows, out_dir)
+        if args.workload != "chat":  # each engine's summary lands before the next one compiles
+            path = _write_rows(rows[-1:], out_dir)
     if args.workload == "chat":
         on, off = (r for r in results if r["job"] == "summary")
         ratio = (off["median_ttft_later_turns_ms"] or 0) / max(on["median_ttft_later_turns_ms"] or 0, 1e-9)
         print(f"median TTFT of turns 2-{args.turns}: {on['median_ttft_later_turns_ms']:.1f} ms with prefix caching, "
               f"{off['median_ttft_later_turns_ms']:.1f} ms without ({ratio:.1f}x)")
         on["ttft_later_turns_speedup"] = ratio
-        path = _write_rows(results, out_dir)
+        path = _write_rows([r for r in results if r["job"] == "summary"], out_dir)
     print(f"wrote {path}")
     return results
 
@@ -525,8 +525,10 @@ class PeakLoad(threading.Thread):
 def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], work: list, rates: list[float],
           max_len: int, rng: np.random.Generator, contiguous: bool = False, prefix_caching: bool = True,
           compared: bool = False) -> list[dict[str, Any]]:
-    """Every rate on one engine; returns the rows and the summary (and writes the figures)."""
+    """Every rate on one engine; returns the rows and the summary. Each rate's row is written as soon as it
+    is measured (a run cut short keeps them); the caller writes the summary."""
     chat = args.workload == "chat"
+    out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS_DIR
     prefix_caching = prefix_caching and not args.no_prefix_caching
     engine = make_engine(args, model, max_len, contiguous, prefix_caching)
     t0 = time.perf_counter()
@@ -598,6 +600,7 @@ def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], 
                 rows.append(dict(base, job="rate", request_rate=rate if math.isfinite(rate) else "inf",
                                  offered_rate=rate, **serving_metrics(requests, duration), **extra,
                                  **step_figures(engine, before), **peak.figures()))
+                _write_rows(rows[-1:], out_dir)
         stats = engine.stats()
     finally:
         if server is not None:
@@ -612,7 +615,6 @@ def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], 
     if chat:
         later = [r["median_ttft_later_turns_ms"] for r in rows if r["median_ttft_later_turns_ms"] is not None]
         summary["median_ttft_later_turns_ms"] = float(np.median(later)) if later else None
-    out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS_DIR
     print_table(rows, ["request_rate", "request_throughput", "output_throughput", "mean_running_batch", "peak_running",
                        "median_ttft_ms", "p90_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms",
                        "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms"]

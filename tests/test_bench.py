@@ -233,7 +233,8 @@ def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, mon
     assert {r["dtype"] for r in rows if r["impl"].startswith(("xla fp8", "mosaic"))} == {"w8a8"}
     # the tile study's variants: the model's default path, the kernel's default tiles, then the others
     variants = G._tile_configs(8, 4096, 2 * 14336, 8, True)
-    assert [v[0] for v in variants[:2]] == ["default", "mosaic default"] and len(set(map(str, variants))) == 6
+    assert [v[0] for v in variants[:2]] == ["default", "mosaic default"] and len(set(map(str, variants))) == 7
+    assert sum(v[0] == "mosaic task-major" for v in variants) == 1
 
 
 def test_chunk_sweep_checks_and_times_each_config_under_both_routings(tmp_path, monkeypatch):

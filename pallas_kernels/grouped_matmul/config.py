@@ -19,7 +19,8 @@ class Config:
     block_k:   contraction depth of one pipeline step.
     num_stages: shared-memory pipeline depth.
     num_warps: Triton only.
-    grid_tile_width: Mosaic only: tiles of one N-band visited together, for L2 reuse of lhs.
+    grid_tile_width: Mosaic only: tiles of one N-band visited together, for L2 reuse of lhs; at least
+               the column tiles: each row task's tiles in turn (`mosaic.tile_order`).
     swap_ab:   Triton only: multiply weights [BN, BK] by lhs^T so the MMA's M side is BN, not the
                few live rows of a decode step.
     split_k:   Triton only: programs that share one output tile's K range, each writing f32 partial
@@ -147,6 +148,10 @@ def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool)
     three by 10-12%, and visiting N-bands eight tiles wide was best or within 1% of it. At decode
     sizes (8-64 FP8 rows over 8 experts, one H200, study=decode-alt) 128-column tiles beat 64 by 10-60%,
     and the down projection ran on 64-row tiles (114-156 us; 128-row tiles were not timed there).
+    The fused gate/up at those sizes (study=decode-tiles, run S4): 64-row tiles with the warpgroups
+    splitting F took 222-231 us (4.07-4.23 TB/s) with 4 or 5 stages, 128-row tiles 277-296 (128
+    columns) and 358-438 (64 columns), 64 rows x 2 x 128 columns (two stages fit) 273-276. The down
+    projection gained nothing from a fifth stage (113 / 146 us at 8 / 32 rows against 114 / 150).
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
     if num_rows <= 64 and itemsize == 1:

@@ -111,6 +111,17 @@ def unsupported_reason(
     return None
 
 
+def tile_order(lin: jax.Array, num_tasks: int, n_tiles: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """(row task, column tile) of the persistent loop's step `lin`; each SM takes every SM-count-th step.
+
+    Bands of `width` column tiles are visited one after another, the row tasks snaking within each
+    (L2 reuse of lhs rows in prefill). A width of at least `n_tiles` visits each row task's tiles in
+    turn, so the padding tasks at the end of the trace-time bound take the last steps: at decode
+    sizes, with a few row tasks, that spreads the real tiles evenly over the SMs.
+    """
+    return plgpu.planar_snake(lin, (num_tasks, n_tiles), 1, min(width, n_tiles))
+
+
 def _store_rows(src_smem, dst_gmem, dst_row: jax.Array, first: jax.Array, count: jax.Array, max_rows: int):
     """TMA-stores rows [first, first + count) of src to dst rows from dst_row + first.
 
@@ -218,7 +229,7 @@ def _kernel(
         @plgpu.nd_loop((num_tasks * n_tiles,), collective_axes="sm")
         def _tile_loop(loop_info: plgpu.NDLoopInfo):
             (lin,) = loop_info.index
-            task, nj = plgpu.planar_snake(lin, (num_tasks, n_tiles), 1, config.grid_tile_width)
+            task, nj = tile_order(lin, num_tasks, n_tiles, config.grid_tile_width)
             group, tile_start = group_gmem[task], pl.multiple_of(start_gmem[task], _ROW_ALIGN)
             offset, size = offset_gmem[task], size_gmem[task]
             expert = jnp.minimum(group, num_groups - 1)

@@ -393,6 +393,22 @@ def test_row_tasks_bound_holds_for_few_rows(seed):
     assert max_row_tasks(64, 8, 16) == 4 + 8  # past E rows the old bound holds
 
 
+def test_task_major_order_spreads_a_decode_steps_tiles_over_the_sms():
+    """The down projection of 32 rows over 8 experts on 64-row tiles: 10 row tasks at trace time, the
+    last 2 padding, 16 column tiles, 132 SMs each taking every 132nd step. In bands of 8 column tiles
+    some SMs get two real tiles while others get none; task-major order gives each at most one. Both
+    orders visit every (task, tile) once."""
+    num_tasks, n_tiles, sms = max_row_tasks(32, 8, 64, 8), 16, 132
+    assert num_tasks == 10
+    steps = np.arange(num_tasks * n_tiles)
+    for width, most in ((8, 2), (1 << 12, 1)):
+        task, tile = jax.vmap(lambda i, w=width: mosaic.tile_order(i, num_tasks, n_tiles, w))(jnp.asarray(steps))
+        task, tile = np.asarray(task), np.asarray(tile)
+        assert sorted(zip(task.tolist(), tile.tolist())) == [(a, b) for a in range(num_tasks) for b in range(n_tiles)]
+        real_per_sm = np.bincount(steps[task < 8] % sms, minlength=sms)
+        assert real_per_sm.max() == most, width
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
