@@ -94,8 +94,8 @@ def test_projections_on_a_gpu_take_xla_from_two_tokens(tokens, monkeypatch):
 
 def test_decode_sized_expert_rows_run_fp8_on_the_wgmma_kernel(monkeypatch):
     """Eight rows of FP8 experts through `implementation="pallas"` quantize their activations and
-    take the wgmma kernel (interpreted here) on 64-row tiles for the down projection, 128 for the
-    fused gate/up; seven, or eight through a width that kernel cannot take, stay weight-only on the
+    take the wgmma kernel (interpreted here) on 64-row tiles (for the fused gate/up, with the
+    warpgroups splitting its columns); seven, or eight through a width that kernel cannot take, stay weight-only on the
     Triton kernel; a projection of eight tokens stays weight-only. All match the dequantized reference within FP8 activation rounding."""
     from pallas_kernels.grouped_matmul import mosaic, triton
 
@@ -123,7 +123,7 @@ def test_decode_sized_expert_rows_run_fp8_on_the_wgmma_kernel(monkeypatch):
     gate_up = quant.quantize_weight(jax.random.normal(jax.random.key(5), (e, 2 * n, k)))
     quant.grouped_swiglu(jax.random.normal(jax.random.key(6), (8, k)).astype(jnp.bfloat16), gate_up,
                          jnp.array([2, 2, 2, 2], jnp.int32), quant.Fp8Policy(), "pallas")
-    assert seen.pop() == ("mosaic", 1, 128)
+    assert seen.pop() == ("mosaic", 1, 64)
     # A width the wgmma kernel cannot take keeps weight-only rows on the Triton kernel.
     narrow = quant.quantize_weight(jax.random.normal(jax.random.key(9), (e, 128, k)))
     quant.grouped(jax.random.normal(jax.random.key(10), (8, k)).astype(jnp.bfloat16), narrow,
