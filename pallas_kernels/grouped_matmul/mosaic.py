@@ -117,9 +117,11 @@ def tile_order(lin: jax.Array, num_tasks: int, n_tiles: int, width: int) -> tupl
     Bands of `width` column tiles are visited one after another, the row tasks snaking within each
     (L2 reuse of lhs rows in prefill). A width of at least `n_tiles` visits each row task's tiles in
     turn, so the padding tasks at the end of the trace-time bound take the last steps: at decode
-    sizes, with a few row tasks, that spreads the real tiles evenly over the SMs.
+    sizes, with a few row tasks, that spreads the real tiles evenly over the SMs. (A power-of-two
+    width is passed as is: clamped to a width that is not one, the helper would also evaluate a
+    division by a zero-width last band.)
     """
-    return plgpu.planar_snake(lin, (num_tasks, n_tiles), 1, min(width, n_tiles))
+    return plgpu.planar_snake(lin, (num_tasks, n_tiles), 1, width)
 
 
 def _store_rows(src_smem, dst_gmem, dst_row: jax.Array, first: jax.Array, count: jax.Array, max_rows: int):
