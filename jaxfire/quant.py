@@ -56,16 +56,15 @@ class Fp8Policy:
     large batches), and the rows of expert calls that may run on the wgmma kernel from
     `min_kernel_rows` on; "always" and "never" force the choice.
 
-    Measured on one H200 (bench/grouped_matmul.py --study decode-alt, 2026-12-03): at 8 / 32 / 64
-    expert rows the wgmma kernel with FP8 activations took 114 / 156 / 150 us for the down
-    projection and 312 / 291 / 308 us for the fused gate/up, where the weight-only kernel took
-    178-180 and 319-322 us. The projections are another matter: with FP8 activations XLA was
-    slower than its weight-only product below 64 tokens (15.5 against 9.9 us for q/k/v at 8).
-    In whole decode steps (bench/decode.py, run S4, 8 layers) these paths with the wgmma kernel's
-    64-row swiglu tiles took 3.03 / 3.51 / 3.70 / 3.87 ms at batch 4 / 8 / 16 / 32 against 3.61 /
-    4.29 / 4.55 / 3.97 for the weight-only paths before them (with 128-row tiles, one call earlier,
-    they had measured no gain: 3.45 / 4.37 / - / 4.33). One layer's logits part from XLA's
-    weight-only decode by 4.2% (1.1% weight-only), the e4m3 rounding of the activations.
+    Measured on one H200 (bench/grouped_matmul.py, studies decode-alt and decode-tiles): at 8-64
+    expert rows the wgmma kernel with FP8 activations takes 222-231 us for the fused gate/up and
+    114-150 us for the down projection, where the weight-only kernel took 319-322 and 178-180 us.
+    The projections are another matter: with FP8 activations XLA was slower than its weight-only
+    product below 64 tokens (15.5 against 9.9 us for q/k/v at 8). In whole decode steps
+    (bench/decode.py, run S4, 8 layers) these paths took 3.03 / 3.51 / 3.70 / 3.87 ms at batch
+    4 / 8 / 16 / 32 against 3.61 / 4.29 / 4.55 / 3.97 for the weight-only paths before them. One
+    layer's logits part from XLA's weight-only decode by 4.2% (1.1% weight-only), the e4m3 rounding
+    of the activations.
     """
 
     activations: str = "auto"

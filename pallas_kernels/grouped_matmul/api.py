@@ -20,9 +20,10 @@ _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp
 # bench/results/grouped_matmul.jsonl): at T=128 it took 10-26% less time in bf16 in three of the
 # four shape/routing cases (5% more in one). With fp8 operands the wgmma kernel took as long or up to
 # 21% less there, and it also reads the experts' FP8 weights faster at decode sizes (one H200,
-# study=decode-alt, 8 / 32 / 64 rows over 8 experts): the down projection in 114 / 156 / 150 us
-# against 178-180 for the weight-only Triton kernel, the fused gate/up in 312 / 291 / 308 against
-# 319-322. So FP8 activations take it from 8 rows (jaxfire.quant quantizes expert rows from there).
+# studies decode-alt and decode-tiles, 8 / 32 / 64 rows over 8 experts): the down projection in 114 /
+# 150 / 150 us against 178-180 for the weight-only Triton kernel, the fused gate/up (64-row tiles) in
+# 222 / 229 / 231 against 321-322. So FP8 activations take it from 8 rows (jaxfire.quant quantizes
+# expert rows from there).
 DECODE_MAX_ROWS = {1: 7, 2: 128}  # by lhs itemsize
 
 
