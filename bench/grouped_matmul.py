@@ -595,9 +595,17 @@ def _xla_dense(fp8_acts: bool):
 # (the warpgroups split the rows) against 64-row ones (they split the columns of F, loading half the lhs
 # bytes a step), pipeline depths, the down projection's column widths and depths, and the order of the
 # persistent loop (bands of 8 column tiles, or task-major: each row task's tiles in turn). One token's
-# gate/up (two rows, two experts) is there for the batch-1 step.
+# gate/up (two rows, two experts) is there for the batch-1 step, and the rows of a prefill chunk's step
+# (256 or 512 tokens at top-2, "r": routed as a seeded multinomial draw, not evenly) for the row count
+# where 128-row tiles take over.
+def _drawn(t: int) -> tuple[int, ...]:
+    return tuple(int(s) for s in np.random.default_rng(t).multinomial(t, np.full(E, 1 / E)))
+
+
 TILE_PROBLEMS = (("gate_up_t2", 4096, 2 * 14336, E, (1, 1) + (0,) * (E - 2), True),
-                 *(p for p in ALT_PROBLEMS if p[0].startswith(("gate_up", "down"))))
+                 *(p for p in ALT_PROBLEMS if p[0].startswith(("gate_up", "down"))),
+                 *((f"{name}_t{t}r", k, n, E, _drawn(t), swiglu) for t in (128, 512, 1024)
+                   for name, k, n, swiglu in (("gate_up", 4096, 2 * 14336, True), ("down", 14336, 4096, False))))
 TASK_MAJOR = 1 << 12  # a grid_tile_width past any problem's column tiles
 
 
