@@ -56,6 +56,8 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
     return p
 
 
+TASK_MAJOR = 1 << 12  # a Mosaic grid_tile_width past any layer's column tiles: each row task's tiles in turn
+
 SM_COUNT = 132  # an H100 SXM's multiprocessors, which the decode heuristic fills with programs
 
 
@@ -152,10 +154,13 @@ def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool)
     splitting F took 222-231 us (4.07-4.23 TB/s) with 4 or 5 stages, 128-row tiles 277-296 (128
     columns) and 358-438 (64 columns), 64 rows x 2 x 128 columns (two stages fit) 273-276. The down
     projection gained nothing from a fifth stage (113 / 146 us at 8 / 32 rows against 114 / 150).
+    Its row tasks (eight experts and the trace-time bound's padding) times 32 column tiles fill some SMs
+    twice and leave others idle in bands of 8 tiles; visited task-major (`TASK_MAJOR`), every SM holds
+    at most one real tile: 32 rows took 120 us (3.91 TB/s) against 157 in the same run (run S5).
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
     if num_rows <= 64 and itemsize == 1:
         if swiglu:  # 64-row tiles, the warpgroups splitting F: half the lhs bytes, a fifth stage
             return Config(block_m=64, block_n=64, block_k=128, num_stages=5, grid_tile_width=8)
-        return Config(block_m=64, block_n=128, block_k=128, num_stages=4, grid_tile_width=8)
+        return Config(block_m=64, block_n=128, block_k=128, num_stages=4, grid_tile_width=TASK_MAJOR)
     return Config(block_m=128, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)
