@@ -370,12 +370,12 @@ DECODE_PROBLEMS = (
 )
 
 
-def decode_problem(key, k: int, n: int, e: int, sizes, swiglu: bool, copies: int = 1):
-    """Random bf16 rows [T, K]; `copies` FP8 weight sets stacked on the expert axis ([copies*E, N, K]
+def decode_problem(key, k: int, n: int, e: int, sizes, swiglu: bool, copies: int = 1, rows: int | None = None):
+    """Random bf16 rows [T, K] (T `rows`, past the group sizes' sum as a padded bucket; default that sum); `copies` FP8 weight sets stacked on the expert axis ([copies*E, N, K]
     values, [copies*E, N] scales); group sizes over all of them with the first set's experts live; the
     float32 reference output."""
     k1, k2 = jax.random.split(key)
-    x = jax.random.normal(k1, (sum(sizes), k), jnp.bfloat16)
+    x = jax.random.normal(k1, (rows or sum(sizes), k), jnp.bfloat16)
     w8, ws = quantize((jax.random.normal(k2, (copies * e, n, k), jnp.bfloat16) * 0.05).astype(jnp.bfloat16), axis=2)
     g = jnp.asarray(tuple(sizes) + (0,) * ((copies - 1) * e), jnp.int32)
     ref = reference.grouped_matmul_swiglu if swiglu else reference.grouped_matmul
@@ -417,13 +417,13 @@ class DecodeCase:
 def decode_cases(table, problems: str, seed: int):
     """The `table` problems named in `problems` (all when empty) as `DecodeCase`s, built one at a time."""
     key = jax.random.key(seed)
-    for name, k, n, e, sizes, swiglu in table:
+    for name, k, n, e, sizes, swiglu, *rows in table:
         if problems and name not in problems.split(","):
             continue
         wbytes = sum(1 for s_ in sizes if s_) * n * k
         key, sub = jax.random.split(key)
         copies = -(-L2_OVERFLOW_BYTES // wbytes)
-        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies)
+        x, w8, ws, g, want = decode_problem(sub, k, n, e, sizes, swiglu, copies=copies, rows=rows[0] if rows else None)
         yield DecodeCase(name, k, n, e, tuple(sizes), swiglu, x, w8, ws, g, want,
                          [jnp.roll(g, j * e) for j in range(copies)])
 
@@ -597,7 +597,9 @@ def _xla_dense(fp8_acts: bool):
 # persistent loop (bands of 8 column tiles, or task-major: each row task's tiles in turn). One token's
 # gate/up (two rows, two experts) is there for the batch-1 step, and the rows of a prefill chunk's step
 # (256 or 512 tokens at top-2, "r": routed as a seeded multinomial draw, not evenly) for the row count
-# where 128-row tiles take over.
+# where 128-row tiles take over; "b": those rows in the padded bucket a serving step hands the kernels
+# (a 256-token chunk and 16 decode rows in a 512-token bucket: 544 of 1024 rows; 512 and 32: 1088 of
+# 2048): (name, K, N, experts, group sizes, swiglu[, rows]).
 def _drawn(t: int) -> tuple[int, ...]:
     return tuple(int(s) for s in np.random.default_rng(t).multinomial(t, np.full(E, 1 / E)))
 
@@ -605,6 +607,8 @@ def _drawn(t: int) -> tuple[int, ...]:
 TILE_PROBLEMS = (("gate_up_t2", 4096, 2 * 14336, E, (1, 1) + (0,) * (E - 2), True),
                  *(p for p in ALT_PROBLEMS if p[0].startswith(("gate_up", "down"))),
                  *((f"{name}_t{t}r", k, n, E, _drawn(t), swiglu) for t in (128, 512, 1024)
+                   for name, k, n, swiglu in (("gate_up", 4096, 2 * 14336, True), ("down", 14336, 4096, False))),
+                 *((f"{name}_t{t}b{rows}", k, n, E, _drawn(t), swiglu, rows) for t, rows in ((544, 1024), (1088, 2048))
                    for name, k, n, swiglu in (("gate_up", 4096, 2 * 14336, True), ("down", 14336, 4096, False))))
 
 
@@ -634,7 +638,7 @@ def run_decode_alt(b: Bench, copy_bw: float, iters: int, problems: str, study: s
         ref = reference.grouped_matmul_swiglu if c.swiglu else reference.grouped_matmul
         want8 = ref(x8.astype(jnp.float32) * xs[:, None], c.w8, c.g, rhs_scale=c.ws, transpose_rhs=True,
                     preferred_element_type=jnp.float32)
-        for label, impl, config, fp8_acts in variants(c.t, c.k, c.n, c.e, c.swiglu):
+        for label, impl, config, fp8_acts in variants(c.x.shape[0], c.k, c.n, c.e, c.swiglu):
             if impl == "xla":
                 fn = _xla_dense(fp8_acts)
                 check = lambda fn=fn: fn(c.x, c.w8[0], c.ws[0])  # noqa: E731
