@@ -57,6 +57,7 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
 
 
 TASK_MAJOR = 1 << 12  # a Mosaic grid_tile_width past any layer's column tiles: each row task's tiles in turn
+TASK_MAJOR_MAX_ROWS = 1024  # FP8 rows up to which the wgmma kernel's tiles go task-major (`mosaic_config`)
 
 SM_COUNT = 132  # an H100 SXM's multiprocessors, which the decode heuristic fills with programs
 
@@ -156,11 +157,17 @@ def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool)
     projection gained nothing from a fifth stage (113 / 146 us at 8 / 32 rows against 114 / 150).
     Its row tasks (eight experts and the trace-time bound's padding) times 32 column tiles fill some SMs
     twice and leave others idle in bands of 8 tiles; visited task-major (`TASK_MAJOR`), every SM holds
-    at most one real tile: 32 rows took 120 us (3.91 TB/s) against 157 in the same run (run S5).
+    at most one real tile: 32 and 64 rows took 120 us (3.91 TB/s) against 155-157 in the same runs
+    (run S5). The same holds for a serving step's padded bucket, where the trace-time bound counts
+    twice the real row tasks: 544 rows (a 256-token chunk and 16 decode rows) of a 1024-row bucket took
+    135 us (down) and 272 (gate/up) task-major against 193 and 287 in bands, and 64-row tiles lost
+    there (152 / 316 us). At 1088 of 2048 rows bands were level or ahead (down 196 / 195, gate/up 423
+    against 443), and there lhs reuse in the L2 starts to count.
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
     if num_rows <= 64 and itemsize == 1:
         if swiglu:  # 64-row tiles, the warpgroups splitting F: half the lhs bytes, a fifth stage
             return Config(block_m=64, block_n=64, block_k=128, num_stages=5, grid_tile_width=8)
         return Config(block_m=64, block_n=128, block_k=128, num_stages=4, grid_tile_width=TASK_MAJOR)
-    return Config(block_m=128, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=8)
+    width = TASK_MAJOR if num_rows <= TASK_MAJOR_MAX_ROWS and itemsize == 1 else 8
+    return Config(block_m=128, block_n=128, block_k=128 // itemsize, num_stages=4, grid_tile_width=width)
