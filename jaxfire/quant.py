@@ -58,7 +58,8 @@ class Fp8Policy:
 
     Measured on one H200 (bench/grouped_matmul.py, studies decode-alt and decode-tiles): at 8-64
     expert rows the wgmma kernel with FP8 activations takes 222-231 us for the fused gate/up and
-    114-150 us for the down projection, where the weight-only kernel took 319-322 and 178-180 us.
+    114-120 us for the down projection (its tiles task-major, run S5), where the weight-only kernel
+    took 319-322 and 178-182 us.
     The projections are another matter: with FP8 activations XLA was slower than its weight-only
     product below 64 tokens (15.5 against 9.9 us for q/k/v at 8). In whole decode steps
     (bench/decode.py, run S4, 8 layers) these paths took 3.03 / 3.51 / 3.70 / 3.87 ms at batch

@@ -409,6 +409,31 @@ def test_task_major_order_spreads_a_decode_steps_tiles_over_the_sms():
         assert real_per_sm.max() == most, width
 
 
+def test_task_major_order_balances_a_serving_buckets_expert_tiles():
+    """A serving step's padded bucket: 544 expert rows (a 256-token chunk and 16 decode tokens at top-2)
+    in 1024, on the down projection's 128 x 128 tiles (32 column tiles). The trace-time bound holds 16
+    row tasks for 8 real ones (the padding rows' tasks only write zeros); task-major order gives every
+    SM at most the two real tiles that 256 over 132 SMs need, bands give some three. `mosaic_config`
+    picks task-major there, and bands again at 2048 rows, where lhs reuse in the L2 counts."""
+    from pallas_kernels.grouped_matmul.config import TASK_MAJOR, mosaic_config
+
+    sizes = jnp.asarray([57, 63, 67, 50, 65, 73, 69, 100], jnp.int32)
+    tasks = row_tasks(sizes, 1024, 128)
+    real = np.asarray((tasks.group < 8) & (tasks.size > 0))
+    num_tasks, n_tiles, sms = real.shape[0], 32, 132
+    assert num_tasks == 16 and real.sum() == 8
+    steps = np.arange(num_tasks * n_tiles)
+    most = {}
+    for width in (8, TASK_MAJOR):
+        task, _ = jax.vmap(lambda i, w=width: mosaic.tile_order(i, num_tasks, n_tiles, w))(jnp.asarray(steps))
+        most[width] = np.bincount(steps[real[np.asarray(task)]] % sms, minlength=sms).max()
+    assert most[TASK_MAJOR] == 2 and most[8] > 2, most
+    for swiglu in (False, True):
+        assert mosaic_config(1024, 4096, 4096, itemsize=1, swiglu=swiglu).grid_tile_width == TASK_MAJOR
+        assert mosaic_config(2048, 4096, 4096, itemsize=1, swiglu=swiglu).grid_tile_width == 8
+    assert mosaic_config(1024, 4096, 4096, itemsize=2, swiglu=False).grid_tile_width == 8
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
