@@ -597,9 +597,9 @@ def _xla_dense(fp8_acts: bool):
 # persistent loop (bands of 8 column tiles, or task-major: each row task's tiles in turn). One token's
 # gate/up (two rows, two experts) is there for the batch-1 step, and the rows of a prefill chunk's step
 # (256 or 512 tokens at top-2, "r": routed as a seeded multinomial draw, not evenly) for the row count
-# where 128-row tiles take over; "b": those rows in the padded bucket a serving step hands the kernels
-# (a 256-token chunk and 16 decode rows in a 512-token bucket: 544 of 1024 rows; 512 and 32: 1088 of
-# 2048): (name, K, N, experts, group sizes, swiglu[, rows]).
+# where 128-row tiles take over; "b": those rows in a padded bucket, as `bench/profile.py --ragged
+# decode=16,chunk=256` builds a step (a 256-token chunk and 16 decode rows in a 512-token bucket: 544 of
+# 1024 rows; 512 and 32: 1088 of 2048): (name, K, N, experts, group sizes, swiglu[, rows]).
 def _drawn(t: int) -> tuple[int, ...]:
     return tuple(int(s) for s in np.random.default_rng(t).multinomial(t, np.full(E, 1 / E)))
 

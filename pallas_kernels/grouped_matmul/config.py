@@ -158,11 +158,12 @@ def mosaic_config(num_rows: int, k: int, n: int, *, itemsize: int, swiglu: bool)
     Its row tasks (eight experts and the trace-time bound's padding) times 32 column tiles fill some SMs
     twice and leave others idle in bands of 8 tiles; visited task-major (`TASK_MAJOR`), every SM holds
     at most one real tile: 32 and 64 rows took 120 us (3.91 TB/s) against 155-157 in the same runs
-    (run S5). The same holds for a serving step's padded bucket, where the trace-time bound counts
-    twice the real row tasks: 544 rows (a 256-token chunk and 16 decode rows) of a 1024-row bucket took
-    135 us (down) and 272 (gate/up) task-major against 193 and 287 in bands, and 64-row tiles lost
-    there (152 / 316 us). At 1088 of 2048 rows bands were level or ahead (down 196 / 195, gate/up 423
-    against 443), and there lhs reuse in the L2 starts to count.
+    (run S5). The same holds for a prefill chunk's step, where the trace-time bound counts 12 row tasks
+    for 8 real ones at 512 rows (a 256-token serving step) and 16 at 544 rows of a 1024-row bucket: the
+    latter took 135 us (down) and 272 (gate/up) task-major against 193 and 287 in bands, and 64-row
+    tiles lost there (152 / 316 us); the serving sweep's p90 inter-token latency at 4-10 requests/s fell
+    from 20.4-21.7 to 17.5-18.7 ms. At 1088 of 2048 rows bands were level or ahead (down 196 / 195,
+    gate/up 423 against 443), and there lhs reuse in the L2 starts to count.
     """
     # One pipeline step moves 128 bytes of K per row: the widest swizzle.
     if num_rows <= 64 and itemsize == 1:

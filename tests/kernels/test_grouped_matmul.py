@@ -409,29 +409,32 @@ def test_task_major_order_spreads_a_decode_steps_tiles_over_the_sms():
         assert real_per_sm.max() == most, width
 
 
-def test_task_major_order_balances_a_serving_buckets_expert_tiles():
-    """A serving step's padded bucket: 544 expert rows (a 256-token chunk and 16 decode tokens at top-2)
-    in 1024, on the down projection's 128 x 128 tiles (32 column tiles). The trace-time bound holds 16
-    row tasks for 8 real ones (the padding rows' tasks only write zeros); task-major order gives every
-    SM at most the two real tiles that 256 over 132 SMs need, bands give some three. `mosaic_config`
-    picks task-major there, and bands again at 2048 rows, where lhs reuse in the L2 counts."""
+@pytest.mark.parametrize("sizes, rows, tasks", [
+    ((57, 63, 67, 50, 65, 73, 69, 68), 512, 12),  # the engine's 256-token step at top-2
+    ((57, 63, 67, 50, 65, 73, 69, 100), 1024, 16),  # 544 rows in a padded 1024-row bucket (the study's)
+])
+def test_task_major_order_balances_a_chunk_steps_expert_tiles(sizes, rows, tasks):
+    """A prefill chunk's step on 128 x 128 tiles: the trace-time bound holds more row tasks than the 8
+    real ones (a padding group's tasks only write zeros). Task-major order gives every SM at most the
+    two real tiles of the down projection (32 column tiles; 256 over 132 SMs) and the seven of the
+    fused gate/up (112), where bands give some SMs three and eight. `mosaic_config` picks task-major
+    there, and bands again at 2048 rows, where lhs reuse in the L2 counts."""
     from pallas_kernels.grouped_matmul.config import TASK_MAJOR, mosaic_config
 
-    sizes = jnp.asarray([57, 63, 67, 50, 65, 73, 69, 100], jnp.int32)
-    tasks = row_tasks(sizes, 1024, 128)
-    real = np.asarray((tasks.group < 8) & (tasks.size > 0))
-    num_tasks, n_tiles, sms = real.shape[0], 32, 132
-    assert num_tasks == 16 and real.sum() == 8
-    steps = np.arange(num_tasks * n_tiles)
-    most = {}
-    for width in (8, TASK_MAJOR):
-        task, _ = jax.vmap(lambda i, w=width: mosaic.tile_order(i, num_tasks, n_tiles, w))(jnp.asarray(steps))
-        most[width] = np.bincount(steps[real[np.asarray(task)]] % sms, minlength=sms).max()
-    assert most[TASK_MAJOR] == 2 and most[8] > 2, most
+    t = row_tasks(jnp.asarray(sizes, jnp.int32), rows, 128)
+    real = np.asarray((t.group < 8) & (t.size > 0))
+    assert real.shape[0] == tasks and real.sum() == 8
+    for n_tiles, fewest in ((32, 2), (112, 7)):
+        steps = np.arange(tasks * n_tiles)
+        most = {}
+        for width in (8, TASK_MAJOR):
+            task, _ = jax.vmap(lambda i, w=width: mosaic.tile_order(i, tasks, n_tiles, w))(jnp.asarray(steps))
+            most[width] = np.bincount(steps[real[np.asarray(task)]] % 132, minlength=132).max()
+        assert most[TASK_MAJOR] == fewest and most[8] == fewest + 1, (n_tiles, most)
     for swiglu in (False, True):
-        assert mosaic_config(1024, 4096, 4096, itemsize=1, swiglu=swiglu).grid_tile_width == TASK_MAJOR
+        assert mosaic_config(rows, 4096, 4096, itemsize=1, swiglu=swiglu).grid_tile_width == TASK_MAJOR
         assert mosaic_config(2048, 4096, 4096, itemsize=1, swiglu=swiglu).grid_tile_width == 8
-    assert mosaic_config(1024, 4096, 4096, itemsize=2, swiglu=False).grid_tile_width == 8
+    assert mosaic_config(rows, 4096, 4096, itemsize=2, swiglu=False).grid_tile_width == 8
 
 
 @pytest.mark.parametrize(
