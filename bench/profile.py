@@ -7,7 +7,7 @@ launch gaps).
     PYTHONPATH=. python bench/profile.py --layers 8 --variant fp8-w-kv8 --batches 1,32
     PYTHONPATH=. python bench/profile.py --mesh expert=2 --variant fp8-wa --out-dir /tmp/prof
     PYTHONPATH=. python bench/profile.py --batches 1,8 --prefill-tokens 0 \
-        --ragged decode=1 decode=8 decode=8,chunk=256
+        --ragged decode=1 decode=8 decode=16,chunk=240  # the last: a step of the engine at its 256-token budget
 
 Jobs: "decode", `model.decode_step` over the contiguous cache at each of `--batches`; "ragged", one
 `model.ragged_step` over the paged cache as `jaxfire.PagedEngine` runs it, per `--ragged` spec

@@ -232,9 +232,16 @@ def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, mon
     assert all(r["rel_err"] < G.MAX_REL_ERR and r["of_read_bw"] > 0 for r in rows)
     assert {r["dtype"] for r in rows if r["impl"].startswith(("xla fp8", "mosaic"))} == {"w8a8"}
     # the tile study's variants: the model's default path, the kernel's default tiles, then the others
-    variants = G._tile_configs(8, 4096, 2 * 14336, 8, True)
-    assert [v[0] for v in variants[:2]] == ["default", "mosaic default"] and len(set(map(str, variants))) == 7
-    assert sum(v[0] == "mosaic task-major" for v in variants) == 1
+    # (the kernel's default tiles are timed once, not again among the others)
+    for swiglu in (True, False):
+        variants = G._tile_configs(8, 4096, 2 * 14336, 8, swiglu)
+        assert [v[0] for v in variants[:2]] == ["default", "mosaic default"]
+        assert len(set(map(str, variants))) == len(variants) == 5
+        others = [config for _, _, config, _ in variants[2:]]
+        assert variants[1][2] not in others
+        assert {c.grid_tile_width for c in others} == {8, G.TASK_MAJOR}
+        assert [v[0] == "mosaic task-major" for v in variants[2:]] == [c.grid_tile_width == G.TASK_MAJOR
+                                                                       for c in others]
 
 
 def test_chunk_sweep_checks_and_times_each_config_under_both_routings(tmp_path, monkeypatch):
