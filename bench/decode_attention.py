@@ -47,6 +47,7 @@ from bench import common
 from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention, default_config
 from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
 from pallas_kernels.paged_attention import default_config as paged_default_config
+from pallas_kernels.paged_attention import mosaic as paged_mosaic
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 FP8_MAX = 448.0
@@ -398,7 +399,8 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
                         itemsize: int) -> list[tuple[int, str, PagedAttentionConfig]]:
     """(tier, name, config) of the paged sweep at these shapes (`rows` T, `seqs` S page-table rows): tier 0
     the default and the kernel as first written, 1 the decode launch's main alternatives (key blocks,
-    stages, warps, how many splits its wave asks for) and a single launch of 16-row tiles, 2 the rest."""
+    stages, warps, how many splits its wave asks for, the Mosaic GPU kernel for bf16 pools) and a single
+    launch of 16-row tiles, 2 the rest."""
     base = paged_default_config(HQ // HKV, page_size, rows, seqs, seq_len // page_size, kv_heads=HKV,
                                 head_dim=HEAD_DIM, itemsize=itemsize)
     # the decode launch's own choices, also where the default keeps the first kernel (few rows)
@@ -422,6 +424,11 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
         (1, "decode-wave0.5x", decode(128, 3, wave=max(1, dec.wave // 2))),
         (1, "decode-stages4", decode(128, 4)),
         (1, "decode-warps8", decode(128, 3, 8)),
+        # the decode launch on Mosaic GPU (bf16 pools), its wave the programs that fit an SM, on 132 SMs
+        *[(1, f"mosaic-kv{positions}-stages{stages}",
+           decode(positions, stages, kernel="mosaic",
+                  wave=132 * paged_mosaic.resident_programs(positions, stages, HEAD_DIM, itemsize)))
+          for positions, stages in ((64, 3), (128, 2)) if itemsize == 2],
         (2, "decode-nosplit", decode(128, 3, num_splits=1)),
         (2, "decode-wave4x", decode(128, 3, num_splits=32, wave=4 * dec.wave)),
         (2, "decode-stages2", decode(128, 2)),

@@ -8,6 +8,7 @@ import dataclasses
 from pallas_kernels.launch import check_launch
 
 GATHERS = ("pages", "rows")
+DECODE_KERNELS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +24,11 @@ class DecodeConfig:
     num_splits: the most work items one row is cut into (each a share of its key steps).
     block_kv: positions each loop step reads (a power of two >= 16), gathered slot by slot: more or
         fewer than a page.
-    num_warps, num_stages: Triton launch width and software-pipelining depth.
+    num_warps, num_stages: Triton launch width and software-pipelining depth (the Mosaic kernel: the
+        depth of its TMA ring; it runs one warpgroup).
     wave: programs the device runs at once; splits are picked so that the programs fill whole waves.
+    kernel: "triton" (the default), or "mosaic": the Mosaic GPU kernel (`mosaic.py`; bf16 and f16
+        pools), opt-in until a GPU run measures it beside the Triton launch.
     """
 
     num_splits: int = 16
@@ -32,6 +36,7 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     wave: int = 132
+    kernel: str = "triton"
 
     def validate(self) -> None:
         check_launch(self, "config.decode")
@@ -39,6 +44,8 @@ class DecodeConfig:
             raise ValueError(f"config.decode.block_kv must be a power of two >= 16, got {self.block_kv}.")
         if self.wave < 1:
             raise ValueError(f"config.decode.wave must be >= 1, got {self.wave}.")
+        if self.kernel not in DECODE_KERNELS:
+            raise ValueError(f"config.decode.kernel must be one of {DECODE_KERNELS}, got {self.kernel!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

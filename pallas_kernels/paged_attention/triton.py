@@ -500,30 +500,15 @@ def _decode_launch(decode, qs, q_pos, page_table, pools, dc: DecodeConfig, *, gr
     num_items = min(num_decode * dc.num_splits, num_decode + -(-dc.wave // num_kv_heads))
     items = decode_items(decode, num_items=num_items, num_splits=dc.num_splits, wave=dc.wave,
                          kv_heads=num_kv_heads, span=span)
-    out_rows = (num_items + tile // heads) * heads  # the items' query rows, a tile's worth of slack
-    scalar = pl.BlockSpec((None,), lambda h, w: (w,))
-    pool_specs, pool_arrays = pools
-    in_specs = [scalar] * 6 + [
-        pl.BlockSpec(page_table.shape, lambda h, w: (0, 0)),
-        pl.BlockSpec((None,) + qs.shape[1:], lambda h, w: (h, 0, 0)),
-        pl.BlockSpec(q_pos.shape, lambda h, w: (0,)),
-    ] + pool_specs
-    args = [items["row0"], items["seq"], items["lo"], items["hi"], items["part"], items["parts"],
-            page_table.astype(jnp.int32), qs, q_pos] + pool_arrays
-    kernel = functools.partial(_decode_kernel, rows=tile, group=heads, page_size=page_size, block_kv=dc.block_kv,
-                               **kernel_args)
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(num_kv_heads, num_items),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, out_rows, head_dim), lambda h, w: (h, 0, 0)),
-                   pl.BlockSpec((None, out_rows), lambda h, w: (h, 0))],
-        out_shape=[jax.ShapeDtypeStruct((num_kv_heads, out_rows, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((num_kv_heads, out_rows), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=dc.num_warps, num_stages=dc.num_stages),
-        interpret=interpret,
-        name="jaxfire_paged_attention_decode",
-    )(*args)
+    if dc.kernel == "mosaic":
+        from pallas_kernels.paged_attention import mosaic
+
+        o, lse = mosaic.decode_launch(items, qs, page_table, *pools[1][:2], heads=heads, page_size=page_size,
+                                      block_kv=span, stages=dc.num_stages, sm_scale=kernel_args["sm_scale"],
+                                      interpret=interpret)
+    else:
+        o, lse = _decode_pallas_call(items, qs, q_pos, page_table, pools, dc, num_items=num_items, tile=tile,
+                                     heads=heads, page_size=page_size, interpret=interpret, **kernel_args)
     # Each row's items, [D, J]: past a row's own items the index repeats its last (never one that was
     # not written) and the split is masked out.
     k = jnp.arange(dc.num_splits)
@@ -536,3 +521,33 @@ def _decode_launch(decode, qs, q_pos, page_table, pools, dc: DecodeConfig, *, gr
     o = jnp.where(valid[None, :, :, None, None], o, 0.0)
     out = combine(o, lse, axis=2)[:, :, :group]  # [Hkv, D, R, K]
     return out.transpose(1, 0, 2, 3).reshape(num_decode, num_kv_heads * group, head_dim)  # [D, Hq, K]
+
+
+def _decode_pallas_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_items: int, tile: int,
+                        heads: int, page_size: int, interpret: bool, **kernel_args) -> tuple[jax.Array, jax.Array]:
+    """The Triton decode launch: (o [Hkv, rows, K], lse [Hkv, rows]) f32, item w's R' rows from w R'."""
+    num_kv_heads, _, head_dim = qs.shape
+    out_rows = (num_items + tile // heads) * heads  # the items' query rows, a tile's worth of slack
+    scalar = pl.BlockSpec((None,), lambda h, w: (w,))
+    pool_specs, pool_arrays = pools
+    in_specs = [scalar] * 6 + [
+        pl.BlockSpec(page_table.shape, lambda h, w: (0, 0)),
+        pl.BlockSpec((None,) + qs.shape[1:], lambda h, w: (h, 0, 0)),
+        pl.BlockSpec(q_pos.shape, lambda h, w: (0,)),
+    ] + pool_specs
+    args = [items["row0"], items["seq"], items["lo"], items["hi"], items["part"], items["parts"],
+            page_table.astype(jnp.int32), qs, q_pos] + pool_arrays
+    kernel = functools.partial(_decode_kernel, rows=tile, group=heads, page_size=page_size, block_kv=dc.block_kv,
+                               **kernel_args)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, num_items),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, out_rows, head_dim), lambda h, w: (h, 0, 0)),
+                   pl.BlockSpec((None, out_rows), lambda h, w: (h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((num_kv_heads, out_rows, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((num_kv_heads, out_rows), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=dc.num_warps, num_stages=dc.num_stages),
+        interpret=interpret,
+        name="jaxfire_paged_attention_decode",
+    )(*args)

@@ -233,6 +233,71 @@ class TestPallasDecodeLaunch(PagedAttentionCases):
         self.check(case)
 
 
+class TestMosaicDecodeLaunch:
+    """The decode launch on Mosaic GPU (opt-in: `DecodeConfig(kernel="mosaic")`), the block launch on
+    Triton beside it. It takes bf16 and f16 pools; every case poisons the slots no row may read."""
+
+    @staticmethod
+    def config(block_kv: int = 16, stages: int = 3, splits: int = 4, wave: int = 16) -> PagedAttentionConfig:
+        return PagedAttentionConfig(block_q=4, gather="rows", decode=DecodeConfig(
+            num_splits=splits, block_kv=block_kv, num_stages=stages, wave=wave, kernel="mosaic"))
+
+    def check(self, case: Case, config: PagedAttentionConfig, **kwargs) -> None:
+        out = paged_attention(*case.args(), **case.scales(), window=case.window, implementation="pallas",
+                              config=config, **kwargs)
+        assert out.shape == case.q.shape and out.dtype == case.q.dtype
+        assert_close(out, numpy_reference(case, kwargs.get("sm_scale")))
+
+    def test_decode_rows_split_into_items_beside_chunks(self, seed):
+        # Steps of half a page (32-position pages), rows cut into several items (a ring deeper than some
+        # items' steps), a row that sees nothing, chunks and padding through the block launch.
+        case = make_case(seed, page_size=32, pages_per_seq=6, padding=2,
+                         steps=[(150, 1), (37, 1), (0, 1), (20, 20), (64, 1), (0, 0)])
+        self.check(case, self.config())
+
+    def test_several_pages_a_step_mqa_f16_window(self, seed):
+        # Four 16-position pages a step, one query head per KV head (the tile's rows past it belong to
+        # other rows), a window starting inside a page, head dim 128.
+        case = make_case(seed, q_heads=2, kv_heads=2, head_dim=128, q_dtype=jnp.float16, cache_dtype=jnp.float16,
+                         window=45, pages_per_seq=9, steps=[(130, 1), (70, 1), (9, 1)], padding=1)
+        self.check(case, self.config(block_kv=64, stages=2), sm_scale=0.21)
+
+    def test_wide_group(self, seed):
+        # 32 query heads on one KV head: half the wgmma tile is the row's own heads.
+        case = make_case(seed, q_heads=32, kv_heads=1, steps=[(40, 1), (64, 1), (5, 1)], padding=0)
+        self.check(case, self.config(splits=2))
+
+    def test_refuses_pools_it_cannot_read(self, seed):
+        case = make_case(seed, cache_dtype=FP8, steps=[(20, 1), (9, 1)])
+        with pytest.raises(ValueError, match="bf16 or f16 pools"):
+            self.check(case, self.config())
+        case = make_case(seed, steps=[(20, 1), (9, 1)], head_dim=128)
+        with pytest.raises(ValueError, match="do not fit in shared memory"):
+            self.check(case, self.config(block_kv=128, stages=4))
+        with pytest.raises(ValueError, match="config.decode.kernel must be one of"):
+            self.check(case, PagedAttentionConfig(decode=DecodeConfig(kernel="cuda")))
+
+
+@pytest.mark.parametrize("page_size,block_kv,stages", [(16, 64, 3), (64, 128, 2)])
+def test_mosaic_decode_launch_lowers_for_h100(page_size, block_kv, stages):
+    """A 32-row decode step at Mixtral's shapes lowers through Mosaic GPU (its layout inference and
+    shared-memory plan) for an H100, on the CPU."""
+    from pallas_kernels.paged_attention import triton as triton_backend
+
+    s, i32 = jax.ShapeDtypeStruct, jnp.int32
+    rows, head_dim = 32, 128
+    pool = s((1000, page_size, 8, head_dim), jnp.bfloat16)
+    config = TestMosaicDecodeLaunch.config(block_kv=block_kv, stages=stages, splits=16, wave=132)
+
+    def fn(q, k, v, page_table, seq_ids, positions, context_lens):
+        return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens,
+                                              sm_scale=head_dim**-0.5, window=None, config=config)
+
+    text = lower_for_h100(fn, s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((rows, 64), i32), s((rows,), i32),
+                          s((rows,), i32), s((rows,), i32))
+    assert "jaxfire_paged_attention_decode_mosaic" in text
+
+
 class TestPallasDefaultConfig(PagedAttentionCases):
     """The kernel with the default config of each case's shapes (the one the model runs)."""
 
