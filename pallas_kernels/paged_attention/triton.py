@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.paged_attention import mosaic
 from pallas_kernels.paged_attention.config import DecodeConfig, PagedAttentionConfig, query_heads_padded
 
 # What an fp8 pool is widened to: e4m3 -> f16 is exact, and f16 keeps more bits of q and of the
@@ -501,8 +502,6 @@ def _decode_launch(decode, qs, q_pos, page_table, pools, dc: DecodeConfig, *, gr
     items = decode_items(decode, num_items=num_items, num_splits=dc.num_splits, wave=dc.wave,
                          kv_heads=num_kv_heads, span=span)
     if dc.kernel == "mosaic":
-        from pallas_kernels.paged_attention import mosaic
-
         o, lse = mosaic.decode_launch(items, qs, page_table, *pools[1][:2], heads=heads, page_size=page_size,
                                       block_kv=span, stages=dc.num_stages, sm_scale=kernel_args["sm_scale"],
                                       interpret=interpret)
