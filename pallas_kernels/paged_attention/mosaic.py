@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.paged_attention.steps import key_steps
+
 # One warpgroup's wgmma tile rows.
 TILE_ROWS = 64
 # Shared memory a CTA may use on Hopper (of 228 KiB a multiprocessor).
@@ -104,11 +106,8 @@ def _kernel(
         @pl.when(parts > 0)  # items past the last exit at once
         def _():
             seq, lo, hi = seq_gmem[w], lo_gmem[w], hi_gmem[w]
-            first = lo // block_kv
-            num_steps = jnp.maximum(pl.cdiv(hi, block_kv) - first, 0)
-            per_part = pl.cdiv(num_steps, parts)
-            start = first + part_gmem[w] * per_part
-            count = jnp.clip(first + num_steps - start, 0, per_part)  # this item's steps
+            start, stop = key_steps(lo, hi, block_kv, part_gmem[w], parts)
+            count = jnp.maximum(stop - start, 0)  # this item's steps
 
             q_row = pl.multiple_of(row0_gmem[w] * q_stride, 8)  # tiled copies start on 8-row tiles
             plgpu.copy_gmem_to_smem(q_gmem.at[h, pl.ds(q_row, TILE_ROWS)], q_smem, q_barrier)

@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention import mosaic
 from pallas_kernels.paged_attention.config import DecodeConfig, PagedAttentionConfig, query_heads_padded
+from pallas_kernels.paged_attention.steps import key_steps
 
 # What an fp8 pool is widened to: e4m3 -> f16 is exact, and f16 keeps more bits of q and of the
 # probabilities than bf16 (as in pallas_kernels.decode_attention).
@@ -164,16 +165,6 @@ def _store(o, m, l, o_ref, lse_ref, row: jax.Array, row_ok: jax.Array) -> None:
         plgpu.store(lse_ref.at[pl.ds(row, rows)], lse, mask=row_ok)
 
 
-def _steps(lo, hi, span: int, part, parts):
-    """Key steps [start, stop) of share `part` of `parts` of a span [lo, hi) read W = `span` positions
-    a step from a multiple of W."""
-    first = lo // span
-    num_steps = jnp.maximum(pl.cdiv(hi, span) - first, 0)
-    per_part = pl.cdiv(num_steps, parts)
-    start = first + part * per_part
-    return start, jnp.minimum(start + per_part, first + num_steps)
-
-
 def _block_kernel(
     row0_ref,  # [] int32: the block's first row (in the sorted order)
     nrows_ref,  # [] int32: its rows, 0..Q
@@ -211,7 +202,7 @@ def _block_kernel(
         q_pos = plgpu.load(pos_ref.at[pl.ds(r0, rows)], mask=row_ok, other=-1)  # [Q R']
         lo, hi = lo_ref[...], hi_ref[...]
         span = pages_per_step * page_size
-        start, stop = _steps(lo, hi, span, split, num_splits)
+        start, stop = key_steps(lo, hi, span, split, num_splits)
         if gather == "pages":
             reads = _page_gather(pages_ref, k_ref, v_ref, ks_ref, vs_ref, pages_per_step=pages_per_step,
                                  compute_dtype=compute_dtype)
@@ -259,7 +250,7 @@ def _decode_kernel(
         q = plgpu.load(q_ref.at[pl.ds(r0, rows), :], mask=tile_ok, other=0.0).astype(compute_dtype)  # [E, K]
         q_pos = plgpu.load(pos_ref.at[pl.ds(r0, rows)], mask=row_ok, other=-1)  # [E]
         lo, hi = lo_ref[...], hi_ref[...]
-        start, stop = _steps(lo, hi, block_kv, part_ref[...], parts)
+        start, stop = key_steps(lo, hi, block_kv, part_ref[...], parts)
         seq = seq_ref[...]
         reads = _row_gather(lambda index, ok: plgpu.load(table_ref.at[seq, index], mask=ok, other=0), k_ref, v_ref,
                             ks_ref, vs_ref, page_size=page_size, span=block_kv, compute_dtype=compute_dtype)
