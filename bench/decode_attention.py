@@ -399,7 +399,7 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
                         itemsize: int) -> list[tuple[int, str, PagedAttentionConfig]]:
     """(tier, name, config) of the paged sweep at these shapes (`rows` T, `seqs` S page-table rows): tier 0
     the default and the kernel as first written, 1 the decode launch's main alternatives (key blocks,
-    stages, warps, how many splits its wave asks for, the Mosaic GPU kernel for bf16 pools) and a single
+    stages, warps, how many splits its wave asks for, the Mosaic GPU kernel) and a single
     launch of 16-row tiles, 2 the rest."""
     base = paged_default_config(HQ // HKV, page_size, rows, seqs, seq_len // page_size, kv_heads=HKV,
                                 head_dim=HEAD_DIM, itemsize=itemsize)
@@ -424,11 +424,11 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
         (1, "decode-wave0.5x", decode(128, 3, wave=max(1, dec.wave // 2))),
         (1, "decode-stages4", decode(128, 4)),
         (1, "decode-warps8", decode(128, 3, 8)),
-        # the decode launch on Mosaic GPU (bf16 pools), its wave the programs that fit an SM, on 132 SMs
+        # the decode launch on Mosaic GPU, its wave the programs that fit an SM, on 132 SMs
         *[(1, f"mosaic-kv{positions}-stages{stages}",
            decode(positions, stages, kernel="mosaic",
-                  wave=132 * paged_mosaic.resident_programs(positions, stages, HEAD_DIM, itemsize)))
-          for positions, stages in ((64, 3), (128, 2)) if itemsize == 2],
+                  wave=132 * paged_mosaic.resident_programs(positions, stages, HEAD_DIM, itemsize, HKV)))
+          for positions, stages in ((64, 3), (128, 2))],
         (2, "decode-nosplit", decode(128, 3, num_splits=1)),
         (2, "decode-wave4x", decode(128, 3, num_splits=32, wave=4 * dec.wave)),
         (2, "decode-stages2", decode(128, 2)),
@@ -479,7 +479,7 @@ def run_paged_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[di
                     shape = dict(base, page_size=page_size, slots=slots or None, rows=step_rows)
                     configs = paged_sweep_configs(batch, step_rows, table_rows, seq_len, page_size, 1 if fp8 else 2)
                     for rank, (tier, name, config) in enumerate(configs):
-                        if tier in args.tiers:
+                        if tier in args.tiers and (not args.variants or name in args.variants):
                             row = dict(shape, variant=name, tier=tier, default=name == "default")
                             priority = tier + min(z, 1) + min(slots, 1)
                             work.append((priority, rank, len(work), row, paged, want, config))
@@ -542,6 +542,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="the paged studies' page sizes, each dividing every --seqs length (default 16,32,64,128; "
                         "the paged sweep 16,64)")
     p.add_argument("--tiers", type=_ints, default=[0, 1, 2], help="the paged sweep's config tiers")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None,
+                   help="the paged sweep's configs by name, within --tiers (default: all)")
     p.add_argument("--budget-s", dest="budget_s", type=float, default=150.0,
                    help="the paged sweep starts no config after this many seconds of configs")
     p.add_argument("--sweep-iters", dest="sweep_iters", type=int, default=5,

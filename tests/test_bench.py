@@ -297,19 +297,23 @@ def test_paged_sweep_checks_and_times_each_config_beside_the_contiguous_kernel(t
     assert not any(r["config"]["decode"] for r in written if r["variant"] == "old")
 
 
-def test_paged_sweep_times_the_mosaic_decode_launch_on_bf16_pools(tmp_path, tiny_attention, monkeypatch):
-    """The sweep's Mosaic GPU variants (tier 1) run the Mosaic decode launch, checked against the
-    reference before they are timed; FP8 pools, which it cannot read, get none."""
+def test_paged_sweep_times_the_mosaic_decode_launch(tmp_path, tiny_attention, monkeypatch):
+    """The sweep's Mosaic GPU variants (tier 1) run the Mosaic decode launch on bf16 and FP8 pools,
+    checked against the reference before they are timed (8 KV heads of 128: FP8 pools' geometry);
+    --variants picks them by name within the tiers (the default is tier 0: not run)."""
     D = tiny_attention
+    for name, value in (("HQ", 16), ("HKV", 8), ("HEAD_DIM", 128)):
+        monkeypatch.setattr(D, name, value)
     configs = D.paged_sweep_configs
-    names = {itemsize: [name for _, name, _ in configs(2, 2, 2, 48, 16, itemsize)] for itemsize in (1, 2)}
-    assert [n for n in names[2] if "mosaic" in n] == ["mosaic-kv64-stages3", "mosaic-kv128-stages2"]
-    assert not [n for n in names[1] if "mosaic" in n]
-    monkeypatch.setattr(D, "paged_sweep_configs", lambda *a: [c for c in configs(*a) if c[1] == "mosaic-kv64-stages3"])
+    for itemsize in (1, 2):
+        names = [name for _, name, _ in configs(2, 2, 2, 48, 16, itemsize)]
+        assert [n for n in names if "mosaic" in n] == ["mosaic-kv64-stages3", "mosaic-kv128-stages2"]
     rows = D.main(["--study", "paged-sweep", "--batches", "2", "--seqs", "48", "--page-sizes", "16", "--copies", "1",
-                   "--sweep-iters", "1", "--tiers", "1", "--out-dir", str(tmp_path)])
-    assert [(r["cache"], r["variant"]) for r in rows] == [("bf16", "mosaic-kv64-stages3")]
-    assert "error" not in rows[0] and rows[0]["rel_err"] < 2e-2 and rows[0]["config"]["decode"]["kernel"] == "mosaic"
+                   "--sweep-iters", "1", "--tiers", "1", "--variants", "default,mosaic-kv64-stages3",
+                   "--out-dir", str(tmp_path)])
+    assert [(r["cache"], r["variant"]) for r in rows] == [("bf16", "mosaic-kv64-stages3"), ("fp8", "mosaic-kv64-stages3")]
+    for row in rows:
+        assert "error" not in row and row["rel_err"] < 2e-2 and row["config"]["decode"]["kernel"] == "mosaic"
 
 
 def test_paged_sweep_records_a_failing_config_and_goes_on(tmp_path, tiny_attention, monkeypatch, capsys):

@@ -27,8 +27,8 @@ class DecodeConfig:
     num_warps, num_stages: Triton launch width and software-pipelining depth (the Mosaic kernel: the
         depth of its TMA ring; it runs one warpgroup).
     wave: programs the device runs at once; splits are picked so that the programs fill whole waves.
-    kernel: "triton" (the default), or "mosaic": the Mosaic GPU kernel (`mosaic.py`; bf16 and f16
-        pools), opt-in until a GPU run measures it beside the Triton launch.
+    kernel: "triton" (the default), or "mosaic": the Mosaic GPU kernel (`mosaic.py`; bf16, f16 and FP8
+        pools, 16-bit queries), opt-in until a GPU run measures it beside the Triton launch.
     """
 
     num_splits: int = 16

@@ -12,8 +12,11 @@ logits [G, W] and the output [G, K] are wgmma tiles with float32 accumulators; t
 runs in registers. The row's R' output rows and the tile's log-sum-exp go back by TMA, and the items
 of a row are merged as the Triton launch's are.
 
-bf16 and f16 pools: an FP8 pool's per-token scales are strided by the KV heads, which TMA cannot
-read as a vector, and FP8 wgmma would need the queries in FP8 too; FP8 pools keep the Triton launch.
+An FP8 (e4m3) pool comes with one float32 scale per token and head, [P Z, Hkv]: each step's [Z, Hkv]
+scale boxes ride in the ring beside the pages, and the key and value tiles are dequantized in shared
+memory (upcast, times their tokens' scales, into float16 tiles that the wgmma reads), so the step reads
+one byte a value from memory. FP8 pools need Hkv a multiple of 8 (a scale box's rows must fill a
+register tile) and 128-position steps at most.
 """
 
 from __future__ import annotations
@@ -32,32 +35,52 @@ from pallas_kernels.paged_attention.steps import key_steps
 TILE_ROWS = 64
 # Shared memory a CTA may use on Hopper (of 228 KiB a multiprocessor).
 _SMEM_BYTES = 227 * 1024
-DTYPES = (jnp.bfloat16, jnp.float16)
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), FP8)
+# What the query, the probabilities and an FP8 pool's dequantized tiles are multiplied in (as the Triton
+# launch's: f16 keeps three more mantissa bits than bf16 for scaled e4m3 values).
+FP8_COMPUTE_DTYPE = jnp.dtype(jnp.float16)
 
 
-def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int) -> int:
-    """Shared memory of one program: the key and value ring, the query tile, the float32 output tile,
-    the probabilities, the log-sum-exp and the barriers."""
+def compute_dtype(dtype) -> jnp.dtype:
+    """The wgmma operands' dtype for a pool of `dtype`."""
+    return FP8_COMPUTE_DTYPE if jnp.dtype(dtype) == FP8 else jnp.dtype(dtype)
+
+
+def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int = 0) -> int:
+    """Shared memory of one program: the key and value ring (and an FP8 pool's scale ring and its
+    dequantized tiles), the query tile, the float32 output tile, the probabilities, the log-sum-exp and
+    the barriers."""
     ring = 2 * stages * block_kv * head_dim * itemsize
-    return ring + TILE_ROWS * (head_dim * (itemsize + 4) + block_kv * itemsize + 4) + 1024
+    operand = itemsize
+    if itemsize == 1:
+        operand = FP8_COMPUTE_DTYPE.itemsize
+        ring += 2 * stages * block_kv * kv_heads * 4 + 2 * block_kv * head_dim * operand
+    return ring + TILE_ROWS * (head_dim * (operand + 4) + block_kv * operand + 4) + 1024
 
 
-def resident_programs(block_kv: int, stages: int, head_dim: int, itemsize: int) -> int:
+def resident_programs(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int = 0) -> int:
     """Programs one multiprocessor holds at once, by shared memory (a `DecodeConfig.wave` is this times
     the multiprocessors)."""
-    return max(1, _SMEM_BYTES // smem_bytes(block_kv, stages, head_dim, itemsize))
+    return max(1, _SMEM_BYTES // smem_bytes(block_kv, stages, head_dim, itemsize, kv_heads))
 
 
-def unsupported_reason(dtype, heads: int, head_dim: int, block_kv: int, stages: int) -> str | None:
+def unsupported_reason(dtype, heads: int, head_dim: int, block_kv: int, stages: int,
+                       kv_heads: int = 1) -> str | None:
     """Why the Mosaic decode launch cannot run a pool (None when it can)."""
+    dtype = jnp.dtype(dtype)
     if heads > TILE_ROWS:
         return f"a KV head's {heads} query heads exceed the {TILE_ROWS}-row tile"
-    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
-        return (f"it reads bf16 or f16 pools, not {jnp.dtype(dtype).name} (FP8 pools take the Triton decode "
-                "launch: DecodeConfig(kernel='triton'))")
-    if head_dim * jnp.dtype(dtype).itemsize % 128:
-        return f"head_dim={head_dim} rows are not a whole number of 128-byte swizzle rows"
-    if smem_bytes(block_kv, stages, head_dim, jnp.dtype(dtype).itemsize) > _SMEM_BYTES:
+    if dtype not in DTYPES:
+        return f"it reads bf16, f16 or float8_e4m3fn pools, not {dtype.name}"
+    if head_dim * dtype.itemsize % 128:
+        return f"head_dim={head_dim} rows of {dtype.name} are not a whole number of 128-byte swizzle rows"
+    if dtype == FP8 and kv_heads % 8:
+        return (f"an FP8 pool's scale rows of {kv_heads} KV heads do not fill a register tile (a multiple of 8 "
+                "heads; other FP8 pools take the Triton decode launch: DecodeConfig(kernel='triton'))")
+    if dtype == FP8 and block_kv > 128:
+        return f"FP8 steps of {block_kv} positions exceed 128 (the dequantized tiles' registers)"
+    if smem_bytes(block_kv, stages, head_dim, dtype.itemsize, kv_heads) > _SMEM_BYTES:
         return f"{stages} stages of {block_kv} positions do not fit in shared memory"
     return None
 
@@ -79,9 +102,7 @@ def _kernel(
     q_gmem,  # [Hkv, (T+Q) R8 + G, K]: each row's R' heads from a multiple of 8 (R8 = q_stride)
     k_gmem,  # [P Z, Hkv, K]
     v_gmem,  # [P Z, Hkv, K]
-    o_gmem,  # [Hkv, I R', K] f32
-    lse_gmem,  # [Hkv, I, G] f32
-    *,
+    *refs,  # an FP8 pool's k_scale, v_scale [P Z, Hkv] f32; then o [Hkv, I R', K] f32, lse [Hkv, I, G] f32
     heads: int,
     q_stride: int,
     page_size: int,
@@ -89,18 +110,18 @@ def _kernel(
     stages: int,
     sm_scale: float,
 ):
-    head_dim = q_gmem.shape[-1]
-    dtype = k_gmem.dtype
+    quantized = k_gmem.dtype == FP8
+    scales_gmem, (o_gmem, lse_gmem) = refs[:-2], refs[-2:]
+    num_kv_heads, head_dim = k_gmem.shape[1], k_gmem.shape[2]
+    dtype = compute_dtype(k_gmem.dtype)  # of q, p and the tiles the wgmma reads
     pages_per_seq = table_gmem.shape[1]
     last_page = k_gmem.shape[0] // page_size - 1
     # A step's pieces: whole pages when a step spans several, else the step's part of one page.
     piece = min(page_size, block_kv)
     pieces = block_kv // piece
-    bits = jnp.dtype(dtype).itemsize * 8
-    transforms = _transforms(head_dim, bits)
     h, w = lax.axis_index("h"), lax.axis_index("w")
 
-    def body(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, kv_barriers):
+    def body(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, kv_barriers, *fp8_smem):
         parts = parts_gmem[w]
 
         @pl.when(parts > 0)  # items past the last exit at once
@@ -122,6 +143,9 @@ def _kernel(
                     for src, dst in ((k_gmem, k_smem), (v_gmem, v_smem)):
                         plgpu.copy_gmem_to_smem(src.at[pl.ds(row, piece), h], dst.at[slot, pl.ds(j * piece, piece)],
                                                 kv_barriers.at[slot])
+                    for src, dst in zip(scales_gmem, fp8_smem[:2]):  # every head's scales: TMA reads rows
+                        plgpu.copy_gmem_to_smem(src.at[pl.ds(row, piece)], dst.at[slot, pl.ds(j * piece, piece)],
+                                                kv_barriers.at[slot])
 
             for s in range(stages):
                 pl.when(s < count)(functools.partial(fetch, start + s, s))
@@ -130,15 +154,22 @@ def _kernel(
             def step_body(i, carry):
                 o, m, l = carry  # [G, K], [G], [G] f32
                 slot = lax.rem(i, stages)
+                step0 = (start + i) * block_kv
                 plgpu.barrier_wait(kv_barriers.at[slot])
+                if quantized:
+                    k_tile, v_tile = _dequantize(k_smem.at[slot], v_smem.at[slot], *fp8_smem, slot=slot, head=h,
+                                                 step0=step0, lo=lo, hi=hi, kv_heads=num_kv_heads)
+                    # The slot's bytes are in the dequantized tiles now: refill it at once.
+                    pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
+                else:
+                    k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
 
                 def logits(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
                     return acc_ref[...]
 
                 s = pl.run_scoped(logits, plgpu.ACC((TILE_ROWS, block_kv), jnp.float32)) * sm_scale  # [G, W]
-                kv_pos = (start + i) * block_kv + plgpu.broadcasted_iota(
-                    jnp.int32, (TILE_ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                kv_pos = step0 + plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where((kv_pos >= lo) & (kv_pos < hi), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))  # -inf while the tile has seen nothing
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -146,28 +177,27 @@ def _kernel(
                 p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
-                step0 = (start + i) * block_kv
 
-                # A zero probability does not cancel a NaN or an infinity: value rows outside the span
-                # (a page's tail, slots before a window, whatever they hold) are zeroed in shared memory.
-                @pl.when((step0 < lo) | (step0 + block_kv > hi))
-                def _():
-                    v = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)  # [W, K]
-                    pos = step0 + plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
-                    v_smem[slot] = jnp.where((pos >= lo) & (pos < hi), v, jnp.zeros_like(v))
-                    plgpu.commit_smem()
+                if not quantized:
+                    # A zero probability does not cancel a NaN or an infinity: value rows outside the span
+                    # (a page's tail, slots before a window, whatever they hold) are zeroed in shared memory.
+                    @pl.when((step0 < lo) | (step0 + block_kv > hi))
+                    def _():
+                        v = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)  # [W, K]
+                        v_smem[slot] = jnp.where(_in_span(v.shape, step0, lo, hi), v, jnp.zeros_like(v))
+                        plgpu.commit_smem()
 
                 # (wgmma could take p from registers; through shared memory the interpreter runs it too)
                 p_smem[...] = p.astype(dtype)
                 plgpu.commit_smem()
 
                 def values(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p_smem, v_tile)
                     return acc_ref[...]
 
                 o = o + pl.run_scoped(values, plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))  # [G, K]
-                # The slot's tiles are consumed: refill it with the step `stages` ahead.
-                pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
+                if not quantized:  # the slot's tiles are consumed: refill it with the step `stages` ahead
+                    pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
                 return o, m_new, l
 
             o = plgpu.layout_cast(jnp.zeros((TILE_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -182,17 +212,49 @@ def _kernel(
             plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[h, w])
             plgpu.wait_smem_to_gmem(0)
 
+    operand = _transforms(head_dim, dtype.itemsize * 8)
+    ring = _transforms(head_dim, k_gmem.dtype.itemsize * 8)
+    fp8_scratch = [
+        plgpu.SMEM((stages, block_kv, num_kv_heads), jnp.float32),  # k_scale ring
+        plgpu.SMEM((stages, block_kv, num_kv_heads), jnp.float32),  # v_scale ring
+        plgpu.SMEM((block_kv, head_dim), dtype, transforms=operand),  # dequantized keys
+        plgpu.SMEM((block_kv, head_dim), dtype, transforms=operand),  # dequantized values
+    ] if quantized else []
     pl.run_scoped(
         body,
-        plgpu.SMEM((TILE_ROWS, head_dim), dtype, transforms=transforms),
-        plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-        plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-        plgpu.SMEM((TILE_ROWS, block_kv), dtype, transforms=_transforms(block_kv, bits)),
+        plgpu.SMEM((TILE_ROWS, head_dim), dtype, transforms=operand),
+        plgpu.SMEM((stages, block_kv, head_dim), k_gmem.dtype, transforms=ring),
+        plgpu.SMEM((stages, block_kv, head_dim), k_gmem.dtype, transforms=ring),
+        plgpu.SMEM((TILE_ROWS, block_kv), dtype, transforms=_transforms(block_kv, dtype.itemsize * 8)),
         plgpu.SMEM((TILE_ROWS, head_dim), jnp.float32),
         plgpu.SMEM((TILE_ROWS,), jnp.float32),
         plgpu.Barrier(),
-        plgpu.Barrier(num_arrivals=2 * pieces, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=(4 if quantized else 2) * pieces, num_barriers=stages),
+        *fp8_scratch,
     )
+
+
+def _in_span(shape: tuple[int, int], step0, lo, hi) -> jax.Array:
+    """[W, X] bool: whether each row's position (step0 + row) lies in [lo, hi)."""
+    pos = step0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    return (pos >= lo) & (pos < hi)
+
+
+def _dequantize(k_slot, v_slot, ks_smem, vs_smem, kd_smem, vd_smem, *, slot, head, step0, lo, hi, kv_heads: int):
+    """An FP8 step's key and value tiles, upcast and times their tokens' scales (head `head`'s column of
+    the [W, Hkv] scale boxes), into the compute-dtype tiles the wgmma reads; value rows outside the span
+    [lo, hi) become zeros (a zero probability does not cancel a NaN or an infinity)."""
+    block_kv = k_slot.shape[0]
+    column = plgpu.broadcasted_iota(jnp.int32, (block_kv, kv_heads), 1, layout=plgpu.Layout.WGMMA) == head
+    for src, scales, dst in ((k_slot, ks_smem, kd_smem), (v_slot, vs_smem, vd_smem)):
+        scale = jnp.where(column, plgpu.load(scales.at[slot], layout=plgpu.Layout.WGMMA), 0.0).sum(axis=1)  # [W]
+        x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # [W, K]
+        x = x * lax.broadcast_in_dim(scale, x.shape, [0])
+        if dst is vd_smem:
+            x = jnp.where(_in_span(x.shape, step0, lo, hi), x, 0.0)
+        dst[...] = x.astype(dst.dtype)
+    plgpu.commit_smem()
+    return kd_smem, vd_smem
 
 
 def decode_launch(
@@ -201,6 +263,8 @@ def decode_launch(
     page_table: jax.Array,  # [S, M]
     k_rows: jax.Array,  # [P Z, Hkv, K]: the pool, a row per slot
     v_rows: jax.Array,  # [P Z, Hkv, K]
+    k_scale_rows: jax.Array | None = None,  # [P Z, Hkv] f32: an FP8 pool's scales
+    v_scale_rows: jax.Array | None = None,  # [P Z, Hkv] f32
     *,
     heads: int,
     page_size: int,
@@ -213,13 +277,19 @@ def decode_launch(
     their log-sum-exp (-inf for an empty share); rows of items past the last hold anything."""
     num_kv_heads, _, head_dim = qs.shape
     num_items = items["parts"].shape[0]
-    reason = unsupported_reason(k_rows.dtype, heads, head_dim, block_kv, stages)
+    reason = unsupported_reason(k_rows.dtype, heads, head_dim, block_kv, stages, num_kv_heads)
+    if reason is None and qs.dtype == jnp.float32:
+        reason = ("float32 queries ask for float32 products, where wgmma multiplies 16-bit operands "
+                  "(the Triton decode launch keeps float32: DecodeConfig(kernel='triton'))")
     if reason is not None:
         raise ValueError(f"The Mosaic GPU decode launch cannot run this pool: {reason}.")
+    scales = [] if k_scale_rows is None else [k_scale_rows.astype(jnp.float32), v_scale_rows.astype(jnp.float32)]
+    if (k_rows.dtype == FP8) != bool(scales):
+        raise ValueError("an FP8 pool needs its k and v scales, and only an FP8 pool takes them.")
     # Each row's heads from a multiple of 8 rows, and a full tile of rows past the last, so the query
     # copy starts on a tile and stays in bounds.
     q_stride = -(-heads // 8) * 8
-    qs = qs.astype(k_rows.dtype).reshape(num_kv_heads, -1, heads, head_dim)
+    qs = qs.astype(compute_dtype(k_rows.dtype)).reshape(num_kv_heads, -1, heads, head_dim)
     qs = jnp.pad(qs, ((0, 0), (0, 0), (0, q_stride - heads), (0, 0))).reshape(num_kv_heads, -1, head_dim)
     qs = jnp.pad(qs, ((0, 0), (0, TILE_ROWS), (0, 0)))
     kernel = plgpu.kernel(
@@ -234,5 +304,5 @@ def decode_launch(
         kernel_name="jaxfire_paged_attention_decode_mosaic",
     )
     o, lse = kernel(*(items[name].astype(jnp.int32) for name in ("row0", "seq", "lo", "hi", "part", "parts")),
-                    page_table.astype(jnp.int32), qs, k_rows, v_rows)
+                    page_table.astype(jnp.int32), qs, k_rows, v_rows, *scales)
     return o, lse[:, :, :heads].reshape(num_kv_heads, num_items * heads)

@@ -493,7 +493,7 @@ def _decode_launch(decode, qs, q_pos, page_table, pools, dc: DecodeConfig, *, gr
     items = decode_items(decode, num_items=num_items, num_splits=dc.num_splits, wave=dc.wave,
                          kv_heads=num_kv_heads, span=span)
     if dc.kernel == "mosaic":
-        o, lse = mosaic.decode_launch(items, qs, page_table, *pools[1][:2], heads=heads, page_size=page_size,
+        o, lse = mosaic.decode_launch(items, qs, page_table, *pools[1], heads=heads, page_size=page_size,
                                       block_kv=span, stages=dc.num_stages, sm_scale=kernel_args["sm_scale"],
                                       interpret=interpret)
     else:

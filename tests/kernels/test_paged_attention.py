@@ -235,7 +235,7 @@ class TestPallasDecodeLaunch(PagedAttentionCases):
 
 class TestMosaicDecodeLaunch:
     """The decode launch on Mosaic GPU (opt-in: `DecodeConfig(kernel="mosaic")`), the block launch on
-    Triton beside it. It takes bf16 and f16 pools; every case poisons the slots no row may read."""
+    Triton beside it. It takes bf16, f16 and FP8 pools; every case poisons the slots no row may read."""
 
     @staticmethod
     def config(block_kv: int = 16, stages: int = 3, splits: int = 4, wave: int = 16) -> PagedAttentionConfig:
@@ -267,9 +267,30 @@ class TestMosaicDecodeLaunch:
         case = make_case(seed, q_heads=32, kv_heads=1, steps=[(40, 1), (64, 1), (5, 1)], padding=0)
         self.check(case, self.config(splits=2))
 
+    def test_fp8_pool_steps_of_several_pages_window(self, seed):
+        # e4m3 pages with their per-token scales (poisoned past the spans like the values): four pages a
+        # step, rows cut into items, a window starting inside a page, a row that sees nothing.
+        case = make_case(seed, q_heads=16, kv_heads=8, head_dim=128, cache_dtype=FP8, window=50, pages_per_seq=9,
+                         steps=[(130, 1), (70, 1), (0, 1), (9, 1), (20, 20)], padding=1)
+        self.check(case, self.config(block_kv=64, stages=2), sm_scale=0.19)
+
+    def test_fp8_pool_half_page_steps_f16_queries(self, seed):
+        case = make_case(seed, q_heads=8, kv_heads=8, head_dim=128, page_size=32, cache_dtype=FP8,
+                         q_dtype=jnp.float16, pages_per_seq=6, steps=[(150, 1), (37, 1), (64, 1)], padding=0)
+        self.check(case, self.config(block_kv=16, stages=3, splits=3))
+
     def test_refuses_pools_it_cannot_read(self, seed):
-        case = make_case(seed, cache_dtype=FP8, steps=[(20, 1), (9, 1)])
-        with pytest.raises(ValueError, match="bf16 or f16 pools"):
+        case = make_case(seed, cache_dtype=jnp.float32, steps=[(20, 1), (9, 1)])
+        with pytest.raises(ValueError, match="bf16, f16 or float8_e4m3fn pools"):
+            self.check(case, self.config())
+        case = make_case(seed, cache_dtype=FP8, kv_heads=2, head_dim=128, steps=[(20, 1), (9, 1)])
+        with pytest.raises(ValueError, match="a multiple of 8 heads"):
+            self.check(case, self.config())
+        case = make_case(seed, cache_dtype=FP8, kv_heads=8, steps=[(20, 1), (9, 1)])
+        with pytest.raises(ValueError, match="head_dim=64 rows of float8_e4m3fn"):
+            self.check(case, self.config())
+        case = make_case(seed, q_dtype=jnp.float32, steps=[(20, 1), (9, 1)])
+        with pytest.raises(ValueError, match="float32 queries"):
             self.check(case, self.config())
         case = make_case(seed, steps=[(20, 1), (9, 1)], head_dim=128)
         with pytest.raises(ValueError, match="do not fit in shared memory"):
@@ -279,22 +300,24 @@ class TestMosaicDecodeLaunch:
 
 
 @pytest.mark.parametrize("page_size,block_kv,stages", [(16, 64, 3), (64, 128, 2)])
-def test_mosaic_decode_launch_lowers_for_h100(page_size, block_kv, stages):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_mosaic_decode_launch_lowers_for_h100(page_size, block_kv, stages, dtype):
     """A 32-row decode step at Mixtral's shapes lowers through Mosaic GPU (its layout inference and
     shared-memory plan) for an H100, on the CPU."""
     from pallas_kernels.paged_attention import triton as triton_backend
 
     s, i32 = jax.ShapeDtypeStruct, jnp.int32
     rows, head_dim = 32, 128
-    pool = s((1000, page_size, 8, head_dim), jnp.bfloat16)
+    pool = s((1000, page_size, 8, head_dim), dtype)
+    scales = [s((1000, page_size, 8), jnp.float32)] * 2 if dtype == FP8 else [None, None]
     config = TestMosaicDecodeLaunch.config(block_kv=block_kv, stages=stages, splits=16, wave=132)
 
-    def fn(q, k, v, page_table, seq_ids, positions, context_lens):
-        return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens,
-                                              sm_scale=head_dim**-0.5, window=None, config=config)
+    def fn(q, k, v, page_table, seq_ids, positions, context_lens, k_scale, v_scale):
+        return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens, k_scale=k_scale,
+                                              v_scale=v_scale, sm_scale=head_dim**-0.5, window=None, config=config)
 
     text = lower_for_h100(fn, s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((rows, 64), i32), s((rows,), i32),
-                          s((rows,), i32), s((rows,), i32))
+                          s((rows,), i32), s((rows,), i32), *scales)
     assert "jaxfire_paged_attention_decode_mosaic" in text
 
 
