@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_attention.config import DecodeAttentionConfig
+from pallas_kernels.splits import combine
 
 # The smallest M of a tensor-core dot; a group of fewer query heads is padded up to it.
 _MIN_ROWS = 16
@@ -112,17 +113,6 @@ def _kernel(
         plgpu.store(lse_ref.at[pl.ds(0, rows)], lse, mask=lse_ok)
 
 
-def combine(
-    o: jax.Array,  # [B, Hkv, P, G, K] f32, each split normalised on its own
-    lse: jax.Array,  # [B, Hkv, P, G] f32, -inf for an empty split
-) -> jax.Array:  # [B, Hkv, G, K] f32
-    top = jnp.max(lse, axis=2, keepdims=True)  # [B, Hkv, 1, G]
-    w = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # [B, Hkv, P, G]
-    total = jnp.sum(w, axis=2)  # [B, Hkv, G]
-    out = jnp.sum(w[..., None] * o, axis=2)  # [B, Hkv, G, K]
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
-
-
 @functools.partial(
     jax.jit, static_argnames=("sm_scale", "window", "config", "interpret")
 )
@@ -210,6 +200,6 @@ def decode_attention(
     if splits == 1:
         out = outs[0]  # [B, Hkv, G, K]
     else:
-        out = combine(*outs).astype(q.dtype)
+        out = combine(*outs, axis=2).astype(q.dtype)
     return out.reshape(batch, num_q_heads, head_dim)
 

@@ -8,7 +8,7 @@ import dataclasses
 from pallas_kernels.launch import check_launch
 
 GATHERS = ("pages", "rows")
-DECODE_KERNELS = ("triton", "mosaic")
+KERNELS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,8 @@ class DecodeConfig:
             raise ValueError(f"config.decode.block_kv must be a power of two >= 16, got {self.block_kv}.")
         if self.wave < 1:
             raise ValueError(f"config.decode.wave must be >= 1, got {self.wave}.")
-        if self.kernel not in DECODE_KERNELS:
-            raise ValueError(f"config.decode.kernel must be one of {DECODE_KERNELS}, got {self.kernel!r}.")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"config.decode.kernel must be one of {KERNELS}, got {self.kernel!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,10 @@ class PagedAttentionConfig:
     decode: None: every row goes through the block launch. A `DecodeConfig`: rows that are their
         sequence's only row of the step go through a launch of their own (see there), the block
         launch taking the rest.
+    kernel: the block launch's kernel: "triton" (the default), or "mosaic": the Mosaic GPU kernel
+        (`mosaic.py`): one warpgroup per (block, KV head, split) over a 64-row tile, block_q x R' <= 64;
+        steps of pages_per_step x Z positions through a num_stages-deep TMA ring (gather, num_warps
+        unused); opt-in until a GPU run measures it beside the Triton launch.
 
     The dataclass's own defaults are the kernel as first written (one launch, "pages"); `default_config`
     picks the tuned choice.
@@ -79,6 +83,7 @@ class PagedAttentionConfig:
     num_stages: int = 2
     gather: str = "pages"
     decode: DecodeConfig | None = None
+    kernel: str = "triton"
 
     def validate(self) -> None:
         if self.block_q < 1 or self.block_q & (self.block_q - 1):
@@ -88,6 +93,8 @@ class PagedAttentionConfig:
             raise ValueError(f"config.pages_per_step must be a power of two, got {self.pages_per_step}.")
         if self.gather not in GATHERS:
             raise ValueError(f"config.gather must be one of {GATHERS}, got {self.gather!r}.")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"config.kernel must be one of {KERNELS}, got {self.kernel!r}.")
         if self.decode is not None:
             if not isinstance(self.decode, DecodeConfig):
                 raise ValueError(f"config.decode must be a DecodeConfig or None, got {type(self.decode).__name__}.")

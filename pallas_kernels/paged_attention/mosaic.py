@@ -22,6 +22,7 @@ register tile) and 128-position steps at most.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.paged_attention.steps import key_steps
+from pallas_kernels.splits import combine
 
 # One warpgroup's wgmma tile rows.
 TILE_ROWS = 64
@@ -92,26 +94,27 @@ def _transforms(cols: int, bits: int) -> tuple:
 
 
 def _kernel(
-    row0_gmem,  # [I] int32: the item's decode row (in the sorted order)
+    qrow_gmem,  # [I] int32: the item's first query row in q (a multiple of 8)
     seq_gmem,  # [I] int32: its sequence
-    lo_gmem,  # [I] int32: the first position the row sees
+    lo_gmem,  # [I] int32: the first position any of its rows sees
     hi_gmem,  # [I] int32: one past the last
-    part_gmem,  # [I] int32: which share of the row's key steps the item takes
-    parts_gmem,  # [I] int32: the row's items; 0 for an item past the last
+    part_gmem,  # [I] int32: which share of the span's key steps the item takes
+    parts_gmem,  # [I] int32: the span's items; 0 for an item past the last
     table_gmem,  # [S, M] int32
-    q_gmem,  # [Hkv, (T+Q) R8 + G, K]: each row's R' heads from a multiple of 8 (R8 = q_stride)
-    k_gmem,  # [P Z, Hkv, K]
-    v_gmem,  # [P Z, Hkv, K]
-    *refs,  # an FP8 pool's k_scale, v_scale [P Z, Hkv] f32; then o [Hkv, I R', K] f32, lse [Hkv, I, G] f32
-    heads: int,
-    q_stride: int,
+    q_gmem,  # [Hkv, rows + G, K]: the items' query tiles
+    *refs,  # (causal: pos [rows + G] int32, each query row's position); k, v [P Z, Hkv, K]; an FP8 pool's
+    # k_scale, v_scale [P Z, Hkv] f32; then o [Hkv, I X, K] f32 and lse [Hkv, I, G] f32
+    out_rows: int,
+    causal: bool,
+    window: int | None,
     page_size: int,
     block_kv: int,
     stages: int,
     sm_scale: float,
 ):
+    pos_gmem, refs = (refs[0], refs[1:]) if causal else (None, refs)
+    k_gmem, v_gmem, *scales_gmem, o_gmem, lse_gmem = refs
     quantized = k_gmem.dtype == FP8
-    scales_gmem, (o_gmem, lse_gmem) = refs[:-2], refs[-2:]
     num_kv_heads, head_dim = k_gmem.shape[1], k_gmem.shape[2]
     dtype = compute_dtype(k_gmem.dtype)  # of q, p and the tiles the wgmma reads
     pages_per_seq = table_gmem.shape[1]
@@ -121,7 +124,7 @@ def _kernel(
     pieces = block_kv // piece
     h, w = lax.axis_index("h"), lax.axis_index("w")
 
-    def body(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, kv_barriers, *fp8_smem):
+    def body(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, pos_smem, q_barrier, kv_barriers, *fp8_smem):
         parts = parts_gmem[w]
 
         @pl.when(parts > 0)  # items past the last exit at once
@@ -130,8 +133,10 @@ def _kernel(
             start, stop = key_steps(lo, hi, block_kv, part_gmem[w], parts)
             count = jnp.maximum(stop - start, 0)  # this item's steps
 
-            q_row = pl.multiple_of(row0_gmem[w] * q_stride, 8)  # tiled copies start on 8-row tiles
+            q_row = pl.multiple_of(qrow_gmem[w], 8)  # tiled copies start on 8-row tiles
             plgpu.copy_gmem_to_smem(q_gmem.at[h, pl.ds(q_row, TILE_ROWS)], q_smem, q_barrier)
+            if causal:
+                plgpu.copy_gmem_to_smem(pos_gmem.at[pl.ds(q_row, TILE_ROWS)], pos_smem, q_barrier)
 
             def fetch(step, slot):
                 """Issues the TMA copies of key step `step` into ring slot `slot`."""
@@ -150,6 +155,8 @@ def _kernel(
             for s in range(stages):
                 pl.when(s < count)(functools.partial(fetch, start + s, s))
             plgpu.barrier_wait(q_barrier)
+            # Each tile row's own position (rows past the block's hold -1 and see nothing).
+            q_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1)) if causal else None  # [G]
 
             def step_body(i, carry):
                 o, m, l = carry  # [G, K], [G], [G] f32
@@ -170,7 +177,13 @@ def _kernel(
 
                 s = pl.run_scoped(logits, plgpu.ACC((TILE_ROWS, block_kv), jnp.float32)) * sm_scale  # [G, W]
                 kv_pos = step0 + plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where((kv_pos >= lo) & (kv_pos < hi), s, -jnp.inf)
+                see = (kv_pos >= lo) & (kv_pos < hi)
+                if causal:
+                    row_pos = lax.broadcast_in_dim(q_pos, s.shape, [0])
+                    see &= kv_pos <= row_pos
+                    if window is not None:
+                        see &= kv_pos > row_pos - window
+                s = jnp.where(see, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))  # -inf while the tile has seen nothing
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp(m - m_safe)
@@ -208,7 +221,7 @@ def _kernel(
             o_smem[...] = o / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), o.shape, [0])
             lse_smem[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, heads)], o_gmem.at[h, pl.ds(w * heads, heads)])
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, out_rows)], o_gmem.at[h, pl.ds(w * out_rows, out_rows)])
             plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[h, w])
             plgpu.wait_smem_to_gmem(0)
 
@@ -228,7 +241,8 @@ def _kernel(
         plgpu.SMEM((TILE_ROWS, block_kv), dtype, transforms=_transforms(block_kv, dtype.itemsize * 8)),
         plgpu.SMEM((TILE_ROWS, head_dim), jnp.float32),
         plgpu.SMEM((TILE_ROWS,), jnp.float32),
-        plgpu.Barrier(),
+        plgpu.SMEM((TILE_ROWS,), jnp.int32),  # the rows' positions (causal tiles)
+        plgpu.Barrier(num_arrivals=2 if causal else 1),
         plgpu.Barrier(num_arrivals=(4 if quantized else 2) * pieces, num_barriers=stages),
         *fp8_scratch,
     )
@@ -257,14 +271,51 @@ def _dequantize(k_slot, v_slot, ks_smem, vs_smem, kd_smem, vd_smem, *, slot, hea
     return kd_smem, vd_smem
 
 
+def _launch(items: dict[str, jax.Array], q: jax.Array, q_pos: jax.Array | None, page_table: jax.Array,
+            pools: list[jax.Array], *, out_rows: int, window: int | None, page_size: int, block_kv: int,
+            stages: int, sm_scale: float, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """The kernel over work items (qrow, seq, lo, hi, part, parts [I]) and query tiles q [Hkv, rows + G, K]
+    (q_pos [rows + G]: causal tiles, each row masked at its own position): (o [Hkv, I X, K], lse
+    [Hkv, I, G]) f32, X = `out_rows` rows of each item."""
+    num_kv_heads, _, head_dim = q.shape
+    num_items = items["parts"].shape[0]
+    causal = q_pos is not None
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, out_rows=out_rows, causal=causal, window=window, page_size=page_size,
+                          block_kv=block_kv, stages=stages, sm_scale=sm_scale),
+        out_type=(jax.ShapeDtypeStruct((num_kv_heads, num_items * out_rows, head_dim), jnp.float32),
+                  jax.ShapeDtypeStruct((num_kv_heads, num_items, TILE_ROWS), jnp.float32)),
+        grid=(num_kv_heads, num_items),
+        grid_names=("h", "w"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=f"jaxfire_paged_attention_{'block' if causal else 'decode'}_mosaic",
+    )
+    return kernel(*(items[name].astype(jnp.int32) for name in ("qrow", "seq", "lo", "hi", "part", "parts")),
+                  page_table.astype(jnp.int32), q, *([q_pos.astype(jnp.int32)] if causal else []), *pools)
+
+
+def _pools(pools: Sequence[jax.Array], *, heads: int, block_kv: int, stages: int, q_dtype) -> list[jax.Array]:
+    """The pool arrays the kernel reads, after the checks that name what it cannot run."""
+    k_rows, v_rows, *scales = pools
+    num_kv_heads, head_dim = k_rows.shape[1], k_rows.shape[2]
+    reason = unsupported_reason(k_rows.dtype, heads, head_dim, block_kv, stages, num_kv_heads)
+    if reason is None and q_dtype == jnp.float32:
+        reason = ("float32 queries ask for float32 products, where wgmma multiplies 16-bit operands "
+                  "(the Triton kernel keeps float32: kernel='triton')")
+    if reason is not None:
+        raise ValueError(f"The Mosaic GPU paged attention cannot run this pool: {reason}.")
+    scales = [scale.astype(jnp.float32) for scale in scales]
+    if (k_rows.dtype == FP8) != (len(scales) == 2):
+        raise ValueError("an FP8 pool needs its k and v scales, and only an FP8 pool takes them.")
+    return [k_rows, v_rows, *scales]
+
+
 def decode_launch(
     items: dict[str, jax.Array],  # triton.decode_items: per item row0, seq, lo, hi, part, parts [I]
     qs: jax.Array,  # [Hkv, (T+Q) R', K], the rows sorted
     page_table: jax.Array,  # [S, M]
-    k_rows: jax.Array,  # [P Z, Hkv, K]: the pool, a row per slot
-    v_rows: jax.Array,  # [P Z, Hkv, K]
-    k_scale_rows: jax.Array | None = None,  # [P Z, Hkv] f32: an FP8 pool's scales
-    v_scale_rows: jax.Array | None = None,  # [P Z, Hkv] f32
+    pools: Sequence[jax.Array],  # k, v [P Z, Hkv, K] (a row per slot); an FP8 pool's k, v scales [P Z, Hkv]
     *,
     heads: int,
     page_size: int,
@@ -277,32 +328,64 @@ def decode_launch(
     their log-sum-exp (-inf for an empty share); rows of items past the last hold anything."""
     num_kv_heads, _, head_dim = qs.shape
     num_items = items["parts"].shape[0]
-    reason = unsupported_reason(k_rows.dtype, heads, head_dim, block_kv, stages, num_kv_heads)
-    if reason is None and qs.dtype == jnp.float32:
-        reason = ("float32 queries ask for float32 products, where wgmma multiplies 16-bit operands "
-                  "(the Triton decode launch keeps float32: DecodeConfig(kernel='triton'))")
-    if reason is not None:
-        raise ValueError(f"The Mosaic GPU decode launch cannot run this pool: {reason}.")
-    scales = [] if k_scale_rows is None else [k_scale_rows.astype(jnp.float32), v_scale_rows.astype(jnp.float32)]
-    if (k_rows.dtype == FP8) != bool(scales):
-        raise ValueError("an FP8 pool needs its k and v scales, and only an FP8 pool takes them.")
+    pools = _pools(pools, heads=heads, block_kv=block_kv, stages=stages, q_dtype=qs.dtype)
     # Each row's heads from a multiple of 8 rows, and a full tile of rows past the last, so the query
     # copy starts on a tile and stays in bounds.
     q_stride = -(-heads // 8) * 8
-    qs = qs.astype(compute_dtype(k_rows.dtype)).reshape(num_kv_heads, -1, heads, head_dim)
+    qs = qs.astype(compute_dtype(pools[0].dtype)).reshape(num_kv_heads, -1, heads, head_dim)
     qs = jnp.pad(qs, ((0, 0), (0, 0), (0, q_stride - heads), (0, 0))).reshape(num_kv_heads, -1, head_dim)
     qs = jnp.pad(qs, ((0, 0), (0, TILE_ROWS), (0, 0)))
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, heads=heads, q_stride=q_stride, page_size=page_size, block_kv=block_kv,
-                          stages=stages, sm_scale=sm_scale),
-        out_type=(jax.ShapeDtypeStruct((num_kv_heads, num_items * heads, head_dim), jnp.float32),
-                  jax.ShapeDtypeStruct((num_kv_heads, num_items, TILE_ROWS), jnp.float32)),
-        grid=(num_kv_heads, num_items),
-        grid_names=("h", "w"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="jaxfire_paged_attention_decode_mosaic",
-    )
-    o, lse = kernel(*(items[name].astype(jnp.int32) for name in ("row0", "seq", "lo", "hi", "part", "parts")),
-                    page_table.astype(jnp.int32), qs, k_rows, v_rows, *scales)
+    items = dict(items, qrow=items["row0"] * q_stride)
+    o, lse = _launch(items, qs, None, page_table, pools, out_rows=heads, window=None, page_size=page_size,
+                     block_kv=block_kv, stages=stages, sm_scale=sm_scale, interpret=interpret)
     return o, lse[:, :, :heads].reshape(num_kv_heads, num_items * heads)
+
+
+def block_launch(
+    meta: dict[str, jax.Array],  # triton.blocks: per block seq, row0, nrows, lo, hi [N]
+    qs: jax.Array,  # [Hkv, (T+Q) R', K], the rows sorted
+    q_pos: jax.Array,  # [(T+Q) R'] int32: each query row's position
+    page_table: jax.Array,  # [S, M]
+    pools: Sequence[jax.Array],  # k, v [P Z, Hkv, K] (a row per slot); an FP8 pool's k, v scales [P Z, Hkv]
+    *,
+    heads: int,
+    block_q: int,
+    num_splits: int,
+    page_size: int,
+    block_kv: int,
+    stages: int,
+    sm_scale: float,
+    window: int | None,
+    interpret: bool,
+) -> jax.Array:
+    """The rows in blocks, [Hkv, (T+Q) R', K] f32 in the sorted order (other rows zeros): each block's
+    Q R' query rows as one 64-row tile (gathered, so every tile starts on a tile row), each row masked
+    at its own position, `num_splits` items a block merged by their log-sum-exp."""
+    num_kv_heads, span, head_dim = qs.shape
+    if block_q * heads > TILE_ROWS:
+        raise ValueError(f"The Mosaic GPU block launch takes {TILE_ROWS}-row tiles: block_q={block_q} rows of "
+                         f"{heads} query heads do not fit (block_q <= {TILE_ROWS // heads}).")
+    pools = _pools(pools, heads=heads, block_kv=block_kv, stages=stages, q_dtype=qs.dtype)
+    num_blocks = meta["nrows"].shape[0]
+    # Tile rows: block b's row i is sorted query row row0[b] R' + i, live below nrows[b] R'.
+    i = jnp.arange(TILE_ROWS, dtype=jnp.int32)
+    rows = meta["row0"][:, None] * heads + i[None, :]  # [N, G]
+    live = i[None, :] < meta["nrows"][:, None] * heads  # [N, G]
+    rows = jnp.where(live, rows, span)  # [N, G]: dead rows point past the last (dropped below)
+    tiles = jnp.pad(qs.astype(compute_dtype(pools[0].dtype)), ((0, 0), (0, 1), (0, 0)))[:, rows]  # [Hkv, N, G, K]
+    tiles = jnp.pad(tiles.reshape(num_kv_heads, num_blocks * TILE_ROWS, head_dim), ((0, 0), (0, TILE_ROWS), (0, 0)))
+    tile_pos = jnp.where(live, jnp.pad(q_pos, (0, 1), constant_values=-1)[rows], -1).reshape(-1)
+    tile_pos = jnp.pad(tile_pos, (0, TILE_ROWS), constant_values=-1)  # [N G + G]
+    # Items: each block's splits in turn.
+    b = jnp.repeat(jnp.arange(num_blocks, dtype=jnp.int32), num_splits)
+    items = dict(qrow=b * TILE_ROWS, seq=meta["seq"][b], lo=meta["lo"][b], hi=meta["hi"][b],
+                 part=jnp.tile(jnp.arange(num_splits, dtype=jnp.int32), num_blocks),
+                 parts=jnp.where(meta["nrows"][b] > 0, num_splits, 0))
+    o, lse = _launch(items, tiles, tile_pos, page_table, pools, out_rows=TILE_ROWS, window=window,
+                     page_size=page_size, block_kv=block_kv, stages=stages, sm_scale=sm_scale, interpret=interpret)
+    o = o.reshape(num_kv_heads, num_blocks, num_splits, TILE_ROWS, head_dim)
+    lse = lse.reshape(num_kv_heads, num_blocks, num_splits, TILE_ROWS)
+    o = combine(o, lse, axis=2)  # [Hkv, N, G, K]
+    out = jnp.zeros((num_kv_heads, span, head_dim), jnp.float32)
+    return out.at[:, rows.reshape(-1)].set(o.reshape(num_kv_heads, -1, head_dim), mode="drop")
+

@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_attention import mosaic
 from pallas_kernels.paged_attention.config import DecodeConfig, PagedAttentionConfig, query_heads_padded
 from pallas_kernels.paged_attention.steps import key_steps
+from pallas_kernels.splits import combine
 
 # What an fp8 pool is widened to: e4m3 -> f16 is exact, and f16 keeps more bits of q and of the
 # probabilities than bf16 (as in pallas_kernels.decode_attention).
@@ -265,18 +266,6 @@ def _unpack(refs, fp8: bool, with_lse: bool):
     return ks_ref, vs_ref, out_refs[0], out_refs[1] if with_lse else None
 
 
-def combine(
-    o: jax.Array,  # [..., J, ...rows, K] f32, each split normalised on its own
-    lse: jax.Array,  # [..., J, ...rows] f32, -inf for an empty split
-    axis: int = 0,
-) -> jax.Array:  # o without the J axis
-    top = jnp.max(lse, axis=axis, keepdims=True)
-    w = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # like lse
-    total = jnp.sum(w, axis=axis)
-    out = jnp.sum(w[..., None] * o, axis=axis)
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
-
-
 def _searchsorted(sorted_: jax.Array, x: jax.Array) -> jax.Array:
     # One comparison per pair: the arrays are small, and a scan would be a loop on the device.
     return jnp.searchsorted(sorted_, x, side="right", method="compare_all").astype(jnp.int32)
@@ -423,7 +412,13 @@ def paged_attention(
         return [pool, pool] + [scale] * (len(arrays) - 2), arrays
 
     out = jnp.zeros((num_rows, num_q_heads, head_dim), q.dtype)  # sorted rows
-    if meta["nrows"].shape[0]:
+    if meta["nrows"].shape[0] and config.kernel == "mosaic":
+        rows = mosaic.block_launch(meta, qs, q_pos, page_table, pool_args(1, True)[1], heads=heads, block_q=block_q,
+                                   num_splits=config.num_splits, page_size=page_size,
+                                   block_kv=config.pages_per_step * page_size, stages=config.num_stages,
+                                   sm_scale=sm_scale, window=window, interpret=interpret)
+        out = _unsort_heads(rows, group, num_rows).astype(out.dtype)
+    elif meta["nrows"].shape[0]:
         out = _block_launch(meta, qs, q_pos, page_table, pool_args(1, config.gather == "rows"), config, group=group,
                             heads=heads, block_q=block_q, page_size=page_size, interpret=interpret, **kernel_args)
     out = out[meta["inverse"]]  # back in the caller's order
@@ -477,7 +472,15 @@ def _block_launch(meta, qs, q_pos, page_table, pools, config: PagedAttentionConf
         name="jaxfire_paged_attention",
     )(*args)
     out = outs[0] if splits == 1 else combine(*outs)  # [Hkv, (T+Q) R', K]
-    out = out.reshape(num_kv_heads, num_rows + block_q, heads, head_dim)[:, :num_rows, :group]
+    return _unsort_heads(out, group, num_rows)
+
+
+def _unsort_heads(out: jax.Array, group: int, num_rows: int) -> jax.Array:
+    """[Hkv, (T+Q) R', K] query rows by KV head -> [T, Hq, K] (the R' - R padding heads and the Q slack
+    rows dropped)."""
+    num_kv_heads, span, head_dim = out.shape
+    heads = query_heads_padded(group)
+    out = out.reshape(num_kv_heads, span // heads, heads, head_dim)[:, :num_rows, :group]
     return out.transpose(1, 0, 2, 3).reshape(num_rows, num_kv_heads * group, head_dim)
 
 
@@ -493,7 +496,7 @@ def _decode_launch(decode, qs, q_pos, page_table, pools, dc: DecodeConfig, *, gr
     items = decode_items(decode, num_items=num_items, num_splits=dc.num_splits, wave=dc.wave,
                          kv_heads=num_kv_heads, span=span)
     if dc.kernel == "mosaic":
-        o, lse = mosaic.decode_launch(items, qs, page_table, *pools[1], heads=heads, page_size=page_size,
+        o, lse = mosaic.decode_launch(items, qs, page_table, pools[1], heads=heads, page_size=page_size,
                                       block_kv=span, stages=dc.num_stages, sm_scale=kernel_args["sm_scale"],
                                       interpret=interpret)
     else:

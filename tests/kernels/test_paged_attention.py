@@ -233,6 +233,13 @@ class TestPallasDecodeLaunch(PagedAttentionCases):
         self.check(case)
 
 
+def check_against_reference(case: Case, config: PagedAttentionConfig, **kwargs) -> None:
+    out = paged_attention(*case.args(), **case.scales(), window=case.window, implementation="pallas", config=config,
+                          **kwargs)
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    assert_close(out, numpy_reference(case, kwargs.get("sm_scale")))
+
+
 class TestMosaicDecodeLaunch:
     """The decode launch on Mosaic GPU (opt-in: `DecodeConfig(kernel="mosaic")`), the block launch on
     Triton beside it. It takes bf16, f16 and FP8 pools; every case poisons the slots no row may read."""
@@ -243,10 +250,7 @@ class TestMosaicDecodeLaunch:
             num_splits=splits, block_kv=block_kv, num_stages=stages, wave=wave, kernel="mosaic"))
 
     def check(self, case: Case, config: PagedAttentionConfig, **kwargs) -> None:
-        out = paged_attention(*case.args(), **case.scales(), window=case.window, implementation="pallas",
-                              config=config, **kwargs)
-        assert out.shape == case.q.shape and out.dtype == case.q.dtype
-        assert_close(out, numpy_reference(case, kwargs.get("sm_scale")))
+        check_against_reference(case, config, **kwargs)
 
     def test_decode_rows_split_into_items_beside_chunks(self, seed):
         # Steps of half a page (32-position pages), rows cut into several items (a ring deeper than some
@@ -299,18 +303,57 @@ class TestMosaicDecodeLaunch:
             self.check(case, PagedAttentionConfig(decode=DecodeConfig(kernel="cuda")))
 
 
+class TestMosaicBlockLaunch:
+    """The block launch on Mosaic GPU (opt-in: `PagedAttentionConfig(kernel="mosaic")`): each block's
+    query rows as one 64-row tile, each row masked at its own position; alone (decode rows in blocks
+    too) and beside the Mosaic decode launch (no Triton kernel at all)."""
+
+    @staticmethod
+    def config(block_q: int = 4, pages_per_step: int = 1, stages: int = 2, splits: int = 1,
+               decode: bool = False) -> PagedAttentionConfig:
+        return PagedAttentionConfig(block_q=block_q, num_splits=splits, pages_per_step=pages_per_step,
+                                    num_stages=stages, kernel="mosaic", decode=TestMosaicDecodeLaunch.config(
+                                        block_kv=16 * pages_per_step, stages=stages).decode if decode else None)
+
+    def test_prompts_chunks_and_decode_rows(self, seed):
+        # Whole prompts, chunks continuing a sequence (blocks of 4 tokens x 4 heads = 16 tile rows, the
+        # last block of a sequence partial), decode rows, an unused table row, padding.
+        case = make_case(seed, steps=[(37, 1), (16, 16), (70, 21), (0, 0), (5, 2), (48, 1)])
+        check_against_reference(case, self.config())
+
+    def test_splits_several_pages_a_step_window_f16(self, seed):
+        case = make_case(seed, q_heads=4, kv_heads=2, q_dtype=jnp.float16, cache_dtype=jnp.float16, window=40,
+                         pages_per_seq=8, steps=[(120, 33), (64, 64), (9, 1), (75, 2)], padding=1)
+        check_against_reference(case, self.config(block_q=32, pages_per_step=2, splits=3), sm_scale=0.3)
+
+    def test_fp8_pool_beside_the_mosaic_decode_launch(self, seed):
+        case = make_case(seed, q_heads=16, kv_heads=8, head_dim=128, cache_dtype=FP8, page_size=32,
+                         pages_per_seq=6, steps=[(150, 40), (37, 1), (64, 1), (90, 90)], padding=2)
+        check_against_reference(case, self.config(block_q=16, splits=2, decode=True))
+
+    def test_refuses_tiles_past_64_rows(self, seed):
+        case = make_case(seed, steps=[(20, 20)])
+        with pytest.raises(ValueError, match="block_q=32 rows of 4 query heads"):
+            check_against_reference(case, self.config(block_q=32))
+        with pytest.raises(ValueError, match="config.kernel must be one of"):
+            check_against_reference(case, PagedAttentionConfig(kernel="cuda"))
+
+
 @pytest.mark.parametrize("page_size,block_kv,stages", [(16, 64, 3), (64, 128, 2)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8], ids=["bf16", "fp8"])
-def test_mosaic_decode_launch_lowers_for_h100(page_size, block_kv, stages, dtype):
-    """A 32-row decode step at Mixtral's shapes lowers through Mosaic GPU (its layout inference and
-    shared-memory plan) for an H100, on the CPU."""
+@pytest.mark.parametrize("rows", [32, 256], ids=["decode", "chunk"])
+def test_mosaic_launches_lower_for_h100(page_size, block_kv, stages, dtype, rows):
+    """Steps of 32 and 256 rows at Mixtral's shapes lower through Mosaic GPU (its layout inference and
+    shared-memory plan) for an H100, on the CPU: the decode launch and the block launch, no Triton."""
     from pallas_kernels.paged_attention import triton as triton_backend
 
     s, i32 = jax.ShapeDtypeStruct, jnp.int32
-    rows, head_dim = 32, 128
+    head_dim = 128
     pool = s((1000, page_size, 8, head_dim), dtype)
     scales = [s((1000, page_size, 8), jnp.float32)] * 2 if dtype == FP8 else [None, None]
-    config = TestMosaicDecodeLaunch.config(block_kv=block_kv, stages=stages, splits=16, wave=132)
+    decode = TestMosaicDecodeLaunch.config(block_kv=block_kv, stages=stages, splits=16, wave=132).decode
+    config = PagedAttentionConfig(block_q=16, num_splits=2, pages_per_step=block_kv // page_size or 1,
+                                  num_stages=stages, kernel="mosaic", decode=decode)
 
     def fn(q, k, v, page_table, seq_ids, positions, context_lens, k_scale, v_scale):
         return triton_backend.paged_attention(q, k, v, page_table, seq_ids, positions, context_lens, k_scale=k_scale,
@@ -319,6 +362,7 @@ def test_mosaic_decode_launch_lowers_for_h100(page_size, block_kv, stages, dtype
     text = lower_for_h100(fn, s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((rows, 64), i32), s((rows,), i32),
                           s((rows,), i32), s((rows,), i32), *scales)
     assert "jaxfire_paged_attention_decode_mosaic" in text
+    assert "jaxfire_paged_attention_block_mosaic" in text and "triton" not in text.lower()
 
 
 class TestPallasDefaultConfig(PagedAttentionCases):
