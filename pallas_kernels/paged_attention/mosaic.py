@@ -1,16 +1,18 @@
 # Hkv key/value heads, K head dim, Z page size, P pages, S sequences (page-table rows), M pages per
 # sequence, I work items, R' query heads of one KV head (padded to a power of two), W positions a loop
 # step reads (`block_kv`), G = 64 tile rows (one warpgroup's wgmma tile).
-"""The paged attention's decode launch on Mosaic GPU: one warpgroup per (KV head, work item).
+"""The paged attention's launches on Mosaic GPU: one warpgroup per (KV head, work item).
 
-A work item is a share of one decode row's key steps (`triton.decode_items` cuts the rows). The
-program TMA-loads 64 query rows from the row's first (its R' heads, then whatever rows follow: their
-results are never stored), then walks its key steps: each step's W positions are the pages (or the
-part of a page) that hold them, each a [Z, K] box of one KV head copied by TMA from the pool into a
+A work item is a 64-row query tile and a share of its span's key steps. The decode launch's tile is
+one decode row's R' heads (then whatever rows follow: their results are never stored), its items the
+shares `triton.decode_items` cuts the rows into; the block launch's tile is one block's Q x R' rows,
+gathered into a tile of their own, each row masked at its own position. The program TMA-loads its
+query tile, then walks its key steps: each step's W positions are the pages (or the part of a page)
+that hold them, each a [Z, K] box of one KV head copied by TMA from the pool into a
 `num_stages`-deep shared-memory ring, so the next steps' pages stream in while one is used. The
 logits [G, W] and the output [G, K] are wgmma tiles with float32 accumulators; the online softmax
-runs in registers. The row's R' output rows and the tile's log-sum-exp go back by TMA, and the items
-of a row are merged as the Triton launch's are.
+runs in registers. The output rows and the tile's log-sum-exp go back by TMA, and the items of a
+row are merged by their log-sum-exp.
 
 An FP8 (e4m3) pool comes with one float32 scale per token and head, [P Z, Hkv]: each step's [Z, Hkv]
 scale boxes ride in the ring beside the pages, and the key and value tiles are dequantized in shared
