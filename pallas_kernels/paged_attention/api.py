@@ -13,13 +13,14 @@ mix; row t belongs to sequence seq_ids[t] (-1: padding) at position positions[t]
 from __future__ import annotations
 
 import numbers
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels.implementation import IMPLEMENTATIONS, Implementation, resolve
 from pallas_kernels.paged_attention import reference
-from pallas_kernels.paged_attention.config import PagedAttentionConfig, default_config
+from pallas_kernels.paged_attention.config import PagedAttentionConfig, default_config, mosaic_config
 
 HEAD_DIMS = (64, 128, 256)
 _QUERY_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -46,7 +47,7 @@ def paged_attention(
     v_scale: jax.Array | None = None,  # [P, Z, Hkv] float32, fp8 pages only
     sm_scale: float | None = None,
     window: int | None = None,
-    implementation: Implementation | None = None,
+    implementation: Implementation | Literal["pallas_mosaic"] | None = None,
     config: PagedAttentionConfig | None = None,
 ) -> jax.Array:  # [T, Hq, K] in q's dtype
     """Causal attention of each token row over its own sequence's keys, read from the pages.
@@ -59,8 +60,9 @@ def paged_attention(
     Softmax runs in float32; `sm_scale` defaults to 1 / sqrt(K).
 
     implementation: None picks the Pallas kernel on GPUs and the reference elsewhere; "reference"
-    is plain jnp; "pallas" / "pallas_triton" force the kernel (interpret mode off the GPU). `config`
-    overrides the kernel's tuning.
+    is plain jnp; "pallas" / "pallas_triton" force the kernel (interpret mode off the GPU);
+    "pallas_mosaic" the default config with both launches on Mosaic GPU (`config.mosaic_config`;
+    opt-in, untimed). `config` overrides the kernel's tuning.
     """
     q, k_pages, v_pages, page_table, seq_ids, positions, context_lens = (
         jnp.asarray(x) for x in (q, k_pages, v_pages, page_table, seq_ids, positions, context_lens))
@@ -73,7 +75,11 @@ def paged_attention(
     if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}.")
     window = None if window is None else int(window)
-    use_reference, interpret = resolve(implementation)
+    if implementation not in (None, *IMPLEMENTATIONS, "pallas_mosaic"):
+        raise ValueError(f"implementation must be one of {(*IMPLEMENTATIONS, 'pallas_mosaic')} or None, "
+                         f"got {implementation!r}.")
+    mosaic = implementation == "pallas_mosaic"
+    use_reference, interpret = resolve("pallas" if mosaic else implementation)
     if config is not None and not isinstance(config, PagedAttentionConfig):
         raise ValueError(f"config must be a PagedAttentionConfig, got {type(config).__name__}.")
     if use_reference:
@@ -87,6 +93,9 @@ def paged_attention(
     if config is None:
         config = default_config(q.shape[1] // k_pages.shape[2], k_pages.shape[1], q.shape[0], *page_table.shape,
                                 kv_heads=k_pages.shape[2], head_dim=head_dim, itemsize=k_pages.dtype.itemsize)
+        if mosaic:
+            config = mosaic_config(config, k_pages.shape[1], kv_heads=k_pages.shape[2], head_dim=head_dim,
+                                   itemsize=k_pages.dtype.itemsize)
     config.validate()
     return triton_backend.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
                                           k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window,

@@ -156,3 +156,25 @@ def default_config(group: int, page_size: int, rows: int | None = None, seqs: in
     return PagedAttentionConfig(block_q=block_q, num_splits=splits, pages_per_step=pages_per_step,
                                 num_warps=4 if page_size * pages_per_step <= 64 else 8, num_stages=2,
                                 gather="pages", decode=decode)
+
+
+# The Mosaic GPU launches' key steps and ring depth where `mosaic_config` picks them: 64 positions in
+# three stages fit shared memory for bf16 and FP8 pools alike (`mosaic.smem_bytes`). Untimed: the
+# paged sweep's mosaic-kv64-stages3 and mosaic-kv128-stages2 variants measure the choice.
+_MOSAIC_BLOCK_KV = 64
+_MOSAIC_STAGES = 3
+
+
+def mosaic_config(config: PagedAttentionConfig, page_size: int, *, kv_heads: int, head_dim: int,
+                  itemsize: int) -> PagedAttentionConfig:
+    """`config` with both launches on Mosaic GPU: 64-position steps through a three-stage ring, the decode
+    launch's wave the programs that fit the multiprocessors by shared memory."""
+    from pallas_kernels.paged_attention import mosaic
+
+    decode = config.decode
+    if decode is not None:
+        resident = mosaic.resident_programs(_MOSAIC_BLOCK_KV, _MOSAIC_STAGES, head_dim, itemsize, kv_heads)
+        decode = dataclasses.replace(decode, block_kv=_MOSAIC_BLOCK_KV, num_stages=_MOSAIC_STAGES,
+                                     wave=_CORES * resident, kernel="mosaic")
+    return dataclasses.replace(config, pages_per_step=max(1, _MOSAIC_BLOCK_KV // page_size),
+                               num_stages=_MOSAIC_STAGES, kernel="mosaic", decode=decode)

@@ -331,6 +331,21 @@ class TestMosaicBlockLaunch:
                          pages_per_seq=6, steps=[(150, 40), (37, 1), (64, 1), (90, 90)], padding=2)
         check_against_reference(case, self.config(block_q=16, splits=2, decode=True))
 
+    def test_pallas_mosaic_takes_the_default_config_on_mosaic(self, seed, monkeypatch):
+        # implementation="pallas_mosaic": the default config with both launches on Mosaic GPU, at
+        # Mixtral's head geometry on an FP8 pool (a 24-row step: decode rows take the decode launch).
+        from pallas_kernels.paged_attention import mosaic
+
+        launched = []
+        for name in ("decode_launch", "block_launch"):
+            launch = getattr(mosaic, name)
+            monkeypatch.setattr(mosaic, name, lambda *a, _f=launch, _n=name, **k: launched.append(_n) or _f(*a, **k))
+        case = make_case(seed, q_heads=32, kv_heads=8, head_dim=128, cache_dtype=FP8, pages_per_seq=6,
+                         steps=[(70, 20), (37, 1), (64, 1), (5, 1), (81, 1)], padding=0)
+        out = paged_attention(*case.args(), **case.scales(), implementation="pallas_mosaic")
+        assert_close(out, numpy_reference(case))
+        assert sorted(launched) == ["block_launch", "decode_launch"]
+
     def test_refuses_tiles_past_64_rows(self, seed):
         case = make_case(seed, steps=[(20, 20)])
         with pytest.raises(ValueError, match="block_q=32 rows of 4 query heads"):
