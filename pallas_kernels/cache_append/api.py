@@ -8,12 +8,14 @@ The cache layout is `pallas_kernels.decode_attention`'s: [B, S, Hkv, K] values, 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cache_append import reference
+from pallas_kernels.cache_append import mosaic, reference
 from pallas_kernels.cache_append import triton as triton_backend
-from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels.implementation import IMPLEMENTATIONS, Implementation, resolve
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
 
@@ -27,7 +29,7 @@ def cache_append(
     *,
     k_scale: jax.Array | None = None,  # [B, S, Hkv] float32, fp8 caches only
     v_scale: jax.Array | None = None,  # [B, S, Hkv] float32, fp8 caches only
-    implementation: Implementation | None = None,
+    implementation: Implementation | Literal["pallas_mosaic"] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Writes k[b], v[b] at position positions[b] of sequence b (b < n) of the cache.
 
@@ -39,12 +41,18 @@ def cache_append(
     donated the kernel writes in place: its cost is the new tokens' bytes, not the cache's.
 
     implementation: None picks the Pallas kernel on GPU and the reference elsewhere; "pallas" /
-    "pallas_triton" force the kernel (interpret mode off the GPU).
+    "pallas_triton" force the kernel (interpret mode off the GPU); "pallas_mosaic" the Mosaic GPU
+    kernel (opt-in, untimed).
     """
     _check(k_cache, v_cache, k, v, positions, k_scale, v_scale)
-    use_reference, interpret = resolve(implementation)
+    if implementation not in (None, *IMPLEMENTATIONS, "pallas_mosaic"):
+        raise ValueError(f"implementation must be one of {(*IMPLEMENTATIONS, 'pallas_mosaic')} or None, "
+                         f"got {implementation!r}.")
+    use_reference, interpret = resolve("pallas" if implementation == "pallas_mosaic" else implementation)
     if use_reference:
         return reference.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale)
+    if implementation == "pallas_mosaic":
+        return mosaic.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
     return triton_backend.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
 
 

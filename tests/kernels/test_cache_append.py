@@ -38,6 +38,7 @@ def make(rng, *, batch=4, n=3, seq_len=16, heads=2, head_dim=64, dtype=jnp.bfloa
 
 class CacheAppendCases:
     implementation = "reference"
+    fp8_heads = 2  # KV heads of the fp8 caches below
 
     def run(self, caches, new, positions, scales):
         return cache_append(*caches, *new, jnp.asarray(positions, jnp.int32), **scales,
@@ -70,13 +71,13 @@ class CacheAppendCases:
                     ("k_scale", "v_scale")[i]])[~written])
 
     def test_positions_past_the_cache_write_nothing(self, rng):
-        caches, new, scales = make(rng, dtype=FP8)
+        caches, new, scales = make(rng, dtype=FP8, heads=self.fp8_heads)
         out = self.run(caches, new, [16, 1000, -7], scales)
         for got, before in zip(out, caches + [scales["k_scale"], scales["v_scale"]]):
             np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(before.astype(jnp.float32)))
 
     def test_under_jit_with_donated_caches(self, rng):
-        caches, new, scales = make(rng, dtype=FP8, n=4)
+        caches, new, scales = make(rng, dtype=FP8, n=4, heads=self.fp8_heads)
         want = self.run(jax.tree.map(jnp.copy, caches), new, [0, 3, 9, 15], jax.tree.map(jnp.copy, scales))
         fn = jax.jit(lambda c, n_, p, s: cache_append(*c, *n_, p, **s, implementation=self.implementation),
                      donate_argnums=(0, 3))
@@ -99,6 +100,31 @@ class TestPallas(CacheAppendCases):
         ref = cache_append(*caches, *new, jnp.asarray(positions), **scales, implementation="reference")
         for a, b in zip(self.run(caches, new, positions, scales), ref):
             np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+class TestPallasMosaic(CacheAppendCases):
+    """The Mosaic GPU kernel (opt-in): the same cases where it takes the cache (an fp8 cache's heads a
+    multiple of 4), bit-equal to the reference."""
+
+    implementation = "pallas_mosaic"
+    fp8_heads = 4
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, FP8])
+    @pytest.mark.parametrize("heads", [4, 8])
+    def test_writes_each_row_at_its_position_and_nothing_else(self, rng, dtype, heads):
+        super().test_writes_each_row_at_its_position_and_nothing_else(rng, dtype, heads)
+
+    def test_bf16_cache_of_three_heads(self, rng):
+        super().test_writes_each_row_at_its_position_and_nothing_else(rng, jnp.bfloat16, 3)
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8])
+    def test_equals_the_reference_bit_for_bit(self, rng, dtype):
+        TestPallas.test_equals_the_reference_bit_for_bit(self, rng, dtype)
+
+    def test_refuses_fp8_heads_off_the_tma_unit(self, rng):
+        caches, new, scales = make(rng, dtype=FP8, heads=2)
+        with pytest.raises(ValueError, match="Hkv % 4"):
+            self.run(caches, new, [1, 2, 3], scales)
 
 
 def _good(**over):
@@ -140,3 +166,18 @@ def test_kernel_lowers_for_h100(dtype, heads, monkeypatch):
     text = lower_for_h100(triton_backend.cache_append, kv, kv, new, new, s((16,), jnp.int32), scale, scale)
     assert "jaxfire_cache_append" in text
     assert verified == [True]
+
+
+@pytest.mark.parametrize("dtype,heads", [(FP8, 8), (FP8, 4), (jnp.bfloat16, 8), (jnp.bfloat16, 1)])
+def test_mosaic_kernel_lowers_for_h100(dtype, heads):
+    """Mixtral's decode shapes lower through Mosaic GPU (layout inference, TMA boxes) for an H100, the
+    caches written in place (aliased), no Triton."""
+    from pallas_kernels.cache_append import mosaic
+
+    s = jax.ShapeDtypeStruct
+    kv = s((32, 1088, heads, 128), dtype)
+    scale = s((32, 1088, heads), jnp.float32) if dtype == FP8 else None
+    new = s((16, heads, 128), jnp.bfloat16)
+    text = lower_for_h100(mosaic.cache_append, kv, kv, new, new, s((16,), jnp.int32), scale, scale)
+    assert "jaxfire_cache_append_mosaic" in text and "triton" not in text.lower()
+    assert "output_operand_alias" in text or "tf.aliasing_output" in text
