@@ -278,8 +278,6 @@ VARIANTS = {
     "fp8-unfused": ("fp8", "fp8", M.Runtime()),
     # As "fp8" with the MMA kernel for one-token expert products too (no multiply-add kernel).
     "fp8-mma": ("fp8", "fp8", M.Runtime(grouped_matmul="pallas_mma")),
-    # As "fp8" with FP8 activations on the wgmma kernel for expert calls of any size (batch 1-7 too).
-    "fp8-b1-wgmma": ("fp8", "fp8", M.Runtime(fp8=quant.Fp8Policy(min_kernel_rows=1))),
 }
 
 

@@ -22,10 +22,10 @@ _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp
 # 21% less there, and it also reads the experts' FP8 weights faster at decode sizes (one H200,
 # studies decode-alt and decode-tiles, 8 / 32 / 64 rows over 8 experts): the down projection in 114 /
 # 150 / 150 us against 178-180 for the weight-only Triton kernel, the fused gate/up (64-row tiles) in
-# 222 / 229 / 231 against 321-322. So FP8 x FP8 rows take it at any count: whether a few rows get FP8
-# activations at all is `jaxfire.quant.Fp8Policy`'s choice (from 8 expert rows by default; one token's
-# gate/up took 79-80 us on 64-row wgmma tiles against 91 us weight-only, run S5).
-DECODE_MAX_ROWS = {1: 0, 2: 128}  # by lhs itemsize
+# 222 / 229 / 231 against 321-322. So FP8 activations take it from 8 rows (jaxfire.quant quantizes
+# expert rows from there). Below that the whole decode step measured no gain on it (one H100, run S6:
+# 1.75 against 1.68 ms per 8 layers at batch 1, 2.49 against 2.56 at batch 2).
+DECODE_MAX_ROWS = {1: 7, 2: 128}  # by lhs itemsize
 
 
 def _check(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, implementation, config,

@@ -62,7 +62,7 @@ def paged_attention(
     implementation: None picks the Pallas kernel on GPUs and the reference elsewhere; "reference"
     is plain jnp; "pallas" / "pallas_triton" force the kernel (interpret mode off the GPU);
     "pallas_mosaic" the default config with both launches on Mosaic GPU (`config.mosaic_config`;
-    opt-in, untimed). `config` overrides the kernel's tuning.
+    opt-in, slower than Triton so far: see the README). `config` overrides the kernel's tuning.
     """
     q, k_pages, v_pages, page_table, seq_ids, positions, context_lens = (
         jnp.asarray(x) for x in (q, k_pages, v_pages, page_table, seq_ids, positions, context_lens))

@@ -28,7 +28,8 @@ class DecodeConfig:
         depth of its TMA ring; it runs one warpgroup).
     wave: programs the device runs at once; splits are picked so that the programs fill whole waves.
     kernel: "triton" (the default), or "mosaic": the Mosaic GPU kernel (`mosaic.py`; bf16, f16 and FP8
-        pools, 16-bit queries), opt-in until a GPU run measures it beside the Triton launch.
+        pools, 16-bit queries), opt-in: 0.92-0.97x the Triton launch on bf16 pools, 0.35-0.53x on FP8
+        (one H100, run S6).
     """
 
     num_splits: int = 16
@@ -70,7 +71,8 @@ class PagedAttentionConfig:
     kernel: the block launch's kernel: "triton" (the default), or "mosaic": the Mosaic GPU kernel
         (`mosaic.py`): one warpgroup per (block, KV head, split) over a 64-row tile, block_q x R' <= 64;
         steps of pages_per_step x Z positions through a num_stages-deep TMA ring (gather, num_warps
-        unused); opt-in until a GPU run measures it beside the Triton launch.
+        unused); opt-in: in a 256-token serving step it took 0.48 ms per 8 layers with the Mosaic decode
+        launch against 0.29 for the Triton pair (one H100, run S6).
 
     The dataclass's own defaults are the kernel as first written (one launch, "pages"); `default_config`
     picks the tuned choice.
@@ -159,8 +161,8 @@ def default_config(group: int, page_size: int, rows: int | None = None, seqs: in
 
 
 # The Mosaic GPU launches' key steps and ring depth where `mosaic_config` picks them: 64 positions in
-# three stages fit shared memory for bf16 and FP8 pools alike (`mosaic.smem_bytes`). Untimed: the
-# paged sweep's mosaic-kv64-stages3 and mosaic-kv128-stages2 variants measure the choice.
+# three stages fit shared memory for bf16 and FP8 pools alike (`mosaic.smem_bytes`), and beat 128 x 2
+# on FP8 pools (320 against 432 us at batch 32; bf16 239 against 230; one H100, run S6).
 _MOSAIC_BLOCK_KV = 64
 _MOSAIC_STAGES = 3
 
