@@ -307,11 +307,12 @@ def test_paged_sweep_times_the_mosaic_decode_launch(tmp_path, tiny_attention, mo
     configs = D.paged_sweep_configs
     for itemsize in (1, 2):
         names = [name for _, name, _ in configs(2, 2, 2, 48, 16, itemsize)]
-        assert [n for n in names if "mosaic" in n] == ["mosaic-kv64-stages3", "mosaic-kv128-stages2"]
+        assert [n for n in names if "mosaic" in n] == ["mosaic-kv64-stages3", "mosaic-kv128-stages2",
+                                                       "mosaic-kv64-stages2", "mosaic-kv32-stages4"]
     rows = D.main(["--study", "paged-sweep", "--batches", "2", "--seqs", "48", "--page-sizes", "16", "--copies", "1",
                    "--sweep-iters", "1", "--tiers", "1", "--variants", "default,mosaic-kv64-stages3",
                    "--out-dir", str(tmp_path)])
-    assert [(r["cache"], r["variant"]) for r in rows] == [("bf16", "mosaic-kv64-stages3"), ("fp8", "mosaic-kv64-stages3")]
+    assert [(r["cache"], r["variant"]) for r in rows] == [(cache, "mosaic-kv64-stages3") for cache in ("bf16", "fp8")]
     for row in rows:
         assert "error" not in row and row["rel_err"] < 2e-2 and row["config"]["decode"]["kernel"] == "mosaic"
 

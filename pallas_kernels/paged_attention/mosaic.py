@@ -52,15 +52,19 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int = 0) -> int:
-    """Shared memory of one program: the key and value ring (and an FP8 pool's scale ring and its
-    dequantized tiles), the query tile, the float32 output tile, the probabilities, the log-sum-exp and
-    the barriers."""
-    ring = 2 * stages * block_kv * head_dim * itemsize
-    operand = itemsize
+    """Shared memory of one program (each buffer rounded up to the 1 KiB Mosaic GPU aligns it to): the
+    query tile, the log-sum-exp and the rows' positions throughout; then the larger of the key loop's
+    buffers (the key and value ring and the probabilities; an FP8 pool's scale ring and dequantized
+    tiles) and the float32 output tile that reuses their bytes after the loop; and the barriers."""
+    def kib(nbytes: int) -> int:
+        return -(-nbytes // 1024) * 1024
+
+    operand = FP8_COMPUTE_DTYPE.itemsize if itemsize == 1 else itemsize
+    loop = 2 * kib(stages * block_kv * head_dim * itemsize) + kib(TILE_ROWS * block_kv * operand)
     if itemsize == 1:
-        operand = FP8_COMPUTE_DTYPE.itemsize
-        ring += 2 * stages * block_kv * kv_heads * 4 + 2 * block_kv * head_dim * operand
-    return ring + TILE_ROWS * (head_dim * (operand + 4) + block_kv * operand + 4) + 1024
+        loop += 2 * kib(stages * block_kv * kv_heads * 4) + 2 * kib(block_kv * head_dim * operand)
+    whole = kib(TILE_ROWS * head_dim * operand) + 2 * kib(TILE_ROWS * 4)
+    return whole + max(loop, kib(TILE_ROWS * head_dim * 4)) + 1024
 
 
 def resident_programs(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int = 0) -> int:
@@ -126,7 +130,10 @@ def _kernel(
     pieces = block_kv // piece
     h, w = lax.axis_index("h"), lax.axis_index("w")
 
-    def body(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, pos_smem, q_barrier, kv_barriers, *fp8_smem):
+    # Shared memory in three scopes, so the output tile reuses the ring's bytes: the query tile, the
+    # log-sum-exp, the rows' positions and the barriers for the whole program; the ring (with an FP8
+    # pool's scales and dequantized tiles) and the probabilities for the key loop; the output after it.
+    def body(q_smem, lse_smem, pos_smem, q_barrier, kv_barriers):
         parts = parts_gmem[w]
 
         @pl.when(parts > 0)  # items past the last exit at once
@@ -140,113 +147,124 @@ def _kernel(
             if causal:
                 plgpu.copy_gmem_to_smem(pos_gmem.at[pl.ds(q_row, TILE_ROWS)], pos_smem, q_barrier)
 
-            def fetch(step, slot):
-                """Issues the TMA copies of key step `step` into ring slot `slot`."""
-                for j in range(pieces):
-                    pos = step * block_kv + j * piece
-                    # (pages past the row's span are masked; a stale id still reads inside the pool)
-                    page = jnp.clip(table_gmem[seq, jnp.minimum(pos // page_size, pages_per_seq - 1)], 0, last_page)
-                    row = pl.multiple_of(page * page_size + pos % page_size, piece)
-                    for src, dst in ((k_gmem, k_smem), (v_gmem, v_smem)):
-                        plgpu.copy_gmem_to_smem(src.at[pl.ds(row, piece), h], dst.at[slot, pl.ds(j * piece, piece)],
-                                                kv_barriers.at[slot])
-                    for src, dst in zip(scales_gmem, fp8_smem[:2]):  # every head's scales: TMA reads rows
-                        plgpu.copy_gmem_to_smem(src.at[pl.ds(row, piece)], dst.at[slot, pl.ds(j * piece, piece)],
-                                                kv_barriers.at[slot])
+            def walk(k_smem, v_smem, p_smem, *fp8_smem):
+                """The key loop: (o [G, K], m [G], l [G]) f32, o unnormalised."""
 
-            for s in range(stages):
-                pl.when(s < count)(functools.partial(fetch, start + s, s))
-            plgpu.barrier_wait(q_barrier)
-            # Each tile row's own position (rows past the block's hold -1 and see nothing).
-            q_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1)) if causal else None  # [G]
+                def fetch(step, slot):
+                    """Issues the TMA copies of key step `step` into ring slot `slot`."""
+                    for j in range(pieces):
+                        pos = step * block_kv + j * piece
+                        # (pages past the row's span are masked; a stale id still reads inside the pool)
+                        page = jnp.clip(table_gmem[seq, jnp.minimum(pos // page_size, pages_per_seq - 1)], 0, last_page)
+                        row = pl.multiple_of(page * page_size + pos % page_size, piece)
+                        for src, dst in ((k_gmem, k_smem), (v_gmem, v_smem)):
+                            plgpu.copy_gmem_to_smem(src.at[pl.ds(row, piece), h], dst.at[slot, pl.ds(j * piece, piece)],
+                                                    kv_barriers.at[slot])
+                        for src, dst in zip(scales_gmem, fp8_smem[:2]):  # every head's scales: TMA reads rows
+                            plgpu.copy_gmem_to_smem(src.at[pl.ds(row, piece)], dst.at[slot, pl.ds(j * piece, piece)],
+                                                    kv_barriers.at[slot])
 
-            def step_body(i, carry):
-                o, m, l = carry  # [G, K], [G], [G] f32
-                slot = lax.rem(i, stages)
-                step0 = (start + i) * block_kv
-                plgpu.barrier_wait(kv_barriers.at[slot])
-                if quantized:
-                    k_tile, v_tile = _dequantize(k_smem.at[slot], v_smem.at[slot], *fp8_smem, slot=slot, head=h,
-                                                 step0=step0, lo=lo, hi=hi, kv_heads=num_kv_heads)
-                    # The slot's bytes are in the dequantized tiles now: refill it at once.
-                    pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
-                else:
-                    k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+                for s in range(stages):
+                    pl.when(s < count)(functools.partial(fetch, start + s, s))
+                plgpu.barrier_wait(q_barrier)
+                # Each tile row's own position (rows past the block's hold -1 and see nothing).
+                q_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1)) if causal else None  # [G]
 
-                def logits(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
-                    return acc_ref[...]
+                def step_body(i, carry):
+                    o, m, l = carry  # [G, K], [G], [G] f32
+                    slot = lax.rem(i, stages)
+                    step0 = (start + i) * block_kv
+                    plgpu.barrier_wait(kv_barriers.at[slot])
+                    if quantized:
+                        k_tile, v_tile = _dequantize(k_smem.at[slot], v_smem.at[slot], *fp8_smem, slot=slot, head=h,
+                                                     step0=step0, lo=lo, hi=hi, kv_heads=num_kv_heads)
+                        # The slot's bytes are in the dequantized tiles now: refill it at once.
+                        pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
+                    else:
+                        k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
 
-                s = pl.run_scoped(logits, plgpu.ACC((TILE_ROWS, block_kv), jnp.float32)) * sm_scale  # [G, W]
-                kv_pos = step0 + plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                see = (kv_pos >= lo) & (kv_pos < hi)
-                if causal:
-                    row_pos = lax.broadcast_in_dim(q_pos, s.shape, [0])
-                    see &= kv_pos <= row_pos
-                    if window is not None:
-                        see &= kv_pos > row_pos - window
-                s = jnp.where(see, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1))  # -inf while the tile has seen nothing
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp(m - m_safe)
-                p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
-                o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    def logits(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+                        return acc_ref[...]
 
-                if not quantized:
-                    # A zero probability does not cancel a NaN or an infinity: value rows outside the span
-                    # (a page's tail, slots before a window, whatever they hold) are zeroed in shared memory.
-                    @pl.when((step0 < lo) | (step0 + block_kv > hi))
-                    def _():
-                        v = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)  # [W, K]
-                        v_smem[slot] = jnp.where(_in_span(v.shape, step0, lo, hi), v, jnp.zeros_like(v))
-                        plgpu.commit_smem()
+                    s = pl.run_scoped(logits, plgpu.ACC((TILE_ROWS, block_kv), jnp.float32)) * sm_scale  # [G, W]
+                    kv_pos = step0 + plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, block_kv), 1,
+                                                            layout=plgpu.Layout.WGMMA)
+                    see = (kv_pos >= lo) & (kv_pos < hi)
+                    if causal:
+                        row_pos = lax.broadcast_in_dim(q_pos, s.shape, [0])
+                        see &= kv_pos <= row_pos
+                        if window is not None:
+                            see &= kv_pos > row_pos - window
+                    s = jnp.where(see, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1))  # -inf while the tile has seen nothing
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    alpha = jnp.exp(m - m_safe)
+                    p = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                    l = l * alpha + p.sum(axis=1)
+                    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
 
-                # (wgmma could take p from registers; through shared memory the interpreter runs it too)
-                p_smem[...] = p.astype(dtype)
+                    if not quantized:
+                        # A zero probability does not cancel a NaN or an infinity: value rows outside the span
+                        # (a page's tail, slots before a window, whatever they hold) are zeroed in shared memory.
+                        @pl.when((step0 < lo) | (step0 + block_kv > hi))
+                        def _():
+                            v = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)  # [W, K]
+                            v_smem[slot] = jnp.where(_in_span(v.shape, step0, lo, hi), v, jnp.zeros_like(v))
+                            plgpu.commit_smem()
+
+                    # (wgmma could take p from registers; through shared memory the interpreter runs it too)
+                    p_smem[...] = p.astype(dtype)
+                    plgpu.commit_smem()
+
+                    def values(acc_ref):
+                        plgpu.wgmma(acc_ref, p_smem, v_tile)
+                        return acc_ref[...]
+
+                    o = o + pl.run_scoped(values, plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))  # [G, K]
+                    if not quantized:  # the slot's tiles are consumed: refill it with the step `stages` ahead
+                        pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
+                    return o, m_new, l
+
+                o = plgpu.layout_cast(jnp.zeros((TILE_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+                m = plgpu.layout_cast(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l = plgpu.layout_cast(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                return lax.fori_loop(0, count, step_body, (o, m, l))
+
+            o, m, l = pl.run_scoped(walk, *loop_scratch)
+
+            def epilogue(o_smem):
+                seen = l > 0  # an empty share yields zeros and a log-sum-exp of -inf
+                o_smem[...] = o / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), o.shape, [0])
+                lse_smem[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
                 plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, out_rows)], o_gmem.at[h, pl.ds(w * out_rows, out_rows)])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[h, w])
+                plgpu.wait_smem_to_gmem(0)
 
-                def values(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_tile)
-                    return acc_ref[...]
-
-                o = o + pl.run_scoped(values, plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))  # [G, K]
-                if not quantized:  # the slot's tiles are consumed: refill it with the step `stages` ahead
-                    pl.when(i + stages < count)(functools.partial(fetch, start + i + stages, slot))
-                return o, m_new, l
-
-            o = plgpu.layout_cast(jnp.zeros((TILE_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-            m = plgpu.layout_cast(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = plgpu.layout_cast(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            o, m, l = lax.fori_loop(0, count, step_body, (o, m, l))
-            seen = l > 0  # an empty share yields zeros and a log-sum-exp of -inf
-            o_smem[...] = o / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), o.shape, [0])
-            lse_smem[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, out_rows)], o_gmem.at[h, pl.ds(w * out_rows, out_rows)])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[h, w])
-            plgpu.wait_smem_to_gmem(0)
+            pl.run_scoped(epilogue, plgpu.SMEM((TILE_ROWS, head_dim), jnp.float32))
 
     operand = _transforms(head_dim, dtype.itemsize * 8)
     ring = _transforms(head_dim, k_gmem.dtype.itemsize * 8)
-    fp8_scratch = [
-        plgpu.SMEM((stages, block_kv, num_kv_heads), jnp.float32),  # k_scale ring
-        plgpu.SMEM((stages, block_kv, num_kv_heads), jnp.float32),  # v_scale ring
-        plgpu.SMEM((block_kv, head_dim), dtype, transforms=operand),  # dequantized keys
-        plgpu.SMEM((block_kv, head_dim), dtype, transforms=operand),  # dequantized values
-    ] if quantized else []
-    pl.run_scoped(
-        body,
-        plgpu.SMEM((TILE_ROWS, head_dim), dtype, transforms=operand),
+    loop_scratch = [
         plgpu.SMEM((stages, block_kv, head_dim), k_gmem.dtype, transforms=ring),
         plgpu.SMEM((stages, block_kv, head_dim), k_gmem.dtype, transforms=ring),
         plgpu.SMEM((TILE_ROWS, block_kv), dtype, transforms=_transforms(block_kv, dtype.itemsize * 8)),
-        plgpu.SMEM((TILE_ROWS, head_dim), jnp.float32),
+    ]
+    if quantized:
+        loop_scratch += [
+            plgpu.SMEM((stages, block_kv, num_kv_heads), jnp.float32),  # k_scale ring
+            plgpu.SMEM((stages, block_kv, num_kv_heads), jnp.float32),  # v_scale ring
+            plgpu.SMEM((block_kv, head_dim), dtype, transforms=operand),  # dequantized keys
+            plgpu.SMEM((block_kv, head_dim), dtype, transforms=operand),  # dequantized values
+        ]
+    pl.run_scoped(
+        body,
+        plgpu.SMEM((TILE_ROWS, head_dim), dtype, transforms=operand),
         plgpu.SMEM((TILE_ROWS,), jnp.float32),
         plgpu.SMEM((TILE_ROWS,), jnp.int32),  # the rows' positions (causal tiles)
         plgpu.Barrier(num_arrivals=2 if causal else 1),
         plgpu.Barrier(num_arrivals=(4 if quantized else 2) * pieces, num_barriers=stages),
-        *fp8_scratch,
     )
 
 
