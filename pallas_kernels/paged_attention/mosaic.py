@@ -234,6 +234,7 @@ def _kernel(
             o, m, l = pl.run_scoped(walk, *loop_scratch)
 
             def epilogue(o_smem):
+                plgpu.commit_smem()  # every warp is past the loop before the ring's bytes are reused
                 seen = l > 0  # an empty share yields zeros and a log-sum-exp of -inf
                 o_smem[...] = o / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), o.shape, [0])
                 lse_smem[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
