@@ -1,6 +1,7 @@
 # Hkv key/value heads, K head dim, Z page size, P pages, S sequences (page-table rows), M pages per
 # sequence, I work items, R' query heads of one KV head (padded to a power of two), W positions a loop
-# step reads (`block_kv`), G = 64 tile rows (one warpgroup's wgmma tile).
+# step reads (`block_kv`), G = 64 tile rows (one warpgroup's wgmma tile), X output rows an item stores, N
+# blocks, T token rows of a step, Q rows a block.
 """The paged attention's launches on Mosaic GPU: one warpgroup per (KV head, work item).
 
 A work item is a 64-row query tile and a share of its span's key steps. The decode launch's tile is
