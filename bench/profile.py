@@ -4,7 +4,7 @@ scope it was traced in (attention/qkv, attention/attend, moe/route, moe/dispatch
 moe/combine, lm_head, ...), beside the time the device sat idle between kernels (host dispatch,
 launch gaps).
 
-    PYTHONPATH=. python bench/profile.py --layers 8 --variant fp8-w-kv8 --batches 1,32
+    PYTHONPATH=. python bench/profile.py --layers 8 --batches 1,32  # the fp8 variant: what the engine serves
     PYTHONPATH=. python bench/profile.py --mesh expert=2 --variant fp8-wa --out-dir /tmp/prof
     PYTHONPATH=. python bench/profile.py --batches 1,8 --prefill-tokens 0 \
         --ragged decode=1 decode=8 decode=16,chunk=240  # the last: a step of the engine at its 256-token budget
@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mixtral-8x7b")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--variant", default="fp8-w-kv8", choices=sorted(D.VARIANTS))
+    ap.add_argument("--variant", default="fp8", choices=sorted(D.VARIANTS),
+                    help="bench/decode.py's variants; fp8 (the default FP8 policy) is what the engine serves")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill-tokens", type=int, default=1024, help="0 skips the prefill")
