@@ -1,5 +1,5 @@
-"""The `implementation=` switch of the kernel packages that have one Pallas backend (Triton) beside
-their pure-jnp reference."""
+"""The `implementation=` switch of the kernel packages: their Pallas kernels (Triton; Mosaic GPU opt-in
+where a package has one) beside their pure-jnp reference."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ Implementation = Literal["reference", "pallas", "pallas_triton"]
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "pallas", "pallas_triton")
 
 
-def resolve(implementation: Implementation | None) -> tuple[bool, bool]:
+def resolve(implementation: Implementation | Literal["pallas_mosaic"] | None, *,
+            mosaic: bool = False) -> tuple[bool, bool]:
     """(run the reference, run the kernel in interpret mode). None picks the kernel on GPUs and the
-    reference elsewhere; "pallas" / "pallas_triton" force the kernel, in interpret mode off the GPU."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
+    reference elsewhere; "pallas" / "pallas_triton" force the kernel, in interpret mode off the GPU.
+    With `mosaic`, a package that has a Mosaic GPU kernel beside its Triton one also takes
+    "pallas_mosaic", resolved as "pallas" (the caller picks the Mosaic kernel)."""
+    names = IMPLEMENTATIONS + (("pallas_mosaic",) if mosaic else ())
+    if implementation is not None and implementation not in names:
+        raise ValueError(f"implementation must be one of {names} or None, got {implementation!r}.")
     on_gpu = jax.default_backend() == "gpu"
     if implementation is None:
         return not on_gpu, False

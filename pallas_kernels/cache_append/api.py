@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cache_append import mosaic, reference
 from pallas_kernels.cache_append import triton as triton_backend
-from pallas_kernels.implementation import IMPLEMENTATIONS, Implementation, resolve
+from pallas_kernels.implementation import Implementation, resolve
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
 
@@ -45,10 +45,7 @@ def cache_append(
     kernel (opt-in, untimed).
     """
     _check(k_cache, v_cache, k, v, positions, k_scale, v_scale)
-    if implementation not in (None, *IMPLEMENTATIONS, "pallas_mosaic"):
-        raise ValueError(f"implementation must be one of {(*IMPLEMENTATIONS, 'pallas_mosaic')} or None, "
-                         f"got {implementation!r}.")
-    use_reference, interpret = resolve("pallas" if implementation == "pallas_mosaic" else implementation)
+    use_reference, interpret = resolve(implementation, mosaic=True)
     if use_reference:
         return reference.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale)
     if implementation == "pallas_mosaic":

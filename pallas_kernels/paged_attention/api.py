@@ -18,7 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.implementation import IMPLEMENTATIONS, Implementation, resolve
+from pallas_kernels.implementation import Implementation, resolve
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.config import PagedAttentionConfig, default_config, mosaic_config
 
@@ -75,11 +75,8 @@ def paged_attention(
     if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}.")
     window = None if window is None else int(window)
-    if implementation not in (None, *IMPLEMENTATIONS, "pallas_mosaic"):
-        raise ValueError(f"implementation must be one of {(*IMPLEMENTATIONS, 'pallas_mosaic')} or None, "
-                         f"got {implementation!r}.")
+    use_reference, interpret = resolve(implementation, mosaic=True)
     mosaic = implementation == "pallas_mosaic"
-    use_reference, interpret = resolve("pallas" if mosaic else implementation)
     if config is not None and not isinstance(config, PagedAttentionConfig):
         raise ValueError(f"config must be a PagedAttentionConfig, got {type(config).__name__}.")
     if use_reference:
