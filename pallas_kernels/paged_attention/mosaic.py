@@ -52,7 +52,7 @@ def compute_dtype(dtype) -> jnp.dtype:
     return FP8_COMPUTE_DTYPE if jnp.dtype(dtype) == FP8 else jnp.dtype(dtype)
 
 
-def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int = 0) -> int:
+def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int) -> int:
     """Shared memory of one program (each buffer rounded up to the 1 KiB Mosaic GPU aligns it to): the
     query tile, the log-sum-exp and the rows' positions throughout; then the larger of the key loop's
     buffers (the key and value ring and the probabilities; an FP8 pool's scale ring and dequantized
@@ -68,15 +68,14 @@ def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_head
     return whole + max(loop, kib(TILE_ROWS * head_dim * 4)) + 1024
 
 
-def resident_programs(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int = 0) -> int:
+def resident_programs(block_kv: int, stages: int, head_dim: int, itemsize: int, kv_heads: int) -> int:
     """Programs one multiprocessor holds at once, by shared memory (a `DecodeConfig.wave` is this times
     the multiprocessors)."""
     return max(1, _SMEM_BYTES // smem_bytes(block_kv, stages, head_dim, itemsize, kv_heads))
 
 
-def unsupported_reason(dtype, heads: int, head_dim: int, block_kv: int, stages: int,
-                       kv_heads: int = 1) -> str | None:
-    """Why the Mosaic decode launch cannot run a pool (None when it can)."""
+def unsupported_reason(dtype, heads: int, head_dim: int, block_kv: int, stages: int, kv_heads: int) -> str | None:
+    """Why the Mosaic launches cannot run a pool (None when it can)."""
     dtype = jnp.dtype(dtype)
     if heads > TILE_ROWS:
         return f"a KV head's {heads} query heads exceed the {TILE_ROWS}-row tile"
