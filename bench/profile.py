@@ -26,7 +26,8 @@ annotation, or the kernel's own name for XLA's fusions), and each instruction to
 `jax.named_scope` path in its metadata. Collectives (all_to_all, all-reduce, ...) form a stage of
 their own, "communication". One row per measured job goes to bench/results/profile.jsonl: wall time
 per step, device busy time, idle time, kernels per step and per layer, the stages and the ten
-costliest kernels; decode and ragged rows also carry the bytes the step must read (`bench/decode.py`'s
+costliest kernels, and the idle gaps between kernels summed by the kernel that ended them
+("idle_before": a gap before the same kernel every time is its launch); decode and ragged rows also carry the bytes the step must read (`bench/decode.py`'s
 count: the experts its token rows can reach, the cached positions its rows read) over its wall time
 ("tbs") as a share of the card's read bandwidth measured in the same run ("read_tbs", "of_read_bw").
 
@@ -207,7 +208,7 @@ def summarize(events: list[Event], program: dict[str, Instruction], steps: int, 
     kernels: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     matched = 0
     for e in events:
-        inst = program.get(e.hlo_op or "") or program.get(e.name) or by_kernel_name.get(e.name.split(".")[0])
+        inst = _instruction(e, program, by_kernel_name)
         matched += inst is not None
         stage = stage_of(inst, e.name)
         stages[stage] += e.duration_ns
@@ -218,11 +219,36 @@ def summarize(events: list[Event], program: dict[str, Instruction], steps: int, 
     wall_ms = wall_s / steps * 1e3
     busy_ms = per_step(_busy_ns(events))
     costliest = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    gaps = sorted(idle_gaps(events, program, by_kernel_name).items(), key=lambda kv: -kv[1][0])[:top]
     return dict(wall_ms=wall_ms, busy_ms=busy_ms, idle_ms=max(wall_ms - busy_ms, 0.0),
                 kernels_per_step=len(events) / steps, matched_share=matched / max(len(events), 1),
                 stages_ms={s: per_step(ns) for s, ns in sorted(stages.items(), key=lambda kv: -kv[1])},
                 top_kernels=[dict(kernel=n, stage=s, ms=per_step(t), calls_per_step=c / steps)
-                             for (n, s), (t, c) in costliest])
+                             for (n, s), (t, c) in costliest],
+                idle_before=[dict(kernel=n, stage=s, ms=per_step(t), gaps_per_step=c / steps)
+                             for (n, s), (t, c) in gaps])
+
+
+def _instruction(e: Event, program: dict[str, Instruction], by_kernel_name: dict[str, Instruction]):
+    """The HLO instruction a kernel ran for (None when the trace names none the program has)."""
+    return program.get(e.hlo_op or "") or program.get(e.name) or by_kernel_name.get(e.name.split(".")[0])
+
+
+def idle_gaps(events: list[Event], program: dict[str, Instruction],
+              by_kernel_name: dict[str, Instruction]) -> dict[tuple[str, str], list[float]]:
+    """The device's idle time between kernels, by the kernel that ended each gap: (name, stage) ->
+    [idle ns, gaps]. A gap that precedes the same kernel every time points at its launch (host set-up,
+    a synchronisation before it); idle spread thinly over small kernels is dispatch."""
+    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    end = None
+    for e in sorted(events, key=lambda e: e.start_ns):
+        if end is not None and e.start_ns > end:
+            inst = _instruction(e, program, by_kernel_name)
+            g = out[(e.name[:80], stage_of(inst, e.name))]
+            g[0] += e.start_ns - end
+            g[1] += 1
+        end = e.start_ns + e.duration_ns if end is None else max(end, e.start_ns + e.duration_ns)
+    return out
 
 
 def _traced_planes(run: Callable[[], Any], trace_dir: str | None = None) -> tuple[Any, dict[str, list[Event]]]:
@@ -468,6 +494,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print_table([dict(stage=s, ms=ms, share=ms / r["wall_ms"]) for s, ms in r["stages_ms"].items()],
                     ["stage", "ms", "share"])
         print_table(r["top_kernels"], ["kernel", "stage", "ms", "calls_per_step"])
+        print("idle before:")
+        print_table(r["idle_before"], ["kernel", "stage", "ms", "gaps_per_step"])
     print()
     print_table(rows, ["job", "batch", "spec", "wall_ms", "busy_ms", "idle_ms", "kernels_per_layer", "tbs",
                        "of_read_bw"])

@@ -48,3 +48,16 @@ def test_profile_books_time_to_each_scope():
     assert row["matched_share"] > 0.9, row
     assert row["stages_ms"].get("alpha", 0) > 0 and row["stages_ms"].get("beta", 0) > 0, row["stages_ms"]
     assert 0 < row["busy_ms"] <= row["wall_ms"] * 1.05, row
+
+
+def test_idle_gaps_are_booked_to_the_kernel_that_ends_them():
+    program = {"f.1": P.Instruction("f.1", "fusion", "layer_0/moe/route"),
+               "c.1": P.Instruction("c.1", "custom-call", "layer_0/moe/experts")}
+    ev = lambda name, start, dur, op: P.Event(name, start, dur, op)  # noqa: E731
+    events = [ev("route", 0, 10, "f.1"), ev("experts", 40, 100, "c.1"),  # 30 ns before the experts
+              ev("overlap", 50, 20, "f.1"),  # inside the experts' span: no gap
+              ev("route", 150, 10, "f.1"), ev("experts", 200, 100, "c.1")]  # 10 then 40 ns
+    gaps = P.idle_gaps(events, program, {})
+    assert gaps == {("experts", "moe/experts"): [70.0, 2], ("route", "moe/route"): [10.0, 1]}, dict(gaps)
+    row = P.summarize(events, program, steps=2, wall_s=400e-9)
+    assert row["idle_before"][0] == dict(kernel="experts", stage="moe/experts", ms=35e-6, gaps_per_step=1.0)
