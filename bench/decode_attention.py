@@ -5,6 +5,7 @@
     PYTHONPATH=. python3 bench/decode_attention.py --study sweep --batches 1,32 ...  # tuning
     PYTHONPATH=. python3 bench/decode_attention.py --study paged --page-sizes 16,64 ...  # paged vs contiguous
     PYTHONPATH=. python3 bench/decode_attention.py --study paged-sweep --out-dir ...  # paged kernel configs
+    PYTHONPATH=. python3 bench/decode_attention.py --study append --batches 1,32,128  # the cache append
 
 Bytes counted: K + V (+ both per-token scale arrays for an fp8 cache), each read once; every
 length is S. Times are per call, from jitted groups of `--copies` calls queued back to back
@@ -44,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from pallas_kernels import cache_append
+from pallas_kernels.cache_append import mosaic as append_mosaic
 from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention, default_config
 from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
 from pallas_kernels.paged_attention import default_config as paged_default_config
@@ -514,10 +517,80 @@ def run_paged_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[di
 def _line(row: dict[str, Any]) -> str:
     # A sweep row names its config by variant: the whole config is in the written row.
     keys = ("study", "cache", "batch", "seq_len", "page_size", "slots", "variant" if "variant" in row else "config",
-            "time_us", "tbps", "pct_copy", "of_read", "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps",
+            "impl", "time_us", "vs_triton", "tbps", "pct_copy", "of_read", "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps",
             "pallas_gqa_tbps", "vs_best_peer", "time_vs_bf16", "wall_s", "error")
     return " ".join(f"{k}={common._fmt(row[k])}" for k in keys if k in row)
 
+
+APPEND_IMPLEMENTATIONS = {"triton": "pallas_triton", "mosaic": "pallas_mosaic", "xla": "reference"}
+
+
+def run_append(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """The cache append (one token a sequence into a contiguous cache, in place) on each backend: one
+    program writes `--copies` tokens at consecutive positions, its caches donated and fed back, so a
+    write costs its own bytes; each backend's caches are checked against XLA's before it is timed. Time
+    per write includes the launch (the writes are a few KiB: latency, not bandwidth, is what differs)."""
+    rows = []
+    seq_len = args.seqs[0]
+    for dtype in args.dtypes:
+        cache_dtype = jnp.float8_e4m3fn if dtype == "fp8" else jnp.bfloat16
+        for batch in args.batches:
+            new = [jax.random.normal(k, (args.copies, batch, HKV, HEAD_DIM), jnp.bfloat16)
+                   for k in jax.random.split(jax.random.key(batch), 2)]
+            base = {"study": "append", "cache": dtype, "batch": batch, "seq_len": seq_len, "kv_heads": HKV,
+                    "head_dim": HEAD_DIM, "copies": args.copies, "copy_tbps": copy_bw / 1e12, **common.device_info()}
+            group, want = [], None
+            for name, implementation in APPEND_IMPLEMENTATIONS.items():
+                if name == "mosaic" and append_mosaic.unsupported_reason(cache_dtype, HKV):
+                    continue
+                row = dict(base, impl=name)
+                group.append(row)
+                try:
+                    row["time_us"], got = _append_time(new, batch, seq_len, cache_dtype, implementation,
+                                                       args.copies, max(10, 4 * args.sweep_iters))
+                except Exception as e:  # noqa: BLE001 (a backend that fails is a row saying how)
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    continue
+                want = got if want is None else want
+                row["max_abs_diff"] = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+                if row["max_abs_diff"] > 0:
+                    row["error"] = "differs from the Triton kernel's write"
+            triton_us = group[0].get("time_us")
+            for row in group:
+                if triton_us and "time_us" in row and "error" not in row:
+                    row["vs_triton"] = triton_us / row["time_us"]
+                emit(row)
+            rows += group
+    return rows
+
+
+def _append_time(new: list[jax.Array], batch: int, seq_len: int, cache_dtype, implementation: str, copies: int,
+                 iters: int) -> tuple[float, list[np.ndarray]]:
+    """(us per write, the first program's written positions as float32 arrays: k, v and an FP8 cache's
+    scales)."""
+    def writes(caches, start):
+        for c in range(copies):
+            at = start + c + jnp.zeros((batch,), jnp.int32)
+            caches = cache_append(*caches[:2], new[0][c], new[1][c], at, implementation=implementation,
+                                  **dict(zip(("k_scale", "v_scale"), caches[2:])))
+        return caches
+
+    run = jax.jit(writes, donate_argnums=0)
+    shape = (batch, seq_len, HKV, HEAD_DIM)
+    caches = (jnp.zeros(shape, cache_dtype), jnp.zeros(shape, cache_dtype))
+    if cache_dtype == jnp.float8_e4m3fn:
+        caches += (jnp.zeros(shape[:3], jnp.float32), jnp.zeros(shape[:3], jnp.float32))
+    caches = run(caches, jnp.int32(0))
+    got = [np.asarray(c[:, :copies].astype(jnp.float32)) for c in caches]
+    start = 0
+    for i in range(iters + 2):  # two warm-up programs, then the timed ones
+        if i == 2:
+            jax.block_until_ready(caches)
+            t0 = time.perf_counter()
+        start = (start + copies) % (seq_len - copies)
+        caches = run(caches, jnp.int32(start))
+    jax.block_until_ready(caches)
+    return (time.perf_counter() - t0) / iters / copies * 1e6, got
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
@@ -525,7 +598,7 @@ def _ints(s: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study", choices=("grid", "sweep", "both", "paged", "paged-sweep"), default="grid")
+    p.add_argument("--study", choices=("grid", "sweep", "both", "paged", "paged-sweep", "append"), default="grid")
     p.add_argument("--batches", type=_ints, default=[1, 8, 32, 128])
     p.add_argument("--seqs", type=_ints, default=None, help="lengths (default 1024,4096,16384; the paged sweep "
                                                             "takes one, 4096)")
@@ -555,7 +628,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     sweep = args.study == "paged-sweep"
     if args.seqs is None:
-        args.seqs = [4096] if sweep else [1024, 4096, 16384]
+        args.seqs = [4096] if sweep or args.study == "append" else [1024, 4096, 16384]
     if args.page_sizes is None:
         args.page_sizes = [16, 64] if sweep else [16, 32, 64, 128]
     if sweep and len(args.seqs) != 1:
@@ -587,6 +660,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                   "vs_contiguous", "error"])
     if sweep:
         rows += run_paged_sweep(args, copy_bw, emit)
+    if args.study == "append":
+        rows += run_append(args, copy_bw, emit)
+        common.print_table(rows, ["cache", "batch", "impl", "time_us", "vs_triton", "max_abs_diff"])
     if sweep and rows:
         common.print_table(rows, ["cache", "batch", "page_size", "slots", "variant", "time_us", "tbps", "of_read",
                                   "contiguous_tbps", "vs_contiguous", "error"])

@@ -331,3 +331,19 @@ def test_paged_sweep_records_a_failing_config_and_goes_on(tmp_path, tiny_attenti
     # A spent budget starts no config, and says so.
     assert D.main(args + ["--budget-s", "0"]) == []
     assert "2 of 2 configs not run" in capsys.readouterr().out
+
+
+def test_append_study_checks_each_backend_against_the_first_and_times_it(tmp_path, tiny_attention, monkeypatch):
+    """The cache append on the Triton, Mosaic GPU and XLA paths (interpret mode here), bf16 and fp8: every
+    row written, equal to the Triton kernel's write, with its time against the Triton kernel's."""
+    D = tiny_attention
+    monkeypatch.setattr(D, "HKV", 4)  # an fp8 cache's scale row on Mosaic GPU: Hkv % 4 == 0
+    rows = D.main(["--study", "append", "--batches", "2", "--seqs", "32", "--copies", "2", "--sweep-iters", "1",
+                   "--out-dir", str(tmp_path)])
+    assert [(r["cache"], r["impl"]) for r in rows] == [
+        (c, i) for c in ("bf16", "fp8") for i in ("triton", "mosaic", "xla")]
+    written = [json.loads(line) for line in (tmp_path / "decode_attention.jsonl").read_text().splitlines()]
+    assert len(written) == 6 and all("error" not in r and r["max_abs_diff"] == 0 for r in written)
+    for r in written:
+        assert r["time_us"] > 0 and r["vs_triton"] == pytest.approx(written[0 if r["cache"] == "bf16" else 3]
+                                                                     ["time_us"] / r["time_us"])
