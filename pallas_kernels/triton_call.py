@@ -1,0 +1,194 @@
+"""Kernels written in Triton (`@triton.jit`), called from JAX: through jax-triton on a GPU, through
+Triton's own interpreter on the host in interpret mode (what the CPU tests run).
+
+The calling convention is jax-triton's: the kernel's parameters are `args` in order (arrays become
+pointers, Python scalars stay scalars), then one pointer per output; `constexprs` are its
+`tl.constexpr` parameters. `input_output_aliases` maps an array argument's index (among the array
+arguments) to the output that shares its buffer, so the kernel writes that input in place; in
+interpret mode the two parameters are one tensor, as on the device. Outputs not aliased start as NaN
+(integers: their minimum) in interpret mode, so a kernel that leaves an element it should write
+fails its tests rather than reading as zeros. The interpreter's float conversions are replaced by
+exact ones (ml_dtypes, round to nearest even, as the device converts): its own truncate f32 -> bf16
+and lose the carry of a rounded-up mantissa (1.98 -> e4m3 gives 1.0).
+
+jax-triton and Triton are imported on first use: a machine that never runs these kernels needs
+neither.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+# numpy (ml_dtypes) dtypes torch takes only through an integer view of the same width.
+_VIEWS = {"bfloat16": ("uint16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn")}
+
+
+def call(
+    kernel: Any,  # a triton.JITFunction
+    *args: jax.Array | int | float | bool,
+    out_shape: jax.ShapeDtypeStruct | Sequence[jax.ShapeDtypeStruct],
+    grid: tuple[int, ...],
+    num_warps: int,
+    num_stages: int,
+    input_output_aliases: Mapping[int, int] | None = None,
+    interpret: bool = False,
+    name: str = "",
+    **constexprs: Any,
+) -> Any:
+    """Runs `kernel` over `grid` and returns its outputs (one array, or a list for a sequence
+    `out_shape`)."""
+    single = isinstance(out_shape, jax.ShapeDtypeStruct)
+    shapes = [out_shape] if single else list(out_shape)
+    aliases = dict(input_output_aliases or {})
+    grid = tuple(int(g) for g in grid)
+    if any(g == 0 for g in grid):  # no program runs: the outputs are the aliased inputs, or empty
+        arrays = [a for a in args if not _is_scalar(a)]
+        inputs = {o: arrays[i] for i, o in aliases.items()}
+        outs = [inputs[j] if j in inputs else jax.numpy.zeros(s.shape, s.dtype) for j, s in enumerate(shapes)]
+    elif interpret:
+        outs = _interpret(kernel, args, shapes, grid, aliases, constexprs)
+    else:
+        try:
+            import jax_triton
+        except ImportError as e:
+            raise ImportError(
+                f"the Triton kernel {name or kernel.__name__} runs through jax-triton, which is not installed "
+                "here: pip install 'jaxfire[cuda12]' (or [cuda13]) installs it beside JAX's GPU build") from e
+        outs = jax_triton.triton_call(*args, kernel=kernel, out_shape=shapes, grid=grid, name=name,
+                                      num_warps=num_warps, num_stages=num_stages,
+                                      input_output_aliases=aliases, **constexprs)
+    return outs[0] if single else list(outs)
+
+
+def compile_for(
+    kernel: Any,
+    *args: Any,  # arrays (or jax.ShapeDtypeStruct) and Python scalars, as `call` takes them
+    out_shape: jax.ShapeDtypeStruct | Sequence[jax.ShapeDtypeStruct],
+    num_warps: int,
+    num_stages: int,
+    capability: int = 90,
+    **constexprs: Any,
+) -> Any:
+    """Compiles `kernel` with Triton for a GPU of compute `capability` (default Hopper) as `call` would
+    launch it, on any machine (no GPU needed: Triton carries its own ptxas). Returns Triton's
+    CompiledKernel (its `asm` holds ttgir, ptx and cubin; `metadata.shared` its shared memory)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    shapes = [out_shape] if isinstance(out_shape, jax.ShapeDtypeStruct) else list(out_shape)
+    jit_fn = kernel
+    names = [n for n in jit_fn.arg_names if n not in constexprs]
+    values = list(args) + shapes
+    if len(names) != len(values):
+        raise ValueError(f"{jit_fn.__name__} takes {len(names)} non-constexpr parameters, got {len(values)}")
+    signature = {n: _triton_type(v) for n, v in zip(names, values)}
+    signature.update({n: "constexpr" for n in constexprs})
+    source = ASTSource(fn=jit_fn, signature=signature, constexprs=dict(constexprs))
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+_TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
+                 "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5", "int8": "i8", "int16": "i16", "int32": "i32",
+                 "int64": "i64", "uint8": "u8", "uint16": "u16", "uint32": "u32", "bool": "i1"}
+
+
+def _triton_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, (int, np.integer)):
+        return "i32"
+    if isinstance(v, (float, np.floating)):
+        return "fp32"
+    return "*" + _TRITON_TYPES[np.dtype(v.dtype).name]
+
+
+def _is_scalar(a: Any) -> bool:
+    return isinstance(a, (bool, int, float, np.floating, np.integer))
+
+
+def _interpret(kernel, args, shapes, grid, aliases, constexprs) -> list[jax.Array]:
+    """The kernel in Triton's interpreter, on the host, under `jax.pure_callback`."""
+    positions = [i for i, a in enumerate(args) if not _is_scalar(a)]
+    arrays = [args[i] for i in positions]
+
+    def host(*values: np.ndarray) -> tuple[np.ndarray, ...]:
+        import torch
+
+        tensors = [_to_torch(np.array(v, copy=True), torch) for v in values]
+        by_output = {o: tensors[i] for i, o in aliases.items()}
+        outs = [by_output.get(j) if j in by_output else _poisoned(s, torch) for j, s in enumerate(shapes)]
+        params = list(args)
+        for i, t in zip(positions, tensors):
+            params[i] = t
+        _interpreted(kernel)[grid](*params, *outs, **constexprs)
+        return tuple(_to_numpy(t, s.dtype) for t, s in zip(outs, shapes))
+
+    result = jax.pure_callback(host, [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes], *arrays)
+    return list(result)
+
+
+@functools.cache
+def _interpreted(kernel) -> Callable:
+    from triton.runtime import interpreter
+
+    _exact_conversions(interpreter)
+    return interpreter.InterpretedFunction(getattr(kernel, "fn", kernel))
+
+
+@functools.cache
+def _exact_conversions(interpreter) -> None:
+    """Routes the interpreter's float conversions through ml_dtypes (round to nearest even), keeping its
+    own only for what that does not cover (round toward zero, other float formats)."""
+    import ml_dtypes
+    import triton.language as tl
+
+    types = {tl.float64: np.float64, tl.float32: np.float32, tl.float16: np.float16, tl.bfloat16: ml_dtypes.bfloat16,
+             tl.float8e4nv: ml_dtypes.float8_e4m3fn, tl.float8e5: ml_dtypes.float8_e5m2}
+    own = interpreter._convert_float
+    rtz = interpreter._ir.ROUNDING_MODE.RTZ
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        src, dst = types.get(input_dtype), types.get(output_dtype)
+        if src is None or dst is None or rounding_mode == rtz:
+            return own(data, input_dtype, output_dtype, rounding_mode)
+        x = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=src)
+        wide = x if src == np.float64 else x.astype(np.float32)  # exact, then one rounding
+        out = wide.astype(dst)
+        return out.view(f"uint{8 * out.dtype.itemsize}").reshape(data.shape)
+
+    interpreter._convert_float = convert
+
+
+def _to_torch(a: np.ndarray, torch):
+    if a.dtype.name in _VIEWS:
+        int_name, torch_name = _VIEWS[a.dtype.name]
+        return torch.from_numpy(a.view(int_name)).view(getattr(torch, torch_name))
+    return torch.from_numpy(a)
+
+
+def _to_numpy(t, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.name in _VIEWS:
+        int_name, _ = _VIEWS[dtype.name]
+        import torch
+
+        return t.view(getattr(torch, int_name)).numpy().view(dtype)
+    return t.numpy()
+
+
+def _poisoned(shape: jax.ShapeDtypeStruct, torch):
+    dtype = np.dtype(shape.dtype)
+    if np.issubdtype(dtype, np.integer):
+        fill = np.full(shape.shape, np.iinfo(dtype).min, dtype)
+    elif dtype == np.bool_:
+        fill = np.zeros(shape.shape, dtype)
+    else:
+        fill = np.full(shape.shape, np.nan, np.float32).astype(dtype)
+    return _to_torch(fill, torch)
