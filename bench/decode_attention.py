@@ -163,11 +163,11 @@ def peers(fp8: bool) -> dict[str, Callable[[Inputs], jax.Array]]:
     return out
 
 
-def ours(config: DecodeAttentionConfig | None) -> Callable[[Inputs], jax.Array]:
+def ours(config: DecodeAttentionConfig | None, implementation: str = "pallas") -> Callable[[Inputs], jax.Array]:
     def fn(x: Inputs) -> jax.Array:
         return decode_attention(
             x.q, x.k, x.v, x.lengths, k_scale=x.k_scale, v_scale=x.v_scale,
-            implementation="pallas", config=config,
+            implementation=implementation, config=config,
         )
 
     return fn
@@ -212,43 +212,53 @@ def run_grid(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], No
                 sets = make_input_sets(batch, seq_len, fp8)
                 nbytes = sets[0].kv_bytes
                 config = default_config(batch, seq_len, HKV, HEAD_DIM, sets[0].k.dtype)
-                try:
-                    rel = check(ours(config), sets[0])
-                    t = device_time(ours(config), sets, args.copies)
-                except Exception as e:  # recorded, so one bad size does not lose the others
-                    rows.append({"study": "grid", "batch": batch, "seq_len": seq_len,
-                                 "cache": dtype, "config": _config_dict(config),
-                                 "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                    emit(rows[-1])
-                    continue
-                row = {
-                    "study": "grid", "batch": batch, "seq_len": seq_len, "q_heads": HQ,
-                    "kv_heads": HKV, "head_dim": HEAD_DIM, "cache": dtype,
-                    "scales": "per_token" if fp8 else None, "kv_bytes": nbytes,
-                    "config": _config_dict(config), "rel_err": rel, "time_us": t * 1e6,
-                    "tbps": nbytes / t / 1e12, "copy_tbps": copy_bw / 1e12,
-                    "pct_copy": 100 * nbytes / t / copy_bw, "copies": args.copies,
-                    "input_sets": len(sets),
-                }
-                if not args.no_peers:
-                    for name, fn in peers(fp8).items():
-                        try:
-                            tp = device_time(fn, sets, args.copies)
-                            row[f"{name}_tbps"] = nbytes / tp / 1e12
-                        except Exception as e:  # a peer that cannot run this size is recorded as such
-                            row[f"{name}_tbps"] = None
-                            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    peer_figs = [v for key, v in row.items() if key.endswith("_tbps")
-                                 and key not in ("tbps", "copy_tbps") and v]
-                    row["best_peer_tbps"] = max(peer_figs) if peer_figs else None
-                    if row["best_peer_tbps"]:
-                        row["vs_best_peer"] = row["tbps"] / row["best_peer_tbps"]
-                if fp8 and (batch, seq_len) in bf16_time:
-                    row["time_vs_bf16"] = t / bf16_time[(batch, seq_len)]
-                if not fp8:
-                    bf16_time[(batch, seq_len)] = t
-                rows.append(row)
-                emit(row)
+                first = None  # the first implementation's seconds
+                for implementation in args.implementations:
+                    try:
+                        rel = check(ours(config, implementation), sets[0])
+                        t = device_time(ours(config, implementation), sets, args.copies)
+                    except Exception as e:  # recorded, so one bad size does not lose the others
+                        rows.append({"study": "grid", "batch": batch, "seq_len": seq_len, "impl": implementation,
+                                     "cache": dtype, "config": _config_dict(config),
+                                     "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                        emit(rows[-1])
+                        continue
+                    if first is not None:  # a later implementation: its time beside the first's, no peers
+                        rows.append({"study": "grid", "batch": batch, "seq_len": seq_len, "impl": implementation,
+                                     "cache": dtype, "config": _config_dict(config), "rel_err": rel,
+                                     "time_us": t * 1e6, "tbps": nbytes / t / 1e12, "copy_tbps": copy_bw / 1e12,
+                                     f"vs_{args.implementations[0]}": first / t, "copies": args.copies})
+                        emit(rows[-1])
+                        continue
+                    first = t
+                    row = {
+                        "study": "grid", "impl": implementation, "batch": batch, "seq_len": seq_len, "q_heads": HQ,
+                        "kv_heads": HKV, "head_dim": HEAD_DIM, "cache": dtype,
+                        "scales": "per_token" if fp8 else None, "kv_bytes": nbytes,
+                        "config": _config_dict(config), "rel_err": rel, "time_us": t * 1e6,
+                        "tbps": nbytes / t / 1e12, "copy_tbps": copy_bw / 1e12,
+                        "pct_copy": 100 * nbytes / t / copy_bw, "copies": args.copies,
+                        "input_sets": len(sets),
+                    }
+                    if not args.no_peers:
+                        for name, fn in peers(fp8).items():
+                            try:
+                                tp = device_time(fn, sets, args.copies)
+                                row[f"{name}_tbps"] = nbytes / tp / 1e12
+                            except Exception as e:  # a peer that cannot run this size is recorded as such
+                                row[f"{name}_tbps"] = None
+                                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        peer_figs = [v for key, v in row.items() if key.endswith("_tbps")
+                                     and key not in ("tbps", "copy_tbps") and v]
+                        row["best_peer_tbps"] = max(peer_figs) if peer_figs else None
+                        if row["best_peer_tbps"]:
+                            row["vs_best_peer"] = row["tbps"] / row["best_peer_tbps"]
+                    if fp8 and (batch, seq_len) in bf16_time:
+                        row["time_vs_bf16"] = t / bf16_time[(batch, seq_len)]
+                    if not fp8:
+                        bf16_time[(batch, seq_len)] = t
+                    rows.append(row)
+                    emit(row)
                 del sets
     return rows
 
@@ -334,9 +344,9 @@ def to_pages(x: Inputs, page_size: int, seed: int, slots: int = 0) -> PagedInput
     return PagedInputs(q, pool(x.k), pool(x.v), jnp.asarray(table), seq_ids, positions, lengths, *scales)
 
 
-def ours_paged(x: PagedInputs, config: PagedAttentionConfig | None = None) -> jax.Array:
+def ours_paged(x: PagedInputs, config: PagedAttentionConfig | None = None, implementation: str = "pallas") -> jax.Array:
     return paged_attention(x.q, x.k, x.v, x.table, x.seq_ids, x.positions, x.lengths, k_scale=x.k_scale,
-                           v_scale=x.v_scale, implementation="pallas", config=config)
+                           v_scale=x.v_scale, implementation=implementation, config=config)
 
 
 def run_paged(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], None]) -> list[dict[str, Any]]:
@@ -376,13 +386,13 @@ def run_paged(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], N
 
 def _paged_time(sets: list[PagedInputs], copies: int, config: PagedAttentionConfig | None = None,
                 iters: int | None = None, want: jax.Array | None = None,
-                against: str = "the reference") -> tuple[float, float | None]:
+                against: str = "the reference", implementation: str = "pallas") -> tuple[float, float | None]:
     """`device_time` for paged inputs: seconds per call, from groups of `copies` calls in one program, q
     offset per copy. With `want` ([B, Hq, K] of sets[0]), the first call of the first group (q as given)
     is checked against it before any timing: (seconds, relative error)."""
 
     def group(inputs: list[PagedInputs]) -> list[jax.Array]:
-        return [ours_paged(dataclasses.replace(x, q=x.q + jnp.asarray(c, x.q.dtype)), config)
+        return [ours_paged(dataclasses.replace(x, q=x.q + jnp.asarray(c, x.q.dtype)), config, implementation)
                 for c, x in enumerate(inputs)]
 
     run = jax.jit(group)
@@ -484,9 +494,11 @@ def run_paged_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[di
                     configs = paged_sweep_configs(batch, step_rows, table_rows, seq_len, page_size, 1 if fp8 else 2)
                     for rank, (tier, name, config) in enumerate(configs):
                         if tier in args.tiers and (not args.variants or name in args.variants):
-                            row = dict(shape, variant=name, tier=tier, default=name == "default")
-                            priority = tier + min(z, 1) + min(slots, 1)
-                            work.append((priority, rank, len(work), row, paged, want, config))
+                            for implementation in args.implementations:
+                                row = dict(shape, variant=name, impl=implementation, tier=tier,
+                                           default=name == "default" and implementation == "pallas")
+                                priority = tier + min(z, 1) + min(slots, 1)
+                                work.append((priority, rank, len(work), row, paged, want, config))
             del sets
     # Within a tier, one variant at every shape before the next: a budget cut drops variants, not shapes.
     work.sort(key=lambda w: w[:3])
@@ -498,7 +510,8 @@ def run_paged_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[di
         row = dict(row, config=dataclasses.asdict(config))
         t0 = time.perf_counter()
         try:
-            t, rel = _paged_time(paged, args.copies, config, iters=args.sweep_iters, want=want)
+            t, rel = _paged_time(paged, args.copies, config, iters=args.sweep_iters, want=want,
+                                 implementation=row["impl"])
             nbytes = row["kv_bytes"]
             row.update(rel_err=rel, time_us=t * 1e6, tbps=nbytes / t / 1e12, of_read=nbytes / t / 1e12 / read,
                        pct_copy=100 * nbytes / t / copy_bw)
@@ -517,7 +530,7 @@ def run_paged_sweep(args: argparse.Namespace, copy_bw: float, emit: Callable[[di
 def _line(row: dict[str, Any]) -> str:
     # A sweep row names its config by variant: the whole config is in the written row.
     keys = ("study", "cache", "batch", "seq_len", "page_size", "slots", "variant" if "variant" in row else "config",
-            "impl", "time_us", "vs_triton", "tbps", "pct_copy", "of_read", "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps",
+            "impl", "time_us", "vs_triton", "vs_pallas", "tbps", "pct_copy", "of_read", "contiguous_tbps", "vs_contiguous", "xla_tbps", "cudnn_tbps",
             "pallas_gqa_tbps", "vs_best_peer", "time_vs_bf16", "wall_s", "error")
     return " ".join(f"{k}={common._fmt(row[k])}" for k in keys if k in row)
 
@@ -604,6 +617,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                             "takes one, 4096)")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp8"])
     p.add_argument("--copies", type=int, default=16)
+    p.add_argument("--implementations", type=lambda s: s.split(","), default=["pallas"],
+                   help="the kernels' implementation= names the grid and the paged sweep time side by side, the "
+                        "first with the peers (e.g. pallas,triton)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--block-s", dest="block_s", type=_ints, default=[64, 128])
     p.add_argument("--warps", type=_ints, default=[4, 8])
@@ -664,12 +680,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows += run_append(args, copy_bw, emit)
         common.print_table(rows, ["cache", "batch", "impl", "time_us", "vs_triton", "max_abs_diff"])
     if sweep and rows:
-        common.print_table(rows, ["cache", "batch", "page_size", "slots", "variant", "time_us", "tbps", "of_read",
+        common.print_table(rows, ["cache", "batch", "page_size", "slots", "variant", "impl", "time_us", "tbps", "of_read",
                                   "contiguous_tbps", "vs_contiguous", "error"])
     print(f"wrote {len(rows)} rows to {args.out_dir or common.RESULTS_DIR}")
     grid = [r for r in rows if r["study"] == "grid"]
     if grid:
-        common.print_table(grid, ["cache", "batch", "seq_len", "time_us", "tbps", "pct_copy",
+        common.print_table(grid, ["cache", "batch", "seq_len", "impl", "time_us", "tbps", "pct_copy",
                                   "xla_tbps", "cudnn_tbps", "pallas_gqa_tbps", "vs_best_peer",
                                   "time_vs_bf16"])
     return rows
