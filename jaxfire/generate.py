@@ -7,6 +7,7 @@ import pathlib
 import sys
 import types
 
+from jaxfire.compile_cache import add_compile_cache_flags, enable_from_flags
 from jaxfire.engine.flags import add_engine_flags, check_engine_flags, make_engine
 
 
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="spread the model over the devices: mesh axis sizes, e.g. tensor=2 or "
                    "expert=4,tensor=2 (default: one device)")
     add_engine_flags(p)
+    add_compile_cache_flags(p)
     return p
 
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--prompts-file {path} holds no prompts")
     else:
         prompts = [args.prompt]
+    enable_from_flags(args, file=sys.stderr)  # stdout holds the generated text alone
 
     import jaxfire  # deferred so that usage errors come back fast
     from jaxfire.chat import ChatTemplate

@@ -41,6 +41,15 @@ def converted(hf_model_dir, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_in_tmp(tmp_path_factory):
+    """The command lines the tests start keep their compilation cache in the session's temporary directory,
+    not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXFIRE_CACHE_DIR", str(tmp_path_factory.mktemp("xla-cache")))
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """Each test module's compiled programs are let go after it: a worker runs hundreds of tests, and in

@@ -110,11 +110,14 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "jaxfire.generate", *args], capture_output=True, text=True)
 
 
-def test_cli_runs_the_builtin_model():
-    out = run_cli("--prompt", "def fibonacci(n):", "--max-new-tokens", "5")
+def test_cli_runs_the_builtin_model(tmp_path):
+    out = run_cli("--prompt", "def fibonacci(n):", "--max-new-tokens", "5", "--compile-cache", str(tmp_path / "xla"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def fibonacci(n):")
     assert "tokens/s" in out.stderr
+    # The engine's step programs are in the cache for the next start, and only the generated text on stdout.
+    assert f"compilation cache: {tmp_path / 'xla'}" in out.stderr and "compilation cache" not in out.stdout
+    assert any(p.name.startswith("jit__step_fn-") for p in (tmp_path / "xla").iterdir())
 
 
 def test_cli_contiguous_engine_gives_the_default_engines_tokens():
@@ -189,6 +192,6 @@ def test_cli_bad_mesh_is_one_line(spec, message):
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
-    out = run_cli("--checkpoint", str(tmp_path), "--prompt", "x")
+    out = run_cli("--checkpoint", str(tmp_path), "--prompt", "x", "--no-compile-cache")  # whose line comes first
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == f"error: {tmp_path} is not a jaxfire checkpoint: jaxfire.json is missing"

@@ -378,6 +378,7 @@ def test_the_server_command_serves_and_drains_on_sigterm():
             if line.startswith("serving "):
                 break
         assert lines and lines[-1].startswith("serving builtin on http://127.0.0.1:"), "".join(lines)
+        assert any(line.startswith("compilation cache: ") for line in lines), "".join(lines)
         base = lines[-1].split()[3].removesuffix("/v1/completions")
         key = {"Authorization": "Bearer k", "Content-Type": "application/json"}
         req = urllib.request.Request(base + "/v1/completions", headers=key,

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from jaxfire.chat import ChatTemplate
+from jaxfire.compile_cache import add_compile_cache_flags, enable_from_flags
 from jaxfire.engine.flags import add_engine_flags, check_engine_flags, make_engine
 
 
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for requests in flight before stopping")
     add_engine_flags(p)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
+    add_compile_cache_flags(p)
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.request_timeout is not None and not args.request_timeout > 0) or not args.shutdown_timeout >= 0:
         parser.error("--request-timeout must be positive and --shutdown-timeout at least 0")
     check_engine_flags(parser, args)
+    enable_from_flags(args)
 
     import jaxfire  # deferred so that usage errors come back fast
     from jaxfire.server.app import CompletionServer
