@@ -29,7 +29,7 @@ def cache_append(
     *,
     k_scale: jax.Array | None = None,  # [B, S, Hkv] float32, fp8 caches only
     v_scale: jax.Array | None = None,  # [B, S, Hkv] float32, fp8 caches only
-    implementation: Implementation | Literal["pallas_mosaic"] | None = None,
+    implementation: Implementation | Literal["pallas_mosaic", "triton"] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Writes k[b], v[b] at position positions[b] of sequence b (b < n) of the cache.
 
@@ -42,14 +42,19 @@ def cache_append(
 
     implementation: None picks the Pallas kernel on GPU and the reference elsewhere; "pallas" /
     "pallas_triton" force the kernel (interpret mode off the GPU); "pallas_mosaic" the Mosaic GPU
-    kernel (opt-in, untimed).
+    kernel (opt-in, untimed); "triton" the same kernel written in Triton, launched through jax-triton
+    (opt-in, untimed).
     """
     _check(k_cache, v_cache, k, v, positions, k_scale, v_scale)
-    use_reference, interpret = resolve(implementation, mosaic=True)
+    use_reference, interpret = resolve(implementation, mosaic=True, triton=True)
     if use_reference:
         return reference.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale)
     if implementation == "pallas_mosaic":
         return mosaic.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
+    if implementation == "triton":
+        from pallas_kernels.cache_append import triton_jit  # imports Triton
+
+        return triton_jit.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
     return triton_backend.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
 
 

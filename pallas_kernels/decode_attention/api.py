@@ -9,6 +9,7 @@ signature never change; the kernels already address the cache only through (sequ
 from __future__ import annotations
 
 import numbers
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def decode_attention(
     v_scale: jax.Array | None = None,  # [Hkv] or [B', S, Hkv] float32, fp8 caches only
     sm_scale: float | None = None,
     window: int | None = None,
-    implementation: Implementation | None = None,
+    implementation: Implementation | Literal["triton"] | None = None,
     config: DecodeAttentionConfig | None = None,
 ) -> jax.Array:  # [B, Hq, K] in q's dtype
     """Attention of one new token per sequence over its cached keys and values.
@@ -48,7 +49,8 @@ def decode_attention(
 
     implementation: None picks the fastest measured path for the platform (the Pallas kernel on
     GPU, the reference elsewhere); "reference" is plain jnp; "pallas" / "pallas_triton" force the
-    kernel, run in interpret mode off the GPU. `config` overrides the kernel's tuning.
+    kernel, run in interpret mode off the GPU; "triton" the same kernel written in Triton, launched
+    through jax-triton (opt-in, untimed). `config` overrides the kernel's tuning.
     """
     q, k, v, lengths = (jnp.asarray(x) for x in (q, k, v, lengths))
     _check_arrays(q, k, v, lengths, k_scale, v_scale)
@@ -61,7 +63,7 @@ def decode_attention(
         not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1
     ):
         raise ValueError(f"window must be a positive int or None, got {window!r}.")
-    use_reference, interpret = resolve(implementation)
+    use_reference, interpret = resolve(implementation, triton=True)
     if config is not None:
         if not isinstance(config, DecodeAttentionConfig):
             raise ValueError(
@@ -78,7 +80,11 @@ def decode_attention(
     batch, seq_len, num_kv_heads, _ = k.shape
     if config is None:
         config = default_config(batch, seq_len, num_kv_heads, head_dim, k.dtype)
-    return triton_backend.decode_attention(
+    if implementation == "triton":
+        from pallas_kernels.decode_attention import triton_jit as backend  # imports Triton
+    else:
+        backend = triton_backend
+    return backend.decode_attention(
         q,
         k,
         v,

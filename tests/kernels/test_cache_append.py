@@ -1,13 +1,15 @@
 # B sequences (cache rows), n sequences written, S cached positions, Hkv key/value heads, K head dim.
 """cache_append against a NumPy statement of what it must write, for every implementation.
 
-The Pallas kernel runs in interpret mode on a CPU. Values written to a bf16 / f32 cache are the new
-keys cast to the cache's dtype; to an fp8 cache, e4m3 values whose product with the written scale is
-within e4m3's rounding (2^-4 relative) of the new key, with the scale max|x| / 448 per head.
+On a CPU the Pallas kernels run in interpret mode, the Triton one in Triton's interpreter. Values
+written to a bf16 / f32 cache are the new keys cast to the cache's dtype; to an fp8 cache, e4m3
+values whose product with the written scale is within e4m3's rounding (2^-4 relative) of the new
+key, with the scale max|x| / 448 per head.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import zlib
 
 import jax
@@ -19,6 +21,7 @@ from pallas_kernels.cache_append import cache_append
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 FP8 = jnp.float8_e4m3fn
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 @pytest.fixture
@@ -127,6 +130,31 @@ class TestPallasMosaic(CacheAppendCases):
             self.run(caches, new, [1, 2, 3], scales)
 
 
+@needs_triton
+class TestTriton(CacheAppendCases):
+    """The kernel written in Triton (`triton_jit.py`)."""
+
+    implementation = "triton"
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8])
+    def test_equals_the_reference_up_to_the_scale_division(self, rng, dtype):
+        """bf16 bit for bit. fp8: XLA computes the reference's max|x| / 448 as max|x| * (1/448), the
+        kernel divides as the Pallas kernel does (exactly in the interpreter, within 2 ulp on the GPU),
+        so a scale may differ by an ulp or two and a value at an e4m3 rounding midpoint by one step."""
+        caches, new, scales = make(rng, batch=5, n=5, heads=4, head_dim=128, dtype=dtype)
+        positions = [0, 7, -1, 15, 3]
+        ref = cache_append(*caches, *new, jnp.asarray(positions), **scales, implementation="reference")
+        got = self.run(caches, new, positions, scales)
+        for a, b in zip(got[:2], ref[:2]):
+            if dtype == FP8:  # e4m3 codes of one sign are ordered like their values
+                codes = np.asarray(a).view(np.uint8).astype(int) - np.asarray(b).view(np.uint8).astype(int)
+                assert np.abs(codes).max() <= 1 and np.mean(codes != 0) < 1e-3
+            else:
+                np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+        for a, b in zip(got[2:], ref[2:]):
+            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=2)
+
+
 def _good(**over):
     args = dict(k_cache=jnp.zeros((2, 8, 2, 64), FP8), v_cache=jnp.zeros((2, 8, 2, 64), FP8),
                 k=jnp.zeros((2, 2, 64), jnp.bfloat16), v=jnp.zeros((2, 2, 64), jnp.bfloat16),
@@ -181,3 +209,20 @@ def test_mosaic_kernel_lowers_for_h100(dtype, heads):
     text = lower_for_h100(mosaic.cache_append, kv, kv, new, new, s((16,), jnp.int32), scale, scale)
     assert "jaxfire_cache_append_mosaic" in text and "triton" not in text.lower()
     assert "output_operand_alias" in text or "tf.aliasing_output" in text
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,heads", [(FP8, 8), (FP8, 4), (jnp.bfloat16, 8), (FP8, 1)])
+def test_triton_kernel_compiles_for_hopper(dtype, heads):
+    """Mixtral's decode shapes compile with Triton for an H100 (no GPU needed); an fp8 cache is written
+    by the saturating round-to-nearest conversion."""
+    from pallas_kernels.cache_append import triton_jit
+
+    s = jax.ShapeDtypeStruct
+    kv = s((32, 1088, heads, 128), dtype)
+    scale = s((32, 1088, heads), jnp.float32) if dtype == FP8 else None
+    new = s((16, heads, 128), jnp.bfloat16)
+    compiled = triton_jit.compile_for_hopper(kv, kv, new, new, s((16,), jnp.int32), scale, scale)
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90" in ptx and len(compiled.asm["cubin"]) > 0
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == (dtype == FP8)

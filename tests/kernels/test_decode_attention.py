@@ -2,10 +2,10 @@
 """decode_attention against a float64 NumPy computation, for every implementation.
 
 `DecodeAttentionCases` holds the cases; each implementation subclasses it. On a CPU the Pallas
-kernel runs in interpret mode (grids of at most a few dozen programs keep it fast); with a GPU the
-same classes run it natively. Every case draws fresh inputs from its own seed and fills every
-position the result must not read (past the length, before the window) with NaN: K, V and the
-per-token scales alike.
+kernel runs in interpret mode and the Triton one in Triton's interpreter (grids of at most a few
+dozen programs keep them fast); with a GPU the same classes run them natively. Every case draws
+fresh inputs from its own seed and fills every position the result must not read (past the length,
+before the window) with NaN: K, V and the per-token scales alike.
 
 Tolerances, elementwise |out - ref| <= atol + rtol * |ref| and, over the whole output,
 ||out - ref|| / ||ref|| <= rel:
@@ -17,6 +17,7 @@ Tolerances, elementwise |out - ref| <= atol + rtol * |ref| and, over the whole o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +221,10 @@ class TestReference(DecodeAttentionCases):
     implementation = "reference"
 
 
+FP8 = jnp.float8_e4m3fn
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
 class TestPallas(DecodeAttentionCases):
     implementation = "pallas"
 
@@ -234,6 +239,13 @@ class TestPallas(DecodeAttentionCases):
 
     def test_default_config(self, seed):
         self.check(make_case(seed, seq_len=100), config=None)
+
+
+@needs_triton
+class TestTriton(TestPallas):
+    """The kernel written in Triton (`triton_jit.py`): every case and config of the Pallas kernel."""
+
+    implementation = "triton"
 
 
 def test_default_implementation_on_cpu_is_the_reference():
@@ -263,9 +275,6 @@ def _good(**over):
     )
     args.update(over)
     return args
-
-
-FP8 = jnp.float8_e4m3fn
 
 
 @pytest.mark.parametrize(
@@ -306,6 +315,22 @@ def test_bad_input_raises_one_clear_error(override, message):
         decode_attention(**_good(**override))
 
 
+def mixtral_decode(cache: str, scales: str | None, splits: int | None):
+    """Abstract arguments of Mixtral's decode attention (32 query, 8 KV heads, K = 128, 4 sequences of
+    16K positions) and its default config, with `splits` replacing the default's when given."""
+    dtype = {"bf16": jnp.bfloat16, "fp8": FP8, "f32": jnp.float32}[cache]
+    batch, seq_len, kv_heads, head_dim = 4, 16384, 8, 128
+    s = jax.ShapeDtypeStruct
+    kv = s((batch, seq_len, kv_heads, head_dim), dtype)
+    scale = {None: None, "head": s((kv_heads,), jnp.float32),
+             "token": s((batch, seq_len, kv_heads), jnp.float32)}[scales]
+    q = s((batch, 32, head_dim), jnp.float32 if cache == "f32" else jnp.bfloat16)
+    config = default_config(batch, seq_len, kv_heads, head_dim, dtype)
+    if splits is not None:
+        config = dataclasses.replace(config, num_splits=splits)
+    return (q, kv, kv, s((batch,), jnp.int32), scale, scale), config
+
+
 @pytest.mark.parametrize(
     "cache,scales,splits,window",
     [("bf16", None, 1, None), ("bf16", None, 4, 4096), ("fp8", "token", 1, None),
@@ -319,20 +344,32 @@ def test_kernel_lowers_for_h100(cache, scales, splits, window, monkeypatch):
     from pallas_kernels.decode_attention import triton as triton_backend
 
     verified = verify_triton_modules(monkeypatch)
-    dtype = {"bf16": jnp.bfloat16, "fp8": FP8, "f32": jnp.float32}[cache]
-    batch, seq_len, kv_heads, head_dim = 4, 16384, 8, 128
-    s = jax.ShapeDtypeStruct
-    kv = s((batch, seq_len, kv_heads, head_dim), dtype)
-    scale = {None: None, "head": s((kv_heads,), jnp.float32),
-             "token": s((batch, seq_len, kv_heads), jnp.float32)}[scales]
-    q = s((batch, 32, head_dim), jnp.float32 if cache == "f32" else jnp.bfloat16)
-    config = dataclasses.replace(
-        default_config(batch, seq_len, kv_heads, head_dim, dtype), num_splits=splits)
+    args, config = mixtral_decode(cache, scales, splits)
 
     def fn(q, k, v, lengths, k_scale, v_scale):
         return triton_backend.decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale,
-                                               sm_scale=head_dim**-0.5, window=window, config=config)
+                                               sm_scale=128**-0.5, window=window, config=config)
 
-    text = lower_for_h100(fn, q, kv, kv, s((batch,), jnp.int32), scale, scale)
+    text = lower_for_h100(fn, *args)
     assert "jaxfire_decode_attention" in text
     assert verified == [True]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "cache,scales,splits,window",
+    [("bf16", None, None, None), ("fp8", "token", None, None), ("bf16", None, 1, 4096),
+     ("fp8", "token", 4, 100), ("fp8", "head", 2, None), ("f32", None, 2, None)],
+)
+def test_triton_kernel_compiles_for_hopper(cache, scales, splits, window):
+    """Mixtral decode shapes, with the default config (None) and others, compile with Triton for an H100
+    (no GPU needed) within a program's shared memory; the dots run on tensor cores, except f32's, which
+    are exact."""
+    from pallas_kernels.decode_attention import triton_jit
+
+    args, config = mixtral_decode(cache, scales, splits)
+    compiled = triton_jit.compile_for_hopper(*args, sm_scale=128**-0.5, window=window, config=config)
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90" in ptx and len(compiled.asm["cubin"]) > 0
+    assert compiled.metadata.shared <= 227 * 1024
+    assert ("mma" in ptx) == (cache != "f32")
