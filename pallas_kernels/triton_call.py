@@ -89,7 +89,10 @@ def compile_for(
         raise ValueError(f"{jit_fn.__name__} takes {len(names)} non-constexpr parameters, got {len(values)}")
     signature = {n: _triton_type(v) for n, v in zip(names, values)}
     signature.update({n: "constexpr" for n in constexprs})
-    source = ASTSource(fn=jit_fn, signature=signature, constexprs=dict(constexprs))
+    # jax-triton tells Triton that every buffer is 16-byte aligned (XLA's are): vector loads, cp.async
+    params = list(jit_fn.arg_names)
+    aligned = {(params.index(n),): [["tt.divisibility", 16]] for n, v in zip(names, values) if not _is_scalar(v)}
+    source = ASTSource(fn=jit_fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -138,16 +141,64 @@ def _interpret(kernel, args, shapes, grid, aliases, constexprs) -> list[jax.Arra
 def _interpreted(kernel) -> Callable:
     from triton.runtime import interpreter
 
-    _exact_conversions(interpreter)
+    _fix_interpreter(interpreter)
     return interpreter.InterpretedFunction(getattr(kernel, "fn", kernel))
 
 
 @functools.cache
-def _exact_conversions(interpreter) -> None:
+def _fix_interpreter(interpreter) -> None:
+    """Closes the gaps of Triton 3.6's interpreter that the kernels meet (the device has none of them):
+    - float conversions go through ml_dtypes, rounding to nearest even (its own truncate f32 -> bf16 and
+      drop the carry of a rounded-up mantissa);
+    - a `@triton.jit` function called inside a kernel (`tl.max`, `tl.sum`, `tl.zeros`, helpers of our
+      own) runs interpreted, as it would with TRITON_INTERPRET=1 set before Triton was imported;
+    - a loop over traced bounds indexes its scalar bounds with `.item()` (numpy >= 2.5 refuses `int()`
+      of a one-element array);
+    - a bf16 dot widens its inputs to f32 (exact) first, where it would multiply the 16-bit patterns as
+      integers."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    _exact_conversions(interpreter, tl)
+    nested: dict[Callable, Any] = {}
+
+    def run_nested(self, *args, **kwargs):
+        if self.fn not in nested:
+            nested[self.fn] = interpreter.InterpretedFunction(self.fn)
+        # (its patch of triton.language is undone on return, as the kernel's own is when it ends:
+        # a Triton compile later in the process must see the language as it was)
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return nested[self.fn].rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    JITFunction.__call__ = run_nested  # reached only from inside an interpreted kernel
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched_tensor(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched_tensor
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widened(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+def _exact_conversions(interpreter, tl) -> None:
     """Routes the interpreter's float conversions through ml_dtypes (round to nearest even), keeping its
     own only for what that does not cover (round toward zero, other float formats)."""
     import ml_dtypes
-    import triton.language as tl
 
     types = {tl.float64: np.float64, tl.float32: np.float32, tl.float16: np.float16, tl.bfloat16: ml_dtypes.bfloat16,
              tl.float8e4nv: ml_dtypes.float8_e4m3fn, tl.float8e5: ml_dtypes.float8_e5m2}

@@ -24,9 +24,6 @@ from pallas_kernels.triton_call import call, compile_for
 _LAUNCH = dict(num_warps=1, num_stages=1)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _TINY = tl.constexpr(TINY)
-# tl.max's reduction. tl.max itself is a @triton.jit function, which a kernel run by
-# `triton_call`'s interpreter cannot call; tl.reduce is a builtin there, and this is the same IR.
-_MAX = tl.standard._elementwise_max
 
 
 @triton.jit
@@ -62,7 +59,7 @@ def _kernel(
             x = tl.load(new_ptr + b * (HEADS * HEAD_DIM) + tile, mask=head_ok[:, None], other=0.0)  # [R, K]
             x = x.to(tl.float32)
             if QUANTIZED:
-                scale = tl.maximum(tl.reduce(tl.abs(x), 1, _MAX), _TINY) / _FP8_MAX  # [R]
+                scale = tl.maximum(tl.max(tl.abs(x), axis=1), _TINY) / _FP8_MAX  # [R]
                 x = tl.minimum(tl.maximum(x / scale[:, None], -_FP8_MAX), _FP8_MAX)
                 tl.store(scale_ptr + token + heads, scale, mask=head_ok)
             tl.store(cache_ptr + token * HEAD_DIM + tile, x.to(cache_ptr.dtype.element_ty),

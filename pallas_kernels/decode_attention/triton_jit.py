@@ -29,10 +29,6 @@ from pallas_kernels.triton_call import call, compile_for
 
 _TL_DTYPES = {jnp.dtype(jnp.bfloat16): tl.bfloat16, jnp.dtype(jnp.float16): tl.float16,
               jnp.dtype(jnp.float32): tl.float32}
-# tl.max's and tl.sum's reductions. Those (and tl.zeros) are @triton.jit functions, which a kernel
-# run by `triton_call`'s interpreter cannot call; tl.reduce is a builtin there, and this is the same IR.
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
 
 
 @triton.jit
@@ -91,9 +87,9 @@ def _kernel(
         v_scale_ptr += sequence * HEADS + h
     offs = tl.arange(0, BLOCK_S)  # [Bs]
 
-    o = tl.full((ROWS, HEAD_DIM), 0.0, tl.float32)
+    o = tl.zeros((ROWS, HEAD_DIM), tl.float32)
     m = tl.full((ROWS,), -float("inf"), tl.float32)
-    l = tl.full((ROWS,), 0.0, tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
     for i in range(first, last):
         positions = lo + i * BLOCK_S + offs  # [Bs]
         pos_ok = positions < length  # [Bs]
@@ -106,10 +102,10 @@ def _kernel(
             ks = tl.load(k_scale_ptr + positions * HEADS, mask=pos_ok, other=0.0)  # [Bs]
             s = s * ks[None, :]
         s = tl.where(pos_ok[None, :], s, -float("inf"))  # [R, Bs]
-        m_new = tl.maximum(m, tl.reduce(s, 1, _MAX))  # [R]: finite, each block has a valid position
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # [R]: finite, each block has a valid position
         alpha = tl.exp(m - m_new)  # [R]
         p = tl.exp(s - m_new[:, None])  # [R, Bs]
-        l = l * alpha + tl.reduce(p, 1, _SUM)
+        l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + tile, mask=pos_ok[:, None], other=0.0)  # [Bs, K]
         if SCALES == "token":
             vs = tl.load(v_scale_ptr + positions * HEADS, mask=pos_ok, other=0.0)  # [Bs]
@@ -181,43 +177,12 @@ def decode_attention(
         k_scale, v_scale = k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)
     args, out_shape, constexprs = _operands(q, k, v, lengths.astype(jnp.int32), k_scale, v_scale,
                                             sm_scale=sm_scale, window=window, config=config)
-    if interpret:
-        _interpreter_fixes()
     o, lse = call(_kernel, *args, out_shape=out_shape, grid=(k.shape[2], config.num_splits, batch),
                   num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
                   name="jaxfire_decode_attention_triton", **constexprs)
     if config.num_splits > 1:
         o = combine(o, lse, axis=2).astype(q.dtype)  # [B, Hkv, G, K]
     return o.reshape(batch, num_q_heads, head_dim)
-
-
-@functools.cache
-def _interpreter_fixes() -> None:
-    """Two gaps of Triton 3.6's interpreter that this kernel meets (the device has neither): a loop over
-    traced bounds (`range(first, last)`) indexes a scalar, held as a one-element array, with int(), which
-    numpy >= 2.5 refuses; and a bf16 dot multiplies the 16-bit patterns as integers. Scalars are indexed
-    through .item(), and a bf16 dot's inputs are widened to f32 (exact) first."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched_tensor(tensor, scope) -> None:
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    def widened(x):
-        if x.dtype != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    dot = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter._patch_lang_tensor = patched_tensor
-    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 def compile_for_hopper(q, k, v, lengths, k_scale=None, v_scale=None, *, sm_scale: float, window: int | None,

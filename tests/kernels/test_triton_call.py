@@ -69,3 +69,42 @@ def test_compiles_for_hopper_without_a_gpu():
     with pytest.raises(ValueError, match="takes 6 non-constexpr parameters, got 5"):
         compile_for(_scale_add, jnp.ones(n), jnp.ones(n), n, 0.5,
                     out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), num_warps=1, num_stages=1, BLOCK=32)
+
+
+@triton.jit
+def _row_max_helper(x):
+    return tl.max(x, axis=1)
+
+
+@triton.jit
+def _row_stats(x_ptr, lo_ptr, o_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """o[r] = max of row r (through a jit helper and tl.max) + the dot of its bf16 row with itself, summed
+    over rows lo..ROWS-1 in a loop with traced bounds."""
+    r = tl.arange(0, ROWS)[:, None]
+    c = tl.arange(0, COLS)[None, :]
+    x = tl.load(x_ptr + r * COLS + c)  # bf16 [ROWS, COLS]
+    sq = tl.dot(x, tl.trans(x))  # [ROWS, ROWS] f32
+    acc = tl.zeros((ROWS,), tl.float32)
+    lo = tl.load(lo_ptr)
+    for i in range(lo, ROWS):
+        acc += tl.sum(tl.where(tl.arange(0, ROWS)[None, :] == i, sq, 0.0), axis=1)
+    tl.store(o_ptr + tl.arange(0, ROWS), _row_max_helper(x.to(tl.float32)) + acc)
+
+
+def test_the_interpreter_runs_nested_jit_calls_traced_loops_and_bf16_dots():
+    rows, cols = 16, 32
+    x = jax.random.normal(jax.random.key(3), (rows, cols)).astype(jnp.bfloat16)
+    lo = jnp.array([5], jnp.int32)
+    o = call(_row_stats, x, lo, out_shape=jax.ShapeDtypeStruct((rows,), jnp.float32), grid=(1,), num_warps=4,
+             num_stages=1, interpret=True, ROWS=rows, COLS=cols)
+    xf = np.asarray(x.astype(jnp.float32))
+    want = xf.max(axis=1) + (xf @ xf.T)[:, 5:].sum(axis=1)
+    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_kernel_compiles_after_an_interpreted_run_of_nested_calls():
+    test_the_interpreter_runs_nested_jit_calls_traced_loops_and_bf16_dots()
+    compiled = compile_for(_row_stats, jax.ShapeDtypeStruct((16, 32), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((1,), jnp.int32), out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                           num_warps=4, num_stages=1, ROWS=16, COLS=32)
+    assert len(compiled.asm["cubin"]) > 0
