@@ -1,14 +1,16 @@
 """Grouped matmul: every implementation against a float64 NumPy oracle, on the same cases.
 
-One test base; each implementation subclasses it. On a CPU backend the Pallas kernels run in
-interpret mode (small shapes keep the grids to a few dozen programs); on a GPU the same classes
-run them natively. A cross-lowering test compiles both kernels for an H100 from the CPU, so the
-Pallas -> Triton / Mosaic GPU lowering of the production shapes is checked without a GPU.
+One test base; each implementation subclasses it. On a CPU backend the kernels run in interpret
+mode (small shapes keep the grids to a few dozen programs); on a GPU the same classes run them
+natively. A cross-lowering test compiles both Pallas kernels for an H100 from the CPU, so the
+Pallas -> Triton / Mosaic GPU lowering of the production shapes is checked without a GPU; another
+compiles the kernel written in Triton (`triton_jit.py`, implementation "triton") for sm_90.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import zlib
 
 import jax
@@ -22,6 +24,9 @@ from pallas_kernels.grouped_matmul.tiling import max_row_tasks, row_tasks
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 BF16, FP8, F32 = jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32
+# The kernel written in Triton runs through Triton's interpreter (on torch tensors) off the GPU.
+needs_triton = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("triton", "torch")),
+                                  reason="implementation='triton' needs triton (and torch for its interpreter)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +236,38 @@ class TestPallasTritonGemv(GroupedMatmulTestBase):
             assert_matches(fn(lhs, rhs, gs, rs), want, F32, min(sum(sizes), case.t))
 
 
+@needs_triton
+class TestTriton(TestPallasTriton):
+    """The Pallas Triton kernel's cases, blocks and masks on the kernel written in Triton."""
+
+    implementation = "triton"
+
+    def test_no_rows_give_an_empty_result(self):
+        lhs, rhs, gs, _, _ = make_inputs(Case("no_rows", t=0, group_sizes=(0, 0, 0)), True, seed=6)
+        out = grouped_matmul(lhs, rhs, gs, transpose_rhs=True, implementation=self.implementation,
+                             config=Config(block_m=16, block_n=32, block_k=64, num_stages=2))
+        assert out.shape == (0, 128)
+
+    @pytest.mark.parametrize("config, message", [
+        (Config(block_m=16, block_n=48, block_k=64), "block_n=48 is not a power of two"),
+        (Config(block_m=16, block_n=32, block_k=8), "at least 16 of K a step"),
+    ])
+    def test_refuses_blocks_it_cannot_tile(self, config, message):
+        lhs, rhs, gs, _, _ = make_inputs(CASES[3], True, seed=6)
+        with pytest.raises(ValueError, match=f"implementation='triton' cannot run this problem: .*{message}"):
+            grouped_matmul(lhs, rhs, gs, transpose_rhs=True, implementation=self.implementation, config=config)
+
+
+@needs_triton
+class TestTritonSplitK(TestPallasTritonSplitK):
+    implementation = "triton"
+
+
+@needs_triton
+class TestTritonGemv(TestPallasTritonGemv):
+    implementation = "triton"
+
+
 def test_gemv_heuristic_takes_one_token():
     from pallas_kernels.grouped_matmul.config import SM_COUNT, gemv_config, triton_config
 
@@ -277,21 +314,26 @@ def test_pallas_mma_never_takes_the_multiply_add_kernel(monkeypatch):
     assert seen == [True, False]
 
 
+@pytest.mark.parametrize("implementation", ["pallas_triton", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("rows, gemv", [(1, True), (2, False)])
-def test_projection_of_one_token_takes_the_multiply_add_kernel(rows, gemv, monkeypatch):
+def test_projection_of_one_token_takes_the_multiply_add_kernel(rows, gemv, implementation, monkeypatch):
     """A one-group problem (an attention projection) of one row runs on the multiply-add kernel's
     heuristic blocks, of two rows on the MMA kernel; both match the reference."""
+    if implementation == "triton":
+        from pallas_kernels.grouped_matmul import triton_jit as module
+    else:
+        module = triton
     seen = []
-    real = triton.grouped_matmul
+    real = module.grouped_matmul
 
     def spy(*args, config, **kwargs):
         seen.append(config)
         return real(*args, config=config, **kwargs)
 
-    monkeypatch.setattr(triton, "grouped_matmul", spy)
+    monkeypatch.setattr(module, "grouped_matmul", spy)
     case = Case(f"projection_{rows}", t=rows, group_sizes=(rows,), rhs_dtype=FP8, rhs_scale=True, k=512, n=96)
     lhs, rhs, gs, _, rs = make_inputs(case, True, seed=10 + rows)
-    out = grouped_matmul(lhs, rhs, gs, rhs_scale=rs, transpose_rhs=True, implementation="pallas_triton")
+    out = grouped_matmul(lhs, rhs, gs, rhs_scale=rs, transpose_rhs=True, implementation=implementation)
     assert_matches(out, oracle(lhs, rhs, gs, None, rs, True, False), BF16, rows)
     assert [c.gemv for c in seen] == [gemv]
 
@@ -503,3 +545,24 @@ def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
             lambda *a: kernel(*a, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config), *args)
         assert "custom_call" in text
     assert verified == [True] * (len(kernels) - 1)  # the Mosaic GPU kernel is not a Triton module
+
+
+@needs_triton
+@pytest.mark.parametrize("swiglu", [True, False], ids=["gate_up", "down"])
+def test_triton_default_configs_compile_for_hopper(swiglu):
+    """The kernel written in Triton compiles for sm_90 at Mixtral's expert shapes (fp8 K-major
+    weights, bf16 or fp8 rows) with each decode size's default config: the multiply-add kernel for
+    one token's rows, the MMA kernel from 8 rows."""
+    from pallas_kernels.grouped_matmul import config as cfg, triton_jit
+
+    e, s = 8, jax.ShapeDtypeStruct
+    k, n = (4096, 2 * 14336) if swiglu else (14336, 4096)
+    for rows in (1, 2, 8, 64):
+        for dtype in (BF16, FP8):
+            config = cfg.triton_config(rows, k, n // 2 if swiglu else n, swiglu=swiglu, num_groups=e, weight_itemsize=1)
+            compiled = triton_jit.compile_for(
+                s((rows, k), dtype), s((e, n, k), FP8), s((e,), jnp.int32), s((rows,), F32) if dtype == FP8 else None,
+                s((e, n), F32), transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config)
+            ptx = compiled.asm["ptx"]
+            assert ".target sm_90" in ptx and len(compiled.asm["cubin"]) > 0
+            assert config.gemv == (rows <= 2) and ("mma.sync" in ptx) == (not config.gemv), (rows, config)
