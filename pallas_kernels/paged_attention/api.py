@@ -47,7 +47,7 @@ def paged_attention(
     v_scale: jax.Array | None = None,  # [P, Z, Hkv] float32, fp8 pages only
     sm_scale: float | None = None,
     window: int | None = None,
-    implementation: Implementation | Literal["pallas_mosaic"] | None = None,
+    implementation: Implementation | Literal["pallas_mosaic", "triton"] | None = None,
     config: PagedAttentionConfig | None = None,
 ) -> jax.Array:  # [T, Hq, K] in q's dtype
     """Causal attention of each token row over its own sequence's keys, read from the pages.
@@ -62,7 +62,9 @@ def paged_attention(
     implementation: None picks the Pallas kernel on GPUs and the reference elsewhere; "reference"
     is plain jnp; "pallas" / "pallas_triton" force the kernel (interpret mode off the GPU);
     "pallas_mosaic" the default config with both launches on Mosaic GPU (`config.mosaic_config`;
-    opt-in, slower than Triton so far: see the README). `config` overrides the kernel's tuning.
+    opt-in, slower than Triton so far: see the README); "triton" the same kernel written in Triton
+    itself and launched through jax-triton (`triton_jit.py`; Triton's interpreter off the GPU), for
+    when JAX drops the Pallas Triton backend. `config` overrides the kernel's tuning.
     """
     q, k_pages, v_pages, page_table, seq_ids, positions, context_lens = (
         jnp.asarray(x) for x in (q, k_pages, v_pages, page_table, seq_ids, positions, context_lens))
@@ -75,14 +77,17 @@ def paged_attention(
     if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}.")
     window = None if window is None else int(window)
-    use_reference, interpret = resolve(implementation, mosaic=True)
+    use_reference, interpret = resolve(implementation, mosaic=True, triton=True)
     mosaic = implementation == "pallas_mosaic"
     if config is not None and not isinstance(config, PagedAttentionConfig):
         raise ValueError(f"config must be a PagedAttentionConfig, got {type(config).__name__}.")
     if use_reference:
         return reference.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
                                          k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window)
-    from pallas_kernels.paged_attention import triton as triton_backend
+    if implementation == "triton":  # Triton itself is imported only here
+        from pallas_kernels.paged_attention import triton_jit as backend
+    else:
+        from pallas_kernels.paged_attention import triton as backend
 
     check_page_size(k_pages.shape[1])
     if head_dim not in HEAD_DIMS:
@@ -94,9 +99,9 @@ def paged_attention(
             config = mosaic_config(config, k_pages.shape[1], kv_heads=k_pages.shape[2], head_dim=head_dim,
                                    itemsize=k_pages.dtype.itemsize)
     config.validate()
-    return triton_backend.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
-                                          k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window,
-                                          config=config, interpret=interpret)
+    return backend.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
+                                   k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window,
+                                   config=config, interpret=interpret)
 
 
 def append(

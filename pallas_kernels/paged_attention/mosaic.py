@@ -6,7 +6,7 @@
 
 A work item is a 64-row query tile and a share of its span's key steps. The decode launch's tile is
 one decode row's R' heads (then whatever rows follow: their results are never stored), its items the
-shares `triton.decode_items` cuts the rows into; the block launch's tile is one block's Q x R' rows,
+shares `plan.decode_items` cuts the rows into; the block launch's tile is one block's Q x R' rows,
 gathered into a tile of their own, each row masked at its own position. The program TMA-loads its
 query tile, then walks its key steps: each step's W positions are the pages (or the part of a page)
 that hold them, each a [Z, K] box of one KV head copied by TMA from the pool into a
@@ -333,7 +333,7 @@ def _pools(pools: Sequence[jax.Array], *, heads: int, block_kv: int, stages: int
 
 
 def decode_launch(
-    items: dict[str, jax.Array],  # triton.decode_items: per item row0, seq, lo, hi, part, parts [I]
+    items: dict[str, jax.Array],  # plan.decode_items: per item row0, seq, lo, hi, part, parts [I]
     qs: jax.Array,  # [Hkv, (T+Q) R', K], the rows sorted
     page_table: jax.Array,  # [S, M]
     pools: Sequence[jax.Array],  # k, v [P Z, Hkv, K] (a row per slot); an FP8 pool's k, v scales [P Z, Hkv]
@@ -363,7 +363,7 @@ def decode_launch(
 
 
 def block_launch(
-    meta: dict[str, jax.Array],  # triton.blocks: per block seq, row0, nrows, lo, hi [N]
+    meta: dict[str, jax.Array],  # plan.blocks: per block seq, row0, nrows, lo, hi [N]
     qs: jax.Array,  # [Hkv, (T+Q) R', K], the rows sorted
     q_pos: jax.Array,  # [(T+Q) R'] int32: each query row's position
     page_table: jax.Array,  # [S, M]

@@ -2,12 +2,12 @@
 # heads, K head dim.
 """paged_attention against a float64 NumPy computation, for every implementation.
 
-`PagedAttentionCases` holds the cases; each implementation subclasses it (the Pallas kernel runs in
-interpret mode on a CPU, natively with a GPU). Every case draws fresh inputs from its own seed: pages
-handed out in a random order, rows of several sequences (decode rows, prompt chunks that continue a
-sequence, whole prompts, padding rows) in a random order, and every slot of the pool that no row may
-read (the null page, free pages, page tails past a sequence's length, before a window) holding NaN:
-values and per-token scales alike.
+`PagedAttentionCases` holds the cases; each implementation subclasses it (the Pallas kernel and the
+kernel written in Triton itself run in interpret mode on a CPU, natively with a GPU). Every case draws
+fresh inputs from its own seed: pages handed out in a random order, rows of several sequences (decode
+rows, prompt chunks that continue a sequence, whole prompts, padding rows) in a random order, and every
+slot of the pool that no row may read (the null page, free pages, page tails past a sequence's length,
+before a window) holding NaN: values and per-token scales alike.
 
 Tolerances as in tests/kernels/test_decode_attention.py: elementwise |out - ref| <= atol + rtol |ref|
 and ||out - ref|| / ||ref|| <= rel.
@@ -16,6 +16,7 @@ and ||out - ref|| / ||ref|| <= rel.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,9 @@ from tests.kernels.checks import assert_close, seed  # noqa: F401 (seed: a fixtu
 from tests.kernels.lowering import lower_for_h100, verify_triton_modules
 
 FP8 = jnp.float8_e4m3fn
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
 @dataclasses.dataclass
 class Case:
     q: np.ndarray  # [T, Hq, K]
@@ -386,8 +390,69 @@ class TestPallasDefaultConfig(PagedAttentionCases):
     implementation = "pallas"
 
 
+# The kernel written in Triton itself (`triton_jit.py`; Triton's interpreter on a CPU) on the same cases
+# and configs as the Pallas kernel: both gathers, splits, the decode launch, the default configs.
+
+
+@needs_triton
+class TestTriton(TestPallas):
+    implementation = "triton"
+
+
+@needs_triton
+class TestTritonDecodeLaunch(TestPallasDecodeLaunch):
+    implementation = "triton"
+
+
+@needs_triton
+class TestTritonDefaultConfig(TestPallasDefaultConfig):
+    implementation = "triton"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_triton_launches_compile_for_hopper(dtype, monkeypatch):
+    """Both launches of the Triton kernel, with the default config of a 256-row step at Mixtral's heads (32
+    query heads, 8 KV heads, head dim 128, pages of 16), compile with Triton for sm_90 on the CPU: each
+    launch as the jitted wrapper hands it to jax-triton (kernel, operands, constexprs, warps, stages), its
+    key and value loads pipelined (cp.async into shared memory) as the Pallas kernel's are."""
+    from pallas_kernels import triton_call
+    from pallas_kernels.paged_attention import triton_jit
+
+    launches = []
+
+    def record(kernel, *args, out_shape, grid, num_warps, num_stages, interpret, name, **constexprs):
+        operands = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+        launches.append((name, kernel, operands, out_shape, dict(num_warps=num_warps, num_stages=num_stages),
+                         constexprs))
+        return [jnp.zeros(o.shape, o.dtype) for o in out_shape]
+
+    s, i32 = jax.ShapeDtypeStruct, jnp.int32
+    rows, seqs, pages_per_seq, page_size, head_dim = 256, 32, 64, 16, 128
+    pool = s((2048, page_size, 8, head_dim), dtype)
+    scale = s(pool.shape[:3], jnp.float32) if dtype == FP8 else None
+    config = default_config(4, page_size, rows, seqs, pages_per_seq, kv_heads=8, head_dim=head_dim,
+                            itemsize=pool.dtype.itemsize)
+    assert config.gather == "pages" and config.pages_per_step == 4 and config.decode is not None
+    monkeypatch.setattr(triton_call, "call", record)
+    triton_jit.paged_attention.clear_cache()  # trace afresh, through the recorder
+    try:
+        jax.eval_shape(lambda *a: triton_jit.paged_attention(*a[:7], k_scale=a[7], v_scale=a[8],
+                                                             sm_scale=head_dim**-0.5, window=None, config=config),
+                       s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((seqs, pages_per_seq), i32),
+                       s((rows,), i32), s((rows,), i32), s((seqs,), i32), scale, scale)
+    finally:
+        triton_jit.paged_attention.clear_cache()
+    assert [launch[0] for launch in launches] == ["jaxfire_paged_attention", "jaxfire_paged_attention_decode"]
+    for name, kernel, operands, out_shape, launch, constexprs in launches:
+        assert constexprs["INTERPRET"] is False and constexprs["FP8"] == (dtype == FP8)
+        compiled = triton_call.compile_for(kernel, *operands, out_shape=out_shape, **launch, **constexprs)
+        assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0, name
+        assert "async_copy_global_to_local" in compiled.asm["ttgir"], name
+
+
 def _items(live: int, steps: list[int], **kw) -> dict:
-    from pallas_kernels.paged_attention.triton import decode_items
+    from pallas_kernels.paged_attention.plan import decode_items
 
     rows = len(steps)
     span = 16
