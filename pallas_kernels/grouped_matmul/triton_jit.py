@@ -28,12 +28,6 @@ from pallas_kernels import triton_call
 from pallas_kernels.grouped_matmul.config import Config
 from pallas_kernels.grouped_matmul.tiling import max_row_tasks, row_tasks
 
-# The kernel calls no @triton.jit function (helpers of its own, tl.sum, tl.zeros, tl.sigmoid,
-# tl.cdiv): `triton_call` interprets the kernel alone, and Triton's interpreter can run a nested one
-# only where Triton was imported in interpreter mode. Sums reduce with tl.sum's own combine function,
-# which the interpreter maps to numpy.
-_SUM = tl.standard._sum_combine
-
 
 @triton.jit
 def _kernel(
@@ -83,12 +77,12 @@ def _kernel(
         # once at the end; more would not fit, so those sum each step (row r into column r).
         DEFER: tl.constexpr = GEMV and BLOCK_M == 1 and not SWIGLU
         if DEFER:
-            gate = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)  # [BN, BK]
+            gate = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # [BN, BK]
         elif GEMV or SWAP_AB:  # the MMA's M side is BN with SWAP_AB: wide even when few rows are live
-            gate = tl.full((BLOCK_N, ROWS), 0.0, tl.float32)  # [BN, R]
+            gate = tl.zeros((BLOCK_N, ROWS), tl.float32)  # [BN, R]
         else:
-            gate = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)  # [R, BN]
-        up = gate  # zeros of the same shape
+            gate = tl.zeros((ROWS, BLOCK_N), tl.float32)  # [R, BN]
+        up = tl.zeros_like(gate)
         for i in range(first, first + num_steps):
             k = i * BLOCK_K + ks  # [BK]
             k_valid = k < K
@@ -111,9 +105,9 @@ def _kernel(
                     if DEFER:
                         gate += w_gate * x
                     else:
-                        gate += tl.where(rows[None, :] == r, tl.reduce(w_gate * x, 1, _SUM)[:, None], 0.0)
+                        gate += tl.where(rows[None, :] == r, tl.sum(w_gate * x, axis=1)[:, None], 0.0)
                         if SWIGLU:
-                            up += tl.where(rows[None, :] == r, tl.reduce(w_up * x, 1, _SUM)[:, None], 0.0)
+                            up += tl.where(rows[None, :] == r, tl.sum(w_up * x, axis=1)[:, None], 0.0)
             else:
                 x_ptrs = lhs_ptr + (start + rows)[:, None] * STRIDE_LT + k[None, :]
                 x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)  # [R, BK]
@@ -138,7 +132,7 @@ def _kernel(
                     if SWIGLU:
                         up = tl.dot(x, w_up if W_BY_K else tl.trans(w_up), up, max_num_imprecise_acc=BLOCK_K)
         if DEFER:
-            gate = tl.reduce(gate, 1, _SUM)[:, None]  # [BN, 1]
+            gate = tl.sum(gate, axis=1)[:, None]  # [BN, 1]
         if GEMV or SWAP_AB:
             gate = tl.trans(gate)
             up = tl.trans(up)  # each [R, BN] f32
@@ -160,7 +154,7 @@ def _kernel(
                 tl.store(out_ptrs + N_OUT, up, mask=mask)
         else:
             if SWIGLU:
-                gate = gate * (1 / (1 + tl.exp(-gate))) * up
+                gate = gate * tl.sigmoid(gate) * up
             out_ptrs = out_ptr + (start + rows)[:, None] * STRIDE_OT + cols[None, :]
             tl.store(out_ptrs, gate.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -201,34 +195,6 @@ def _launch(lhs, rhs, lhs_scale, rhs_scale, *, transpose_rhs, swiglu, out_dtype,
     return grid, out_shape, params
 
 
-@functools.cache
-def _fix_interpreter() -> None:
-    """Two faults of Triton 3.6's interpreter that this kernel meets: it holds a scalar as a 1-element
-    array and makes a loop bound of it with int(), which numpy >= 2.5 refuses (the K loop's bounds
-    come from the program ids); and its tl.dot multiplies bf16 operands as their uint16 bit patterns.
-    Loop bounds read the element instead; bf16 operands are widened to f32 (exact) for the dot."""
-    import ml_dtypes
-    import numpy as np
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patch
-
-    dot = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        a, b = (interpreter.TensorHandle(x.data.view(ml_dtypes.bfloat16).astype(np.float32), tl.float32)
-                if x.dtype == tl.bfloat16 else x for x in (a, b))
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-
 def _scale_or_stub(scale):
     return jnp.zeros((1,), jnp.float32) if scale is None else scale.astype(jnp.float32)
 
@@ -254,8 +220,6 @@ def grouped_matmul(
     grid, out_shape, params = _launch(lhs, rhs, lhs_scale, rhs_scale, transpose_rhs=transpose_rhs, swiglu=swiglu,
                                       out_dtype=out_dtype, config=config)
     tasks = row_tasks(group_sizes, t, config.block_m)
-    if interpret:
-        _fix_interpreter()
     out = triton_call.call(
         _kernel, tasks.group, tasks.start, tasks.size, lhs, rhs, _scale_or_stub(lhs_scale), _scale_or_stub(rhs_scale),
         out_shape=out_shape, grid=grid, num_warps=config.num_warps, num_stages=config.num_stages,

@@ -552,7 +552,8 @@ def test_production_shapes_lower_for_h100(dtype, swiglu, t, monkeypatch):
 def test_triton_default_configs_compile_for_hopper(swiglu):
     """The kernel written in Triton compiles for sm_90 at Mixtral's expert shapes (fp8 K-major
     weights, bf16 or fp8 rows) with each decode size's default config: the multiply-add kernel for
-    one token's rows, the MMA kernel from 8 rows."""
+    one token's rows, the MMA kernel from 8 rows, its loads staged in shared memory by cp.async
+    within the 227 KB a block may take."""
     from pallas_kernels.grouped_matmul import config as cfg, triton_jit
 
     e, s = 8, jax.ShapeDtypeStruct
@@ -565,4 +566,6 @@ def test_triton_default_configs_compile_for_hopper(swiglu):
                 s((e, n), F32), transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config)
             ptx = compiled.asm["ptx"]
             assert ".target sm_90" in ptx and len(compiled.asm["cubin"]) > 0
-            assert config.gemv == (rows <= 2) and ("mma.sync" in ptx) == (not config.gemv), (rows, config)
+            assert config.gemv == (rows <= 2), (rows, config)
+            assert ("mma.sync" in ptx) == ("cp.async" in ptx) == (not config.gemv), (rows, config)
+            assert compiled.metadata.shared <= 227 * 1024
