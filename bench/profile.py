@@ -26,8 +26,8 @@ annotation, or the kernel's own name for XLA's fusions), and each instruction to
 `jax.named_scope` path in its metadata. Collectives (all_to_all, all-reduce, ...) form a stage of
 their own, "communication". One row per measured job goes to bench/results/profile.jsonl: wall time
 per step, device busy time, idle time, kernels per step and per layer, the stages and the ten
-costliest kernels, and the idle gaps between kernels summed by the kernel that ended them
-("idle_before": a gap before the same kernel every time is its launch); decode and ragged rows also carry the bytes the step must read (`bench/decode.py`'s
+costliest kernels, and the idle gaps between kernels summed by the kernel that ended them and the one
+before ("idle_before": a gap between the same two kernels every time is a launch); decode and ragged rows also carry the bytes the step must read (`bench/decode.py`'s
 count: the experts its token rows can reach, the cached positions its rows read) over its wall time
 ("tbs") as a share of the card's read bandwidth measured in the same run ("read_tbs", "of_read_bw").
 
@@ -225,8 +225,8 @@ def summarize(events: list[Event], program: dict[str, Instruction], steps: int, 
                 stages_ms={s: per_step(ns) for s, ns in sorted(stages.items(), key=lambda kv: -kv[1])},
                 top_kernels=[dict(kernel=n, stage=s, ms=per_step(t), calls_per_step=c / steps)
                              for (n, s), (t, c) in costliest],
-                idle_before=[dict(kernel=n, stage=s, ms=per_step(t), gaps_per_step=c / steps)
-                             for (n, s), (t, c) in gaps])
+                idle_before=[dict(kernel=n, stage=s, after=p, ms=per_step(t), gaps_per_step=c / steps)
+                             for (n, s, p), (t, c) in gaps])
 
 
 def _instruction(e: Event, program: dict[str, Instruction], by_kernel_name: dict[str, Instruction]):
@@ -235,19 +235,21 @@ def _instruction(e: Event, program: dict[str, Instruction], by_kernel_name: dict
 
 
 def idle_gaps(events: list[Event], program: dict[str, Instruction],
-              by_kernel_name: dict[str, Instruction]) -> dict[tuple[str, str], list[float]]:
-    """The device's idle time between kernels, by the kernel that ended each gap: (name, stage) ->
-    [idle ns, gaps]. A gap that precedes the same kernel every time points at its launch (host set-up,
-    a synchronisation before it); idle spread thinly over small kernels is dispatch."""
-    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    end = None
+              by_kernel_name: dict[str, Instruction]) -> dict[tuple[str, str, str], list[float]]:
+    """The device's idle time between kernels, by the kernel that ended each gap and the one before it:
+    (next name, next stage, previous name) -> [idle ns, gaps]. A gap that comes between the same two
+    kernels every time points at a launch (host set-up, a synchronisation); idle spread thinly over
+    small kernels is dispatch."""
+    out: dict[tuple[str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    end, last = None, ""
     for e in sorted(events, key=lambda e: e.start_ns):
         if end is not None and e.start_ns > end:
             inst = _instruction(e, program, by_kernel_name)
-            g = out[(e.name[:80], stage_of(inst, e.name))]
+            g = out[(e.name[:80], stage_of(inst, e.name), last[:80])]
             g[0] += e.start_ns - end
             g[1] += 1
-        end = e.start_ns + e.duration_ns if end is None else max(end, e.start_ns + e.duration_ns)
+        if end is None or e.start_ns + e.duration_ns >= end:
+            end, last = e.start_ns + e.duration_ns, e.name
     return out
 
 
@@ -495,7 +497,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     ["stage", "ms", "share"])
         print_table(r["top_kernels"], ["kernel", "stage", "ms", "calls_per_step"])
         print("idle before:")
-        print_table(r["idle_before"], ["kernel", "stage", "ms", "gaps_per_step"])
+        print_table(r["idle_before"], ["kernel", "stage", "after", "ms", "gaps_per_step"])
     print()
     print_table(rows, ["job", "batch", "spec", "wall_ms", "busy_ms", "idle_ms", "kernels_per_layer", "tbs",
                        "of_read_bw"])

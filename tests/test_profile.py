@@ -58,6 +58,8 @@ def test_idle_gaps_are_booked_to_the_kernel_that_ends_them():
               ev("overlap", 50, 20, "f.1"),  # inside the experts' span: no gap
               ev("route", 150, 10, "f.1"), ev("experts", 200, 100, "c.1")]  # 10 then 40 ns
     gaps = P.idle_gaps(events, program, {})
-    assert gaps == {("experts", "moe/experts"): [70.0, 2], ("route", "moe/route"): [10.0, 1]}, dict(gaps)
+    assert gaps == {("experts", "moe/experts", "route"): [70.0, 2],
+                    ("route", "moe/route", "experts"): [10.0, 1]}, dict(gaps)
     row = P.summarize(events, program, steps=2, wall_s=400e-9)
-    assert row["idle_before"][0] == dict(kernel="experts", stage="moe/experts", ms=35e-6, gaps_per_step=1.0)
+    assert row["idle_before"][0] == dict(kernel="experts", stage="moe/experts", after="route", ms=35e-6,
+                                         gaps_per_step=1.0)
