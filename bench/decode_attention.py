@@ -437,12 +437,12 @@ def paged_sweep_configs(batch: int, rows: int, seqs: int, seq_len: int, page_siz
         (1, "decode-wave0.5x", decode(128, 3, wave=max(1, dec.wave // 2))),
         (1, "decode-stages4", decode(128, 4)),
         (1, "decode-warps8", decode(128, 3, 8)),
-        # the decode launch on Mosaic GPU, its wave the programs that fit an SM, on 132 SMs (64 x 2 and
-        # 32 x 4 fit two a multiprocessor)
+        # the decode launch on Mosaic GPU, its wave the programs that fit an SM, on 132 SMs (64 x 2 fits
+        # two a multiprocessor; steps are whole 64-row tiles)
         *[(1, f"mosaic-kv{positions}-stages{stages}",
            decode(positions, stages, kernel="mosaic",
                   wave=132 * paged_mosaic.resident_programs(positions, stages, HEAD_DIM, itemsize, HKV)))
-          for positions, stages in ((64, 3), (128, 2), (64, 2), (32, 4))],
+          for positions, stages in ((64, 3), (128, 2), (64, 2))],
         (2, "decode-nosplit", decode(128, 3, num_splits=1)),
         (2, "decode-wave4x", decode(128, 3, num_splits=32, wave=4 * dec.wave)),
         (2, "decode-stages2", decode(128, 2)),

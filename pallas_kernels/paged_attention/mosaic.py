@@ -86,6 +86,9 @@ def unsupported_reason(dtype, heads: int, head_dim: int, block_kv: int, stages: 
     if dtype == FP8 and kv_heads % 8:
         return (f"an FP8 pool's scale rows of {kv_heads} KV heads do not fill a register tile (a multiple of 8 "
                 "heads; other FP8 pools take the Triton decode launch: DecodeConfig(kernel='triton'))")
+    if block_kv % TILE_ROWS:
+        return (f"steps of {block_kv} positions are not whole {TILE_ROWS}-row register tiles (the value tile's "
+                "span mask and an FP8 pool's dequantization load [W, K] tiles in the wgmma layout)")
     if dtype == FP8 and block_kv > 128:
         return f"FP8 steps of {block_kv} positions exceed 128 (the dequantized tiles' registers)"
     if smem_bytes(block_kv, stages, head_dim, dtype.itemsize, kv_heads) > _SMEM_BYTES:

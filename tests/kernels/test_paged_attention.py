@@ -249,7 +249,7 @@ class TestMosaicDecodeLaunch:
     Triton beside it. It takes bf16, f16 and FP8 pools; every case poisons the slots no row may read."""
 
     @staticmethod
-    def config(block_kv: int = 16, stages: int = 3, splits: int = 4, wave: int = 16) -> PagedAttentionConfig:
+    def config(block_kv: int = 64, stages: int = 3, splits: int = 4, wave: int = 16) -> PagedAttentionConfig:
         return PagedAttentionConfig(block_q=4, gather="rows", decode=DecodeConfig(
             num_splits=splits, block_kv=block_kv, num_stages=stages, wave=wave, kernel="mosaic"))
 
@@ -257,10 +257,10 @@ class TestMosaicDecodeLaunch:
         check_against_reference(case, config, **kwargs)
 
     def test_decode_rows_split_into_items_beside_chunks(self, seed):
-        # Steps of half a page (32-position pages), rows cut into several items (a ring deeper than some
+        # Steps of half a page (128-position pages), rows cut into several items (a ring deeper than some
         # items' steps), a row that sees nothing, chunks and padding through the block launch.
-        case = make_case(seed, page_size=32, pages_per_seq=6, padding=2,
-                         steps=[(150, 1), (37, 1), (0, 1), (20, 20), (64, 1), (0, 0)])
+        case = make_case(seed, page_size=128, pages_per_seq=3, padding=2,
+                         steps=[(300, 1), (37, 1), (0, 1), (20, 20), (64, 1), (0, 0)])
         self.check(case, self.config())
 
     def test_several_pages_a_step_mqa_f16_window(self, seed):
@@ -283,9 +283,9 @@ class TestMosaicDecodeLaunch:
         self.check(case, self.config(block_kv=64, stages=2), sm_scale=0.19)
 
     def test_fp8_pool_half_page_steps_f16_queries(self, seed):
-        case = make_case(seed, q_heads=8, kv_heads=8, head_dim=128, page_size=32, cache_dtype=FP8,
-                         q_dtype=jnp.float16, pages_per_seq=6, steps=[(150, 1), (37, 1), (64, 1)], padding=0)
-        self.check(case, self.config(block_kv=16, stages=3, splits=3))
+        case = make_case(seed, q_heads=8, kv_heads=8, head_dim=128, page_size=128, cache_dtype=FP8,
+                         q_dtype=jnp.float16, pages_per_seq=3, steps=[(300, 1), (37, 1), (64, 1)], padding=0)
+        self.check(case, self.config(block_kv=64, stages=3, splits=3))
 
     def test_refuses_pools_it_cannot_read(self, seed):
         case = make_case(seed, cache_dtype=jnp.float32, steps=[(20, 1), (9, 1)])
@@ -303,6 +303,8 @@ class TestMosaicDecodeLaunch:
         case = make_case(seed, steps=[(20, 1), (9, 1)], head_dim=128)
         with pytest.raises(ValueError, match="do not fit in shared memory"):
             self.check(case, self.config(block_kv=128, stages=4))
+        with pytest.raises(ValueError, match="steps of 32 positions are not whole 64-row register tiles"):
+            self.check(case, self.config(block_kv=32, stages=4))
         with pytest.raises(ValueError, match="config.decode.kernel must be one of"):
             self.check(case, PagedAttentionConfig(decode=DecodeConfig(kernel="cuda")))
 
@@ -313,11 +315,11 @@ class TestMosaicBlockLaunch:
     too) and beside the Mosaic decode launch (no Triton kernel at all)."""
 
     @staticmethod
-    def config(block_q: int = 4, pages_per_step: int = 1, stages: int = 2, splits: int = 1,
+    def config(block_q: int = 4, pages_per_step: int = 4, stages: int = 2, splits: int = 1,
                decode: bool = False) -> PagedAttentionConfig:
         return PagedAttentionConfig(block_q=block_q, num_splits=splits, pages_per_step=pages_per_step,
                                     num_stages=stages, kernel="mosaic", decode=TestMosaicDecodeLaunch.config(
-                                        block_kv=16 * pages_per_step, stages=stages).decode if decode else None)
+                                        stages=stages).decode if decode else None)
 
     def test_prompts_chunks_and_decode_rows(self, seed):
         # Whole prompts, chunks continuing a sequence (blocks of 4 tokens x 4 heads = 16 tile rows, the
@@ -328,12 +330,12 @@ class TestMosaicBlockLaunch:
     def test_splits_several_pages_a_step_window_f16(self, seed):
         case = make_case(seed, q_heads=4, kv_heads=2, q_dtype=jnp.float16, cache_dtype=jnp.float16, window=40,
                          pages_per_seq=8, steps=[(120, 33), (64, 64), (9, 1), (75, 2)], padding=1)
-        check_against_reference(case, self.config(block_q=32, pages_per_step=2, splits=3), sm_scale=0.3)
+        check_against_reference(case, self.config(block_q=32, pages_per_step=4, splits=3), sm_scale=0.3)
 
     def test_fp8_pool_beside_the_mosaic_decode_launch(self, seed):
         case = make_case(seed, q_heads=16, kv_heads=8, head_dim=128, cache_dtype=FP8, page_size=32,
                          pages_per_seq=6, steps=[(150, 40), (37, 1), (64, 1), (90, 90)], padding=2)
-        check_against_reference(case, self.config(block_q=16, splits=2, decode=True))
+        check_against_reference(case, self.config(block_q=16, pages_per_step=2, splits=2, decode=True))
 
     def test_pallas_mosaic_takes_the_default_config_on_mosaic(self, seed, monkeypatch):
         # implementation="pallas_mosaic": the default config with both launches on Mosaic GPU, at
