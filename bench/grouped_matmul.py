@@ -3,7 +3,7 @@
 ragged dot, a dense matmul of equal FLOPs (compute ceiling) and the read bandwidth (memory ceiling).
 
     PYTHONPATH=. python3 bench/grouped_matmul.py --out-dir bench/results            # the grid
-    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode                      # a decode step's problems
+    PYTHONPATH=. python3 bench/grouped_matmul.py --study decode [--triton-jit]       # a decode step's problems
     PYTHONPATH=. python3 bench/grouped_matmul.py --study sweep --out-dir /tmp/sweep   # block sweeps
     PYTHONPATH=. python3 bench/grouped_matmul.py --study decode-sweep                # decode blocks, split-K
     PYTHONPATH=. python3 bench/grouped_matmul.py --study gemv-sweep                  # MMA vs multiply-add
@@ -526,18 +526,22 @@ DECODE_STEP_PROBLEMS = (
 )
 
 
-def run_decode(b: Bench, copy_bw: float, iters: int, problems: str) -> None:
+def run_decode(b: Bench, copy_bw: float, iters: int, problems: str, triton_jit: bool = False) -> None:
     """A decode step's expert and projection problems through the public entry points with their
     defaults (the kernel and config the model gets), checked against the reference, then timed from a
     profiler trace (the kernels and the XLA ops around them) over weight sets that overflow the L2, as
     `run_gemv_sweep` does: each layer of a model reads its own weights. The weight bytes of the live
-    experts over that time, against the read ceiling, is how close each problem is to the memory."""
+    experts over that time, against the read ceiling, is how close each problem is to the memory. With
+    `triton_jit`, each problem's Triton kernel also runs written in Triton itself (implementation="triton",
+    the same config), timed beside it ("triton-jit")."""
     for c in decode_cases(DECODE_STEP_PROBLEMS, problems, 4):
-        fn = ours(None, swiglu=c.swiglu)
         backend, config = api._pallas_backend(c.x, c.w8, True, c.swiglu, jnp.bfloat16, None, None)
-        b.traced(f"decode {c.name}", c, lambda: fn(c.x, c.w8, c.g, rhs_scale=c.ws), c.want,
-                 [functools.partial(fn, c.x, c.w8, rolled, rhs_scale=c.ws) for rolled in c.sets] * iters, copy_bw,
-                 study="decode", impl="jaxfire", dtype="w8a16", backend=backend, config=str(config))
+        impls = [("jaxfire", None)] + ([("triton-jit", "triton")] if triton_jit and backend == "triton" else [])
+        for label, implementation in impls:
+            fn = ours(implementation, swiglu=c.swiglu)
+            b.traced(f"decode {c.name} {label}", c, lambda fn=fn: fn(c.x, c.w8, c.g, rhs_scale=c.ws), c.want,
+                     [functools.partial(fn, c.x, c.w8, rolled, rhs_scale=c.ws) for rolled in c.sets] * iters,
+                     copy_bw, study="decode", impl=label, dtype="w8a16", backend=backend, config=str(config))
 
 
 # The problems of a decode step run other ways (study "decode-alt"): the projections' one-group
@@ -665,6 +669,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--swiglu-rows", default="32,4096")
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--triton-jit", action="store_true",
+                   help="decode: also time each Triton kernel written in Triton itself (implementation='triton')")
     p.add_argument("--problems", default="",
                    help="decode, gemv-sweep, decode-alt, decode-tiles, chunk-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)
@@ -684,7 +690,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"{common.device_info()}\nread bandwidth {b.read_tbs:.2f} TB/s, copy bandwidth (read + write): "
           f"{copy_bw / 1e12:.2f} TB/s", flush=True)
     if args.study == "decode":
-        run_decode(b, copy_bw, args.iters, args.problems)
+        run_decode(b, copy_bw, args.iters, args.problems, args.triton_jit)
     elif args.study == "sweep":
         run_sweep(b, copy_bw, tuple(args.sweep_impls.split(",")))
     elif args.study == "decode-sweep":

@@ -215,6 +215,11 @@ def test_decode_study_checks_and_times_each_problem_against_the_read_ceiling(tmp
     assert [r["weight_sets"] for r in rows] == [2, 3]  # enough weight sets to pass the (patched) L2 size
     with pytest.raises(SystemExit):
         G.main(["--study", "decode", "--problems", "gate_up_b7"])
+    # --triton-jit: each Triton problem also runs written in Triton itself, checked and timed beside it
+    rows = G.main(["--study", "decode", "--iters", "1", "--triton-jit", "--out-dir", str(tmp_path)])
+    assert [(r["shape"], r["impl"]) for r in rows] == [(shape, impl) for shape in ("tiny_gate_up_b1", "tiny_down_t8")
+                                                       for impl in ("jaxfire", "triton-jit")]
+    assert all(r["rel_err"] < G.MAX_REL_ERR and r["backend"] == "triton" for r in rows)
 
 
 def test_decode_alt_study_runs_every_variant_against_the_reference(tmp_path, monkeypatch):
