@@ -103,12 +103,20 @@ _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "floa
 
 
 def _triton_type(v: Any) -> str:
-    if isinstance(v, bool):
+    """The type jax-triton gives a kernel parameter (0.3.1's `get_triton_type`): a Python float is fp64
+    there, so a kernel that wants fp32 math takes np.float32 or a constexpr."""
+    if isinstance(v, (bool, np.bool_)):
         return "i1"
     if isinstance(v, (int, np.integer)):
-        return "i32"
-    if isinstance(v, (float, np.floating)):
+        v = int(v)
+        for name, lo, hi in (("i32", -2 ** 31, 2 ** 31), ("u32", 0, 2 ** 32), ("i64", -2 ** 63, 2 ** 63)):
+            if lo <= v < hi:
+                return name
+        return "u64"
+    if isinstance(v, np.float32):
         return "fp32"
+    if isinstance(v, (float, np.floating)):
+        return "fp64"
     return "*" + _TRITON_TYPES[np.dtype(v.dtype).name]
 
 

@@ -108,3 +108,16 @@ def test_a_kernel_compiles_after_an_interpreted_run_of_nested_calls():
                            jax.ShapeDtypeStruct((1,), jnp.int32), out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
                            num_warps=4, num_stages=1, ROWS=16, COLS=32)
     assert len(compiled.asm["cubin"]) > 0
+
+
+def test_compile_types_scalars_as_jax_triton_does():
+    """A Python float reaches the kernel as fp64 (jax-triton's typing), np.float32 as fp32: an fp8 output
+    computed from an fp64 scalar does not compile (as on the device: no f64 -> e4m3 conversion), the
+    same kernel with an np.float32 scalar does."""
+    n, s = 64, jax.ShapeDtypeStruct
+    args = (s((n,), jnp.float8_e4m3fn), s((n,), jnp.float32), n)
+    outs = [s((n,), jnp.float8_e4m3fn), s((n,), jnp.float32)]
+    with pytest.raises(Exception, match="PassManager::run failed"):  # (its stderr names the f64 -> e4m3 cast)
+        compile_for(_scale_add, *args, 0.5, out_shape=outs, num_warps=1, num_stages=1, BLOCK=64)
+    compiled = compile_for(_scale_add, *args, np.float32(0.5), out_shape=outs, num_warps=1, num_stages=1, BLOCK=64)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]
