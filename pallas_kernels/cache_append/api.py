@@ -42,8 +42,8 @@ def cache_append(
 
     implementation: None picks the Pallas kernel on GPU and the reference elsewhere; "pallas" /
     "pallas_triton" force the kernel (interpret mode off the GPU); "pallas_mosaic" the Mosaic GPU
-    kernel (opt-in, untimed); "triton" the same kernel written in Triton, launched through jax-triton
-    (opt-in, untimed).
+    kernel (opt-in); "triton" the same kernel written in Triton, launched through jax-triton (opt-in).
+    Both launch slower than the Pallas kernel at most sizes (run S7; see the README).
     """
     _check(k_cache, v_cache, k, v, positions, k_scale, v_scale)
     use_reference, interpret = resolve(implementation, mosaic=True, triton=True)

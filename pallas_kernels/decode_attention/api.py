@@ -50,7 +50,7 @@ def decode_attention(
     implementation: None picks the fastest measured path for the platform (the Pallas kernel on
     GPU, the reference elsewhere); "reference" is plain jnp; "pallas" / "pallas_triton" force the
     kernel, run in interpret mode off the GPU; "triton" the same kernel written in Triton, launched
-    through jax-triton (opt-in, untimed). `config` overrides the kernel's tuning.
+    through jax-triton (opt-in: level with it from B=32, slower at B=1; see the README). `config` overrides the kernel's tuning.
     """
     q, k, v, lengths = (jnp.asarray(x) for x in (q, k, v, lengths))
     _check_arrays(q, k, v, lengths, k_scale, v_scale)
