@@ -212,55 +212,52 @@ def run_grid(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], No
                 sets = make_input_sets(batch, seq_len, fp8)
                 nbytes = sets[0].kv_bytes
                 config = default_config(batch, seq_len, HKV, HEAD_DIM, sets[0].k.dtype)
+                base = {"study": "grid", "batch": batch, "seq_len": seq_len, "cache": dtype,
+                        "config": _config_dict(config)}
                 first = None  # the first implementation's seconds
                 for implementation in args.implementations:
                     try:
                         rel = check(ours(config, implementation), sets[0])
                         t = device_time(ours(config, implementation), sets, args.copies)
                     except Exception as e:  # recorded, so one bad size does not lose the others
-                        rows.append({"study": "grid", "batch": batch, "seq_len": seq_len, "impl": implementation,
-                                     "cache": dtype, "config": _config_dict(config),
-                                     "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                        rows.append(dict(base, impl=implementation, error=f"{type(e).__name__}: {str(e)[:300]}"))
                         emit(rows[-1])
                         continue
+                    row = dict(
+                        base, impl=implementation, q_heads=HQ, kv_heads=HKV, head_dim=HEAD_DIM,
+                        scales="per_token" if fp8 else None, kv_bytes=nbytes, rel_err=rel, time_us=t * 1e6,
+                        tbps=nbytes / t / 1e12, copy_tbps=copy_bw / 1e12, pct_copy=100 * nbytes / t / copy_bw,
+                        copies=args.copies, input_sets=len(sets))
                     if first is not None:  # a later implementation: its time beside the first's, no peers
-                        rows.append({"study": "grid", "batch": batch, "seq_len": seq_len, "impl": implementation,
-                                     "cache": dtype, "config": _config_dict(config), "rel_err": rel,
-                                     "time_us": t * 1e6, "tbps": nbytes / t / 1e12, "copy_tbps": copy_bw / 1e12,
-                                     f"vs_{args.implementations[0]}": first / t, "copies": args.copies})
-                        emit(rows[-1])
-                        continue
-                    first = t
-                    row = {
-                        "study": "grid", "impl": implementation, "batch": batch, "seq_len": seq_len, "q_heads": HQ,
-                        "kv_heads": HKV, "head_dim": HEAD_DIM, "cache": dtype,
-                        "scales": "per_token" if fp8 else None, "kv_bytes": nbytes,
-                        "config": _config_dict(config), "rel_err": rel, "time_us": t * 1e6,
-                        "tbps": nbytes / t / 1e12, "copy_tbps": copy_bw / 1e12,
-                        "pct_copy": 100 * nbytes / t / copy_bw, "copies": args.copies,
-                        "input_sets": len(sets),
-                    }
-                    if not args.no_peers:
-                        for name, fn in peers(fp8).items():
-                            try:
-                                tp = device_time(fn, sets, args.copies)
-                                row[f"{name}_tbps"] = nbytes / tp / 1e12
-                            except Exception as e:  # a peer that cannot run this size is recorded as such
-                                row[f"{name}_tbps"] = None
-                                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                        peer_figs = [v for key, v in row.items() if key.endswith("_tbps")
-                                     and key not in ("tbps", "copy_tbps") and v]
-                        row["best_peer_tbps"] = max(peer_figs) if peer_figs else None
-                        if row["best_peer_tbps"]:
-                            row["vs_best_peer"] = row["tbps"] / row["best_peer_tbps"]
-                    if fp8 and (batch, seq_len) in bf16_time:
-                        row["time_vs_bf16"] = t / bf16_time[(batch, seq_len)]
-                    if not fp8:
-                        bf16_time[(batch, seq_len)] = t
+                        row[f"vs_{args.implementations[0]}"] = first / t
+                    else:
+                        first = t
+                        if not args.no_peers:
+                            _add_peers(row, peers(fp8), sets, nbytes, args.copies)
+                        if fp8 and (batch, seq_len) in bf16_time:
+                            row["time_vs_bf16"] = t / bf16_time[(batch, seq_len)]
+                        if not fp8:
+                            bf16_time[(batch, seq_len)] = t
                     rows.append(row)
                     emit(row)
                 del sets
     return rows
+
+
+def _add_peers(row: dict[str, Any], fns: dict[str, Callable[[Inputs], jax.Array]], sets: list[Inputs], nbytes: int,
+               copies: int) -> None:
+    """Each peer's TB/s on the same inputs (None, with the error, where it cannot run), the best of them,
+    and the row's rate against it."""
+    for name, fn in fns.items():
+        try:
+            row[f"{name}_tbps"] = nbytes / device_time(fn, sets, copies) / 1e12
+        except Exception as e:  # a peer that cannot run this size is recorded as such
+            row[f"{name}_tbps"] = None
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    peer_figs = [row[f"{name}_tbps"] for name in fns if row[f"{name}_tbps"]]
+    row["best_peer_tbps"] = max(peer_figs) if peer_figs else None
+    if row["best_peer_tbps"]:
+        row["vs_best_peer"] = row["tbps"] / row["best_peer_tbps"]
 
 
 def _sweep_configs(args: argparse.Namespace, batch: int, seq_len: int, dtype) -> list:

@@ -354,3 +354,16 @@ def test_append_study_checks_each_backend_against_the_first_and_times_it(tmp_pat
     for r in written:
         assert r["time_us"] > 0 and r["vs_triton"] == pytest.approx(written[0 if r["cache"] == "bf16" else 4]
                                                                      ["time_us"] / r["time_us"])
+
+
+def test_grid_times_each_implementation_beside_the_first(tmp_path, tiny_attention):
+    """--implementations: every implementation checked against the reference and timed on the same inputs;
+    the first carries the peers, each later one its time against the first's."""
+    D = tiny_attention
+    rows = D.main(["--study", "grid", "--batches", "2", "--seqs", "32", "--dtypes", "bf16", "--copies", "1",
+                   "--implementations", "pallas,triton", "--out-dir", str(tmp_path)])
+    assert [r["impl"] for r in rows] == ["pallas", "triton"]
+    first, later = rows
+    assert all("error" not in r and r["rel_err"] < 2e-2 and r["time_us"] > 0 for r in rows)
+    assert "xla_tbps" in first and "vs_pallas" not in first and "xla_tbps" not in later
+    assert later["vs_pallas"] == pytest.approx(first["time_us"] / later["time_us"])
