@@ -82,17 +82,16 @@ def compile_for(
     from triton.compiler import ASTSource
 
     shapes = [out_shape] if isinstance(out_shape, jax.ShapeDtypeStruct) else list(out_shape)
-    jit_fn = kernel
-    names = [n for n in jit_fn.arg_names if n not in constexprs]
+    params = list(kernel.arg_names)
+    names = [n for n in params if n not in constexprs]
     values = list(args) + shapes
     if len(names) != len(values):
-        raise ValueError(f"{jit_fn.__name__} takes {len(names)} non-constexpr parameters, got {len(values)}")
+        raise ValueError(f"{kernel.__name__} takes {len(names)} non-constexpr parameters, got {len(values)}")
     signature = {n: _triton_type(v) for n, v in zip(names, values)}
     signature.update({n: "constexpr" for n in constexprs})
     # jax-triton tells Triton that every buffer is 16-byte aligned (XLA's are): vector loads, cp.async
-    params = list(jit_fn.arg_names)
     aligned = {(params.index(n),): [["tt.divisibility", 16]] for n, v in zip(names, values) if not _is_scalar(v)}
-    source = ASTSource(fn=jit_fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -121,7 +120,7 @@ def _triton_type(v: Any) -> str:
 
 
 def _is_scalar(a: Any) -> bool:
-    return isinstance(a, (bool, int, float, np.floating, np.integer))
+    return isinstance(a, (bool, int, float, np.bool_, np.floating, np.integer))
 
 
 def _interpret(kernel, args, shapes, grid, aliases, constexprs) -> list[jax.Array]:
@@ -140,7 +139,7 @@ def _interpret(kernel, args, shapes, grid, aliases, constexprs) -> list[jax.Arra
             params[i] = t
         with np.errstate(over="ignore", under="ignore"):  # as on the device: exp(88.8) is inf, silently
             _interpreted(kernel)[grid](*params, *outs, **constexprs)
-        return tuple(_to_numpy(t, s.dtype) for t, s in zip(outs, shapes))
+        return tuple(_to_numpy(t, s.dtype, torch) for t, s in zip(outs, shapes))
 
     result = jax.pure_callback(host, [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes], *arrays)
     return list(result)
@@ -233,12 +232,10 @@ def _to_torch(a: np.ndarray, torch):
     return torch.from_numpy(a)
 
 
-def _to_numpy(t, dtype) -> np.ndarray:
+def _to_numpy(t, dtype, torch) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.name in _VIEWS:
         int_name, _ = _VIEWS[dtype.name]
-        import torch
-
         return t.view(getattr(torch, int_name)).numpy().view(dtype)
     return t.numpy()
 
