@@ -43,9 +43,9 @@ class Launches(NamedTuple):
     block(meta, qs, q_pos, page_table, pools, config, *, block_q, ...) -> [o [Hkv, (T+Q) R', K]] in q's
         dtype, or with J splits [o [J, Hkv, (T+Q) R', K], lse [J, Hkv, (T+Q) R']] float32: the rows of
         `blocks`' blocks, grid (N, Hkv, J) (other rows hold anything).
-    decode(items, qs, q_pos, page_table, pools, decode_config, *, num_items, tile, ...) -> (o [Hkv, X, K],
-        lse [Hkv, X]) float32: item w's R' rows from row w R' (rows of items past the last hold anything),
-        grid (Hkv, I).
+    decode(items, qs, q_pos, page_table, pools, decode_config, *, num_items, tile, out_rows, ...) -> (o [Hkv,
+        X, K], lse [Hkv, X]) float32, X = out_rows: item w's R' rows from row w R' (rows of items past the
+        last hold anything), grid (Hkv, I).
     """
 
     block: Callable[..., list[jax.Array]]
@@ -240,8 +240,9 @@ def _decode_launch(decode, qs, q_pos, page_table, pools, dc: DecodeConfig, launc
                                       block_kv=span, stages=dc.num_stages, sm_scale=kernel_args["sm_scale"],
                                       interpret=interpret)
     else:
-        o, lse = launch(items, qs, q_pos, page_table, pools, dc, num_items=num_items, tile=tile, heads=heads,
-                        page_size=page_size, interpret=interpret, **kernel_args)
+        out_rows = (num_items + tile // heads) * heads  # the items' query rows, a tile's worth of slack
+        o, lse = launch(items, qs, q_pos, page_table, pools, dc, num_items=num_items, tile=tile, out_rows=out_rows,
+                        heads=heads, page_size=page_size, interpret=interpret, **kernel_args)
     # Each row's items, [D, J]: past a row's own items the index repeats its last (never one that was
     # not written) and the split is masked out.
     k = jnp.arange(dc.num_splits)

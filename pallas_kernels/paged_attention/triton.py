@@ -315,11 +315,10 @@ def _block_call(meta, qs, q_pos, page_table, pools, config: PagedAttentionConfig
     )(*args)
 
 
-def _decode_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_items: int, tile: int, heads: int,
-                 page_size: int, interpret: bool, **kernel_args) -> tuple[jax.Array, jax.Array]:
+def _decode_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_items: int, tile: int, out_rows: int,
+                 heads: int, page_size: int, interpret: bool, **kernel_args) -> tuple[jax.Array, jax.Array]:
     """The decode launch, grid (Hkv, I) (`plan.Launches.decode`)."""
     num_kv_heads, _, head_dim = qs.shape
-    out_rows = (num_items + tile // heads) * heads  # the items' query rows, a tile's worth of slack
     scalar = pl.BlockSpec((None,), lambda h, w: (w,))
     pool_specs, pool_arrays = _pool_specs(pools, 0, True)
     in_specs = [scalar] * 6 + [

@@ -294,11 +294,10 @@ def _block_call(meta, qs, q_pos, page_table, pools, config: PagedAttentionConfig
     return outs[:1] if splits == 1 else outs
 
 
-def _decode_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_items: int, tile: int, heads: int,
-                 page_size: int, interpret: bool, **kernel_args) -> tuple[jax.Array, jax.Array]:
+def _decode_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_items: int, tile: int, out_rows: int,
+                 heads: int, page_size: int, interpret: bool, **kernel_args) -> tuple[jax.Array, jax.Array]:
     """The decode launch, grid (Hkv, I) (`plan.Launches.decode`)."""
     num_kv_heads, _, head_dim = qs.shape
-    out_rows = (num_items + tile // heads) * heads  # the items' query rows, a tile's worth of slack
     # Items past the last (parts 0) take no steps and are never read.
     start, stop = key_steps(items["lo"], items["hi"], dc.block_kv, items["part"], jnp.maximum(items["parts"], 1))
     arrays, constexprs = _operands(qs, q_pos, page_table, pools, heads=heads, page_size=page_size,
