@@ -35,6 +35,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +164,10 @@ def time_decode_loop(params, c, runtime, batch, context, kv_dtype, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
+def prefill_call(params, c, runtime, tokens_n, kv_dtype) -> tuple[Callable[[], jax.Array], Callable[[], str]]:
+    """A `tokens_n`-token prompt's prefill that donates its cache back to the next call (no cache is
+    built between calls, whose fills the host would dispatch between prefills), and the text of its
+    compiled program."""
     state = {"cache": init_cache(c, 1, tokens_n, kv_dtype, runtime.mesh)}
     tokens = jax.random.randint(jax.random.key(3), (1, tokens_n), 0, c.vocab_size)
     counts = jnp.array([tokens_n], jnp.int32)
@@ -173,7 +177,15 @@ def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
         logits, state["cache"] = M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)
         return logits
 
-    return median_seconds(call, iters)
+    def compiled_text() -> str:
+        return M.prefill.lower(params, state["cache"], tokens, counts, c, runtime=runtime,
+                               fresh=True).compile().as_text()
+
+    return call, compiled_text
+
+
+def time_prefill(params, c, runtime, tokens_n, kv_dtype, iters=5):
+    return median_seconds(prefill_call(params, c, runtime, tokens_n, kv_dtype)[0], iters)
 
 
 def time_mixed(params, c, runtime, batch, context, tokens_n, kv_dtype, iters=5):

@@ -371,7 +371,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from jaxfire import paged_cache as pc
     from jaxfire import sharding as S
     from jaxfire.config import Config
-    from jaxfire.kv_cache import init_cache
     from jaxfire.params import fuse_qkv, init_params
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -473,19 +472,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         del state
     if args.prefill_tokens:
         t = args.prefill_tokens
-        tokens = jax.random.randint(jax.random.key(3), (1, t), 0, c.vocab_size)
-        counts = jnp.array([t], jnp.int32)
-        state = {"cache": init_cache(c, 1, t, kv_dtype, mesh)}
-        text = M.prefill.lower(params, state["cache"], tokens, counts, c, runtime=runtime,
-                               fresh=True).compile().as_text()
-
-        def prefill():
-            # The last call's cache, donated back (as bench/decode.py times it): a cache built for every
-            # call put the host's dozens of small fills between prefills, which the trace books as idle.
-            cache = dataclasses.replace(state["cache"], lengths=jnp.zeros((1,), jnp.int32))
-            logits, state["cache"] = M.prefill(params, cache, tokens, counts, c, runtime=runtime, fresh=True)
-            return logits
-
+        # bench/decode.py's prefill, its cache donated back: a cache built for every call put the host's
+        # dozens of small fills between prefills, which the trace booked as idle.
+        prefill, compiled_text = D.prefill_call(params, c, runtime, t, kv_dtype)
+        text = compiled_text()
         rows.append(dict(base, job="prefill", batch=1, tokens=t,
                          **profile(prefill, text, max(args.steps // 2, 2), top=args.top)))
     path = write_results("profile", rows, args.out_dir)
