@@ -28,6 +28,20 @@ import numpy as np
 _VIEWS = {"bfloat16": ("uint16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn")}
 
 
+def load(package: str) -> Any:
+    """`pallas_kernels.<package>.triton_jit`, the package's kernel written in Triton, imported on first use;
+    one clear error where Triton is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"pallas_kernels.{package}.triton_jit")
+    except ModuleNotFoundError as e:
+        if e.name != "triton" and not (e.name or "").startswith("triton."):
+            raise
+        raise ImportError(f"implementation='triton' needs Triton (and jax-triton on a GPU): pip install "
+                          f"'jaxfire[triton]'") from e
+
+
 def call(
     kernel: Any,  # a triton.JITFunction
     *args: jax.Array | int | float | bool,

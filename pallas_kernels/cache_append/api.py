@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from pallas_kernels.cache_append import mosaic, reference
 from pallas_kernels.cache_append import triton as triton_backend
 from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels import triton_call
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
 
@@ -52,9 +53,8 @@ def cache_append(
     if implementation == "pallas_mosaic":
         return mosaic.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
     if implementation == "triton":
-        from pallas_kernels.cache_append import triton_jit  # imports Triton
-
-        return triton_jit.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
+        return triton_call.load("cache_append").cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale,
+                                                             interpret=interpret)
     return triton_backend.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
 
 

@@ -18,6 +18,7 @@ from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import triton as triton_backend
 from pallas_kernels.decode_attention.config import DecodeAttentionConfig, default_config
 from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels import triton_call
 
 HEAD_DIMS = (64, 128, 256)
 _QUERY_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -81,7 +82,7 @@ def decode_attention(
     if config is None:
         config = default_config(batch, seq_len, num_kv_heads, head_dim, k.dtype)
     if implementation == "triton":
-        from pallas_kernels.decode_attention import triton_jit as backend  # imports Triton
+        backend = triton_call.load("decode_attention")  # imports Triton
     else:
         backend = triton_backend
     return backend.decode_attention(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import mosaic, reference, triton
 from pallas_kernels.grouped_matmul.config import Config, mosaic_config, triton_config
+from pallas_kernels import triton_call
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_mma", "pallas_mosaic", "pallas_triton", "triton")
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
@@ -119,11 +120,7 @@ def _run(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, 
                    preferred_element_type=out_dtype)
     backend, cfg = _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation)
     if implementation == "triton":
-        try:
-            from pallas_kernels.grouped_matmul import triton_jit  # imports Triton: only where it runs
-        except ImportError as e:
-            raise ImportError(
-                "implementation='triton' needs Triton and jax-triton: pip install 'jaxfire[triton]'.") from e
+        triton_jit = triton_call.load("grouped_matmul")
         if (reason := triton_jit.unsupported_reason(cfg)) is not None:
             raise ValueError(f"implementation='triton' cannot run this problem: {reason}.")
         return triton_jit.grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32), lhs_scale, rhs_scale,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels import triton_call
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.config import PagedAttentionConfig, default_config, mosaic_config
 
@@ -85,7 +86,7 @@ def paged_attention(
         return reference.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
                                          k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window)
     if implementation == "triton":  # Triton itself is imported only here
-        from pallas_kernels.paged_attention import triton_jit as backend
+        backend = triton_call.load("paged_attention")
     else:
         from pallas_kernels.paged_attention import triton as backend
 

@@ -121,3 +121,17 @@ def test_compile_types_scalars_as_jax_triton_does():
         compile_for(_scale_add, *args, 0.5, out_shape=outs, num_warps=1, num_stages=1, BLOCK=64)
     compiled = compile_for(_scale_add, *args, np.float32(0.5), out_shape=outs, num_warps=1, num_stages=1, BLOCK=64)
     assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]
+
+
+def test_load_names_the_install_where_triton_is_missing(monkeypatch):
+    import sys
+
+    from pallas_kernels.triton_call import load
+
+    assert load("cache_append").__name__ == "pallas_kernels.cache_append.triton_jit"
+    monkeypatch.delitem(sys.modules, "pallas_kernels.cache_append.triton_jit")
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"implementation='triton' needs Triton .*jaxfire\[triton\]"):
+        load("cache_append")
+    with pytest.raises(ModuleNotFoundError, match="no_such_kernel"):  # other import errors pass through
+        load("no_such_kernel")
