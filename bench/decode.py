@@ -290,6 +290,10 @@ VARIANTS = {
     "fp8-unfused": ("fp8", "fp8", M.Runtime()),
     # As "fp8" with the MMA kernel for one-token expert products too (no multiply-add kernel).
     "fp8-mma": ("fp8", "fp8", M.Runtime(grouped_matmul="pallas_mma")),
+    # As "fp8" with the decode attention written in Triton itself (off the deprecated Pallas Triton
+    # backend), launched as XLA's own Triton custom call, and the same through jax-triton.
+    "fp8-triton-jit": ("fp8", "fp8", M.Runtime(decode_attention="triton")),
+    "fp8-jax-triton": ("fp8", "fp8", M.Runtime(decode_attention="jax_triton")),
 }
 
 

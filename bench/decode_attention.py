@@ -532,9 +532,10 @@ def _line(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={common._fmt(row[k])}" for k in keys if k in row)
 
 
-# name: implementation= ("triton": the Pallas Triton kernel; "triton-jit": the kernel written in Triton itself)
+# name: implementation= ("triton": the Pallas Triton kernel; "triton-jit": the kernel written in Triton itself,
+# launched as XLA's Triton custom call; "jax-triton": the same through jax-triton)
 APPEND_IMPLEMENTATIONS = {"triton": "pallas_triton", "mosaic": "pallas_mosaic", "triton-jit": "triton",
-                          "xla": "reference"}
+                          "jax-triton": "jax_triton", "xla": "reference"}
 
 
 def run_append(args: argparse.Namespace, copy_bw: float, emit: Callable[[dict], None]) -> list[dict[str, Any]]:
@@ -623,7 +624,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--copies", type=int, default=16)
     p.add_argument("--implementations", type=lambda s: s.split(","), default=["pallas"],
                    help="the kernels' implementation= names the grid and the paged sweep time side by side, the "
-                        "first with the peers (e.g. pallas,triton)")
+                        "first with the peers (e.g. pallas,triton,jax_triton)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--block-s", dest="block_s", type=_ints, default=[64, 128])
     p.add_argument("--warps", type=_ints, default=[4, 8])

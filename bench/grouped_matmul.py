@@ -532,11 +532,13 @@ def run_decode(b: Bench, copy_bw: float, iters: int, problems: str, triton_jit: 
     profiler trace (the kernels and the XLA ops around them) over weight sets that overflow the L2, as
     `run_gemv_sweep` does: each layer of a model reads its own weights. The weight bytes of the live
     experts over that time, against the read ceiling, is how close each problem is to the memory. With
-    `triton_jit`, each problem's Triton kernel also runs written in Triton itself (implementation="triton",
-    the same config), timed beside it ("triton-jit")."""
+    `triton_jit`, each problem's Triton kernel also runs written in Triton itself (the same config),
+    launched as XLA's Triton custom call ("triton-jit", implementation="triton") and through jax-triton
+    ("jax-triton"), timed beside it."""
     for c in decode_cases(DECODE_STEP_PROBLEMS, problems, 4):
         backend, config = api._pallas_backend(c.x, c.w8, True, c.swiglu, jnp.bfloat16, None, None)
-        impls = [("jaxfire", None)] + ([("triton-jit", "triton")] if triton_jit and backend == "triton" else [])
+        written_in_triton = [("triton-jit", "triton"), ("jax-triton", "jax_triton")]
+        impls = [("jaxfire", None)] + (written_in_triton if triton_jit and backend == "triton" else [])
         for label, implementation in impls:
             fn = ours(implementation, swiglu=c.swiglu)
             b.traced(f"decode {c.name} {label}", c, lambda fn=fn: fn(c.x, c.w8, c.g, rhs_scale=c.ws), c.want,
@@ -670,7 +672,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--triton-jit", action="store_true",
-                   help="decode: also time each Triton kernel written in Triton itself (implementation='triton')")
+                   help="decode: also time each Triton kernel written in Triton itself, on both launchers "
+                        "(implementation='triton', 'jax_triton')")
     p.add_argument("--problems", default="",
                    help="decode, gemv-sweep, decode-alt, decode-tiles, chunk-sweep: problem names to run (all when empty)")
     p.add_argument("--out-dir", default=None)

@@ -11,15 +11,20 @@ Implementation = Literal["reference", "pallas", "pallas_triton"]
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "pallas", "pallas_triton")
 
 
-def resolve(implementation: Implementation | Literal["pallas_mosaic", "triton"] | None, *,
+# The kernels written in Triton itself (`pallas_kernels.triton_call`), by how a GPU launches them: as
+# XLA's own Triton custom call, or through jax-triton's.
+TRITON_LAUNCHERS: dict[str, str] = {"triton": "xla", "jax_triton": "jax-triton"}
+
+
+def resolve(implementation: Implementation | Literal["pallas_mosaic", "triton", "jax_triton"] | None, *,
             mosaic: bool = False, triton: bool = False) -> tuple[bool, bool]:
     """(run the reference, run the kernel in interpret mode). None picks the kernel on GPUs and the
     reference elsewhere; "pallas" / "pallas_triton" force the kernel, in interpret mode off the GPU.
     With `mosaic`, a package that has a Mosaic GPU kernel beside its Triton one also takes
-    "pallas_mosaic"; with `triton`, one that has a kernel written in Triton itself (launched through
-    jax-triton, `pallas_kernels.triton_call`) takes "triton"; both resolve as "pallas" (the caller
-    picks the kernel)."""
-    names = IMPLEMENTATIONS + (("pallas_mosaic",) if mosaic else ()) + (("triton",) if triton else ())
+    "pallas_mosaic"; with `triton`, one that has a kernel written in Triton itself
+    (`pallas_kernels.triton_call`) takes "triton" (launched as XLA's Triton custom call) and "jax_triton"
+    (launched through jax-triton); all resolve as "pallas" (the caller picks the kernel)."""
+    names = IMPLEMENTATIONS + (("pallas_mosaic",) if mosaic else ()) + (tuple(TRITON_LAUNCHERS) if triton else ())
     if implementation is not None and implementation not in names:
         raise ValueError(f"implementation must be one of {names} or None, got {implementation!r}.")
     on_gpu = jax.default_backend() == "gpu"

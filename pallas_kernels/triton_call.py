@@ -1,5 +1,7 @@
-"""Kernels written in Triton (`@triton.jit`), called from JAX: through jax-triton on a GPU, through
-Triton's own interpreter on the host in interpret mode (what the CPU tests run).
+"""Kernels written in Triton (`@triton.jit`), called from JAX. On a GPU, launched as XLA's own Triton
+custom call (`launcher="xla"`, `triton_lowering.py`: Triton writes the TTIR, XLA compiles and launches
+it as Pallas's Triton backend does) or through jax-triton (`launcher="jax-triton"`); on the host in
+interpret mode, run by Triton's own interpreter (what the CPU tests run).
 
 The calling convention is jax-triton's: the kernel's parameters are `args` in order (arrays become
 pointers, Python scalars stay scalars), then one pointer per output; `constexprs` are its
@@ -11,18 +13,21 @@ fails its tests rather than reading as zeros. The interpreter's float conversion
 exact ones (ml_dtypes, round to nearest even, as the device converts): its own truncate f32 -> bf16
 and lose the carry of a rounded-up mantissa (1.98 -> e4m3 gives 1.0).
 
-jax-triton and Triton are imported on first use: a machine that never runs these kernels needs
-neither.
+Triton (and jax-triton, for its launcher) is imported on first use: a machine that never runs these
+kernels needs neither.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
+
+Launcher = Literal["xla", "jax-triton"]
+LAUNCHERS: tuple[str, ...] = ("xla", "jax-triton")
 
 # numpy (ml_dtypes) dtypes torch takes only through an integer view of the same width.
 _VIEWS = {"bfloat16": ("uint16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn")}
@@ -38,8 +43,8 @@ def load(package: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name != "triton" and not (e.name or "").startswith("triton."):
             raise
-        raise ImportError(f"implementation='triton' needs Triton (and jax-triton on a GPU): pip install "
-                          f"'jaxfire[triton]'") from e
+        raise ImportError("implementation='triton' (or 'jax_triton') needs Triton: pip install "
+                          "'jaxfire[triton]'") from e
 
 
 def call(
@@ -51,11 +56,14 @@ def call(
     num_stages: int,
     input_output_aliases: Mapping[int, int] | None = None,
     interpret: bool = False,
+    launcher: Launcher = "xla",
     name: str = "",
     **constexprs: Any,
 ) -> Any:
     """Runs `kernel` over `grid` and returns its outputs (one array, or a list for a sequence
     `out_shape`)."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     single = isinstance(out_shape, jax.ShapeDtypeStruct)
     shapes = [out_shape] if single else list(out_shape)
     aliases = dict(input_output_aliases or {})
@@ -66,6 +74,16 @@ def call(
         outs = [inputs[j] if j in inputs else jax.numpy.zeros(s.shape, s.dtype) for j, s in enumerate(shapes)]
     elif interpret:
         outs = _interpret(kernel, args, shapes, grid, aliases, constexprs)
+    elif launcher == "xla":
+        from pallas_kernels import triton_lowering
+
+        names = _parameter_names(kernel, args, shapes, constexprs)
+        scalars = {n: a for n, a in zip(names, args) if _is_scalar(a)}
+        signature = {n: _triton_type(v) for n, v in zip(names, list(args) + shapes) if n not in scalars}
+        outs = triton_lowering.call(
+            kernel, [a for a in args if not _is_scalar(a)], signature=signature, constexprs={**constexprs, **scalars},
+            out_shapes=shapes, grid=grid, num_warps=num_warps, num_stages=num_stages, input_output_aliases=aliases,
+            name=name or kernel.__name__)
     else:
         try:
             import jax_triton
@@ -89,7 +107,8 @@ def compile_for(
     **constexprs: Any,
 ) -> Any:
     """Compiles `kernel` with Triton for a GPU of compute `capability` (default Hopper) as `call` would
-    launch it, on any machine (no GPU needed: Triton carries its own ptxas). Returns Triton's
+    launch it through jax-triton (scalars stay parameters; XLA's launch makes them constants), on any
+    machine (no GPU needed: Triton carries its own ptxas). Returns Triton's
     CompiledKernel (its `asm` holds ttgir, ptx and cubin; `metadata.shared` its shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -97,10 +116,8 @@ def compile_for(
 
     shapes = [out_shape] if isinstance(out_shape, jax.ShapeDtypeStruct) else list(out_shape)
     params = list(kernel.arg_names)
-    names = [n for n in params if n not in constexprs]
+    names = _parameter_names(kernel, args, shapes, constexprs)
     values = list(args) + shapes
-    if len(names) != len(values):
-        raise ValueError(f"{kernel.__name__} takes {len(names)} non-constexpr parameters, got {len(values)}")
     signature = {n: _triton_type(v) for n, v in zip(names, values)}
     signature.update({n: "constexpr" for n in constexprs})
     # jax-triton tells Triton that every buffer is 16-byte aligned (XLA's are): vector loads, cp.async
@@ -108,6 +125,15 @@ def compile_for(
     source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _parameter_names(kernel: Any, args: Sequence[Any], shapes: Sequence[Any], constexprs: Mapping[str, Any]) -> list[str]:
+    """The kernel's non-constexpr parameters, which take `args` and then one pointer per output."""
+    names = [n for n in kernel.arg_names if n not in constexprs]
+    if len(names) != len(args) + len(shapes):
+        raise ValueError(f"{kernel.__name__} takes {len(names)} non-constexpr parameters, got {len(args)} arguments "
+                         f"and {len(shapes)} outputs")
+    return names
 
 
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",

@@ -215,10 +215,11 @@ def test_decode_study_checks_and_times_each_problem_against_the_read_ceiling(tmp
     assert [r["weight_sets"] for r in rows] == [2, 3]  # enough weight sets to pass the (patched) L2 size
     with pytest.raises(SystemExit):
         G.main(["--study", "decode", "--problems", "gate_up_b7"])
-    # --triton-jit: each Triton problem also runs written in Triton itself, checked and timed beside it
+    # --triton-jit: each Triton problem also runs written in Triton itself (both launchers), checked and
+    # timed beside it
     rows = G.main(["--study", "decode", "--iters", "1", "--triton-jit", "--out-dir", str(tmp_path)])
     assert [(r["shape"], r["impl"]) for r in rows] == [(shape, impl) for shape in ("tiny_gate_up_b1", "tiny_down_t8")
-                                                       for impl in ("jaxfire", "triton-jit")]
+                                                       for impl in ("jaxfire", "triton-jit", "jax-triton")]
     assert all(r["rel_err"] < G.MAX_REL_ERR and r["backend"] == "triton" for r in rows)
 
 
@@ -347,12 +348,13 @@ def test_append_study_checks_each_backend_against_the_first_and_times_it(tmp_pat
     rows = D.main(["--study", "append", "--batches", "2", "--seqs", "32", "--copies", "2", "--sweep-iters", "1",
                    "--out-dir", str(tmp_path)])
     assert [(r["cache"], r["impl"]) for r in rows] == [
-        (c, i) for c in ("bf16", "fp8") for i in ("triton", "mosaic", "triton-jit", "xla")]
+        (c, i) for c in ("bf16", "fp8") for i in ("triton", "mosaic", "triton-jit", "jax-triton", "xla")]
     written = [json.loads(line) for line in (tmp_path / "decode_attention.jsonl").read_text().splitlines()]
-    assert len(written) == 8 and all("error" not in r for r in written)
-    assert all(r["max_abs_diff"] == 0 for r in written if r["cache"] == "bf16" or r["impl"] != "triton-jit")
+    assert len(written) == 10 and all("error" not in r for r in written)
+    assert all(r["max_abs_diff"] == 0 for r in written
+               if r["cache"] == "bf16" or r["impl"] not in ("triton-jit", "jax-triton"))
     for r in written:
-        assert r["time_us"] > 0 and r["vs_triton"] == pytest.approx(written[0 if r["cache"] == "bf16" else 4]
+        assert r["time_us"] > 0 and r["vs_triton"] == pytest.approx(written[0 if r["cache"] == "bf16" else 5]
                                                                      ["time_us"] / r["time_us"])
 
 

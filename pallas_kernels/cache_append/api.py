@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cache_append import mosaic, reference
 from pallas_kernels.cache_append import triton as triton_backend
-from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels.implementation import TRITON_LAUNCHERS, Implementation, resolve
 from pallas_kernels import triton_call
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
@@ -30,7 +30,7 @@ def cache_append(
     *,
     k_scale: jax.Array | None = None,  # [B, S, Hkv] float32, fp8 caches only
     v_scale: jax.Array | None = None,  # [B, S, Hkv] float32, fp8 caches only
-    implementation: Implementation | Literal["pallas_mosaic", "triton"] | None = None,
+    implementation: Implementation | Literal["pallas_mosaic", "triton", "jax_triton"] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Writes k[b], v[b] at position positions[b] of sequence b (b < n) of the cache.
 
@@ -43,8 +43,9 @@ def cache_append(
 
     implementation: None picks the Pallas kernel on GPU and the reference elsewhere; "pallas" /
     "pallas_triton" force the kernel (interpret mode off the GPU); "pallas_mosaic" the Mosaic GPU
-    kernel (opt-in); "triton" the same kernel written in Triton, launched through jax-triton (opt-in).
-    Both launch slower than the Pallas kernel at most sizes (run S7; see the README).
+    kernel (opt-in); "triton" the same kernel written in Triton, launched as XLA's Triton custom call,
+    and "jax_triton" the same through jax-triton (both opt-in). The Mosaic and jax-triton launches
+    were slower than the Pallas kernel at most sizes (run S7; see the README).
     """
     _check(k_cache, v_cache, k, v, positions, k_scale, v_scale)
     use_reference, interpret = resolve(implementation, mosaic=True, triton=True)
@@ -52,9 +53,10 @@ def cache_append(
         return reference.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale)
     if implementation == "pallas_mosaic":
         return mosaic.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
-    if implementation == "triton":
+    if implementation in TRITON_LAUNCHERS:
         return triton_call.load("cache_append").cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale,
-                                                             interpret=interpret)
+                                                             interpret=interpret,
+                                                             launcher=TRITON_LAUNCHERS[implementation])
     return triton_backend.cache_append(k_cache, v_cache, k, v, positions, k_scale, v_scale, interpret=interpret)
 
 

@@ -81,7 +81,7 @@ def _operands(k_cache, v_cache, k, v, positions, k_scale, v_scale) -> tuple[list
     return [positions, k, v, *caches], out_shape, aliases, constexprs
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("interpret", "launcher"))
 def cache_append(
     k_cache: jax.Array,  # [B, S, Hkv, K]
     v_cache: jax.Array,  # [B, S, Hkv, K]
@@ -92,12 +92,13 @@ def cache_append(
     v_scale: jax.Array | None = None,  # [B, S, Hkv] f32
     *,
     interpret: bool = False,
+    launcher: str = "xla",
 ) -> tuple[jax.Array, ...]:
     """Expects inputs already checked by the public wrapper."""
     args, out_shape, aliases, constexprs = _operands(k_cache, v_cache, k, v, positions.astype(jnp.int32),
                                                      k_scale, v_scale)
     outs = call(_kernel, *args, out_shape=out_shape, grid=(k.shape[0],), input_output_aliases=aliases,
-                interpret=interpret, name="jaxfire_cache_append_triton", **_LAUNCH, **constexprs)
+                interpret=interpret, launcher=launcher, name="jaxfire_cache_append_triton", **_LAUNCH, **constexprs)
     return tuple(outs[:4 if k_scale is not None else 2])
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import triton as triton_backend
 from pallas_kernels.decode_attention.config import DecodeAttentionConfig, default_config
-from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels.implementation import TRITON_LAUNCHERS, Implementation, resolve
 from pallas_kernels import triton_call
 
 HEAD_DIMS = (64, 128, 256)
@@ -35,7 +35,7 @@ def decode_attention(
     v_scale: jax.Array | None = None,  # [Hkv] or [B', S, Hkv] float32, fp8 caches only
     sm_scale: float | None = None,
     window: int | None = None,
-    implementation: Implementation | Literal["triton"] | None = None,
+    implementation: Implementation | Literal["triton", "jax_triton"] | None = None,
     config: DecodeAttentionConfig | None = None,
 ) -> jax.Array:  # [B, Hq, K] in q's dtype
     """Attention of one new token per sequence over its cached keys and values.
@@ -50,8 +50,10 @@ def decode_attention(
 
     implementation: None picks the fastest measured path for the platform (the Pallas kernel on
     GPU, the reference elsewhere); "reference" is plain jnp; "pallas" / "pallas_triton" force the
-    kernel, run in interpret mode off the GPU; "triton" the same kernel written in Triton, launched
-    through jax-triton (opt-in: level with it from B=32, slower at B=1; see the README). `config` overrides the kernel's tuning.
+    kernel, run in interpret mode off the GPU; "triton" the same kernel written in Triton, launched as
+    XLA's Triton custom call, and "jax_triton" the same through jax-triton (both opt-in; through
+    jax-triton level with it from B=32, slower at B=1: see the README). `config` overrides the
+    kernel's tuning.
     """
     q, k, v, lengths = (jnp.asarray(x) for x in (q, k, v, lengths))
     _check_arrays(q, k, v, lengths, k_scale, v_scale)
@@ -81,8 +83,10 @@ def decode_attention(
     batch, seq_len, num_kv_heads, _ = k.shape
     if config is None:
         config = default_config(batch, seq_len, num_kv_heads, head_dim, k.dtype)
-    if implementation == "triton":
+    launch = {}
+    if implementation in TRITON_LAUNCHERS:
         backend = triton_call.load("decode_attention")  # imports Triton
+        launch = dict(launcher=TRITON_LAUNCHERS[implementation])
     else:
         backend = triton_backend
     return backend.decode_attention(
@@ -96,6 +100,7 @@ def decode_attention(
         window=window,
         config=config,
         interpret=interpret,
+        **launch,
     )
 
 

@@ -157,7 +157,7 @@ def _operands(q, k, v, lengths, k_scale, v_scale, *, sm_scale, window, config) -
     return [lengths, q, k, v, k_scale, v_scale], out_shape, constexprs
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "config", "interpret", "launcher"))
 def decode_attention(
     q: jax.Array,  # [B, Hq, K]
     k: jax.Array,  # [B', S, Hkv, K]
@@ -170,6 +170,7 @@ def decode_attention(
     window: int | None,
     config: DecodeAttentionConfig,
     interpret: bool = False,
+    launcher: str = "xla",
 ) -> jax.Array:  # [B, Hq, K]
     """Expects inputs already checked by the public wrapper."""
     batch, num_q_heads, head_dim = q.shape
@@ -178,7 +179,7 @@ def decode_attention(
     args, out_shape, constexprs = _operands(q, k, v, lengths.astype(jnp.int32), k_scale, v_scale,
                                             sm_scale=sm_scale, window=window, config=config)
     o, lse = call(_kernel, *args, out_shape=out_shape, grid=(k.shape[2], config.num_splits, batch),
-                  num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret,
+                  num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret, launcher=launcher,
                   name="jaxfire_decode_attention_triton", **constexprs)
     if config.num_splits > 1:
         o = combine(o, lse, axis=2).astype(q.dtype)  # [B, Hkv, G, K]

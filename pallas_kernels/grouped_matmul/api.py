@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import mosaic, reference, triton
 from pallas_kernels.grouped_matmul.config import Config, mosaic_config, triton_config
 from pallas_kernels import triton_call
+from pallas_kernels.implementation import TRITON_LAUNCHERS
 
-IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_mma", "pallas_mosaic", "pallas_triton", "triton")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_mma", "pallas_mosaic", "pallas_triton", *TRITON_LAUNCHERS)
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
 _INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), _FP8)
 _OUTPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -95,7 +96,7 @@ def _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implemen
     n_out = n // 2 if swiglu else n
     t_config = dict(swiglu=swiglu, num_groups=rhs.shape[0], weight_itemsize=jnp.dtype(rhs.dtype).itemsize,
                     gemv=implementation != "pallas_mma")
-    if implementation in ("pallas_triton", "triton"):
+    if implementation == "pallas_triton" or implementation in TRITON_LAUNCHERS:
         return "triton", config or triton_config(t, k, n_out, **t_config)
     m_config = config or mosaic_config(t, k, n_out, itemsize=jnp.dtype(lhs.dtype).itemsize, swiglu=swiglu)
     reason = mosaic.unsupported_reason(
@@ -119,13 +120,13 @@ def _run(lhs, rhs, group_sizes, lhs_scale, rhs_scale, transpose_rhs, out_dtype, 
         return ref(lhs, rhs, group_sizes, lhs_scale=lhs_scale, rhs_scale=rhs_scale, transpose_rhs=transpose_rhs,
                    preferred_element_type=out_dtype)
     backend, cfg = _pallas_backend(lhs, rhs, transpose_rhs, swiglu, out_dtype, config, implementation)
-    if implementation == "triton":
+    if implementation in TRITON_LAUNCHERS:
         triton_jit = triton_call.load("grouped_matmul")
         if (reason := triton_jit.unsupported_reason(cfg)) is not None:
-            raise ValueError(f"implementation='triton' cannot run this problem: {reason}.")
+            raise ValueError(f"implementation={implementation!r} cannot run this problem: {reason}.")
         return triton_jit.grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32), lhs_scale, rhs_scale,
                                          transpose_rhs=transpose_rhs, swiglu=swiglu, out_dtype=out_dtype,
-                                         config=cfg, interpret=on_cpu)
+                                         config=cfg, interpret=on_cpu, launcher=TRITON_LAUNCHERS[implementation])
     if backend == "mosaic":
         return mosaic.grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32), lhs_scale, rhs_scale,
                                      transpose_rhs=transpose_rhs, swiglu=swiglu, out_dtype=out_dtype, config=cfg,
@@ -158,9 +159,9 @@ def grouped_matmul(
       preferred_element_type: output dtype (bf16, f16 or f32); accumulation is always f32.
       implementation: None (best measured per platform and shape), "reference", "pallas",
         "pallas_mma" ("pallas" without the multiply-add kernel of one-token steps), "pallas_mosaic"
-        (wgmma prefill kernel), "pallas_triton" (decode / fallback kernel) or "triton" (the same
-        kernel written in Triton itself, launched through jax-triton). Kernels run in interpret
-        mode on a CPU backend.
+        (wgmma prefill kernel), "pallas_triton" (decode / fallback kernel), "triton" (the same
+        kernel written in Triton itself, launched as XLA's Triton custom call) or "jax_triton" (the
+        same through jax-triton). Kernels run in interpret mode on a CPU backend.
       config: block sizes (`Config`); a heuristic default per shape when None.
 
     Returns:

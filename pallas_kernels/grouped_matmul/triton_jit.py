@@ -201,7 +201,7 @@ def _scale_or_stub(scale):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("transpose_rhs", "swiglu", "out_dtype", "config", "interpret"),
+    static_argnames=("transpose_rhs", "swiglu", "out_dtype", "config", "interpret", "launcher"),
 )
 def grouped_matmul(
     lhs: jax.Array,  # [T, K]
@@ -215,6 +215,7 @@ def grouped_matmul(
     out_dtype,
     config: Config,
     interpret: bool = False,
+    launcher: str = "xla",
 ) -> jax.Array:
     t = lhs.shape[0]
     grid, out_shape, params = _launch(lhs, rhs, lhs_scale, rhs_scale, transpose_rhs=transpose_rhs, swiglu=swiglu,
@@ -223,7 +224,7 @@ def grouped_matmul(
     out = triton_call.call(
         _kernel, tasks.group, tasks.start, tasks.size, lhs, rhs, _scale_or_stub(lhs_scale), _scale_or_stub(rhs_scale),
         out_shape=out_shape, grid=grid, num_warps=config.num_warps, num_stages=config.num_stages,
-        interpret=interpret, name="grouped_matmul_swiglu_triton_jit" if swiglu else "grouped_matmul_triton_jit",
+        interpret=interpret, launcher=launcher, name="grouped_matmul_swiglu_triton_jit" if swiglu else "grouped_matmul_triton_jit",
         **params)
     if config.split_k == 1:
         return out

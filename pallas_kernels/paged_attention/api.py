@@ -18,7 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.implementation import Implementation, resolve
+from pallas_kernels.implementation import TRITON_LAUNCHERS, Implementation, resolve
 from pallas_kernels import triton_call
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.config import PagedAttentionConfig, default_config, mosaic_config
@@ -48,7 +48,7 @@ def paged_attention(
     v_scale: jax.Array | None = None,  # [P, Z, Hkv] float32, fp8 pages only
     sm_scale: float | None = None,
     window: int | None = None,
-    implementation: Implementation | Literal["pallas_mosaic", "triton"] | None = None,
+    implementation: Implementation | Literal["pallas_mosaic", "triton", "jax_triton"] | None = None,
     config: PagedAttentionConfig | None = None,
 ) -> jax.Array:  # [T, Hq, K] in q's dtype
     """Causal attention of each token row over its own sequence's keys, read from the pages.
@@ -64,8 +64,9 @@ def paged_attention(
     is plain jnp; "pallas" / "pallas_triton" force the kernel (interpret mode off the GPU);
     "pallas_mosaic" the default config with both launches on Mosaic GPU (`config.mosaic_config`;
     opt-in, slower than Triton so far: see the README); "triton" the same kernel written in Triton
-    itself and launched through jax-triton (`triton_jit.py`; Triton's interpreter off the GPU), for
-    when JAX drops the Pallas Triton backend. `config` overrides the kernel's tuning.
+    itself (`triton_jit.py`; Triton's interpreter off the GPU), launched as XLA's Triton custom call,
+    and "jax_triton" the same through jax-triton, for when JAX drops the Pallas Triton backend.
+    `config` overrides the kernel's tuning.
     """
     q, k_pages, v_pages, page_table, seq_ids, positions, context_lens = (
         jnp.asarray(x) for x in (q, k_pages, v_pages, page_table, seq_ids, positions, context_lens))
@@ -85,10 +86,10 @@ def paged_attention(
     if use_reference:
         return reference.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
                                          k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window)
-    if implementation == "triton":  # Triton itself is imported only here
-        backend = triton_call.load("paged_attention")
+    if implementation in TRITON_LAUNCHERS:  # Triton itself is imported only here
+        paged_attention = triton_call.load("paged_attention").BY_LAUNCHER[TRITON_LAUNCHERS[implementation]]
     else:
-        from pallas_kernels.paged_attention import triton as backend
+        from pallas_kernels.paged_attention.triton import paged_attention
 
     check_page_size(k_pages.shape[1])
     if head_dim not in HEAD_DIMS:
@@ -100,7 +101,7 @@ def paged_attention(
             config = mosaic_config(config, k_pages.shape[1], kv_heads=k_pages.shape[2], head_dim=head_dim,
                                    itemsize=k_pages.dtype.itemsize)
     config.validate()
-    return backend.paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
+    return paged_attention(q, k_pages, v_pages, page_table, seq_ids, positions, context_lens,
                                    k_scale=k_scale, v_scale=v_scale, sm_scale=float(sm_scale), window=window,
                                    config=config, interpret=interpret)
 

@@ -27,6 +27,8 @@ no libdevice.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import triton
@@ -271,7 +273,7 @@ def _operands(qs, q_pos, page_table, pools, *, heads: int, page_size: int, inter
 
 
 def _block_call(meta, qs, q_pos, page_table, pools, config: PagedAttentionConfig, *, heads: int, block_q: int,
-                page_size: int, interpret: bool, **kernel_args) -> list[jax.Array]:
+                page_size: int, interpret: bool, launcher: str, **kernel_args) -> list[jax.Array]:
     """The block launch, grid (N, Hkv, J) (`plan.Launches.block`)."""
     num_kv_heads, q_rows, head_dim = qs.shape
     splits = config.num_splits
@@ -289,13 +291,14 @@ def _block_call(meta, qs, q_pos, page_table, pools, config: PagedAttentionConfig
     outs = triton_call.call(
         _block_kernel, meta["seq"], meta["row0"], meta["nrows"], meta["lo"], meta["hi"], start, stop, *arrays,
         out_shape=out_shape, grid=(meta["nrows"].shape[0], num_kv_heads, splits), num_warps=config.num_warps,
-        num_stages=config.num_stages, interpret=interpret, name="jaxfire_paged_attention", ROWS=block_q * heads,
+        num_stages=config.num_stages, interpret=interpret, launcher=launcher, name="jaxfire_paged_attention", ROWS=block_q * heads,
         SPAN=span, PAGES=config.pages_per_step if config.gather == "pages" else 0, SPLITS=splits, **constexprs)
     return outs[:1] if splits == 1 else outs
 
 
 def _decode_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_items: int, tile: int, out_rows: int,
-                 heads: int, page_size: int, interpret: bool, **kernel_args) -> tuple[jax.Array, jax.Array]:
+                 heads: int, page_size: int, interpret: bool, launcher: str, **kernel_args
+                 ) -> tuple[jax.Array, jax.Array]:
     """The decode launch, grid (Hkv, I) (`plan.Launches.decode`)."""
     num_kv_heads, _, head_dim = qs.shape
     # Items past the last (parts 0) take no steps and are never read.
@@ -307,8 +310,13 @@ def _decode_call(items, qs, q_pos, page_table, pools, dc: DecodeConfig, *, num_i
         out_shape=[jax.ShapeDtypeStruct((num_kv_heads, out_rows, head_dim), jnp.float32),
                    jax.ShapeDtypeStruct((num_kv_heads, out_rows), jnp.float32)],
         grid=(num_kv_heads, num_items), num_warps=dc.num_warps, num_stages=dc.num_stages, interpret=interpret,
+        launcher=launcher,
         name="jaxfire_paged_attention_decode", ROWS=tile, SPAN=dc.block_kv, OUT_ROWS=out_rows, **constexprs)
     return o, lse
 
 
-paged_attention = plan.jit(plan.Launches(block=_block_call, decode=_decode_call))
+# The entry point by how a GPU launches the kernels (`triton_call.LAUNCHERS`).
+BY_LAUNCHER = {launcher: plan.jit(plan.Launches(block=functools.partial(_block_call, launcher=launcher),
+                                                decode=functools.partial(_decode_call, launcher=launcher)))
+               for launcher in triton_call.LAUNCHERS}
+paged_attention = BY_LAUNCHER["xla"]

@@ -226,3 +226,22 @@ def test_triton_kernel_compiles_for_hopper(dtype, heads):
     ptx = compiled.asm["ptx"]
     assert ".target sm_90" in ptx and len(compiled.asm["cubin"]) > 0
     assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == (dtype == FP8)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [FP8, jnp.bfloat16])
+def test_triton_kernel_lowers_to_xlas_triton_call(dtype):
+    """On a GPU the kernel written in Triton is XLA's own Triton custom call, the caches (and scales)
+    written in place: one pointer per operand and result, each cache its output's alias."""
+    from pallas_kernels.cache_append import triton_jit
+    from tests.kernels.lowering import xla_triton_calls
+
+    s = jax.ShapeDtypeStruct
+    kv = s((32, 1088, 8, 128), dtype)
+    scale = s((32, 1088, 8), jnp.float32) if dtype == FP8 else None
+    new = s((16, 8, 128), jnp.bfloat16)
+    [c] = xla_triton_calls(triton_jit.cache_append, kv, kv, new, new, s((16,), jnp.int32), scale, scale)
+    caches = 4 if dtype == FP8 else 2  # (a bf16 cache's two scale outputs are placeholders)
+    assert c.name == "jaxfire_cache_append_triton" and c.grid == (16, 1, 1)
+    assert c.results == 4 and c.pointer_params == c.operands + c.results
+    assert c.aliased == tuple((3 + i, i) for i in range(caches))

@@ -373,3 +373,21 @@ def test_triton_kernel_compiles_for_hopper(cache, scales, splits, window):
     assert ".target sm_90" in ptx and len(compiled.asm["cubin"]) > 0
     assert compiled.metadata.shared <= 227 * 1024
     assert ("mma" in ptx) == (cache != "f32")
+
+
+@needs_triton
+@pytest.mark.parametrize("cache,scales,splits", [("bf16", None, None), ("fp8", "token", 4), ("fp8", "head", 1)])
+def test_triton_kernel_lowers_to_xlas_triton_call(cache, scales, splits):
+    """On a GPU the kernel written in Triton is XLA's own Triton custom call (the launch Pallas's
+    Triton backend has), over the same grid as the Pallas kernel, with the split outputs then
+    combined by XLA."""
+    from pallas_kernels.decode_attention import triton_jit
+    from tests.kernels.lowering import xla_triton_calls
+
+    args, config = mixtral_decode(cache, scales, splits)
+    q, k, v, lengths, k_scale, v_scale = args
+    [c] = xla_triton_calls(lambda *a: triton_jit.decode_attention(*a[:4], k_scale=a[4], v_scale=a[5],
+                                                                  sm_scale=128**-0.5, window=None, config=config), *args)
+    assert c.name == "jaxfire_decode_attention_triton" and c.grid == (8, config.num_splits, 4)
+    assert (c.num_warps, c.num_stages) == (config.num_warps, config.num_stages)
+    assert c.results == 2 and c.pointer_params == c.operands + c.results and not c.aliased

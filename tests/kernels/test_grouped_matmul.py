@@ -569,3 +569,24 @@ def test_triton_default_configs_compile_for_hopper(swiglu):
             assert config.gemv == (rows <= 2), (rows, config)
             assert ("mma.sync" in ptx) == ("cp.async" in ptx) == (not config.gemv), (rows, config)
             assert compiled.metadata.shared <= 227 * 1024
+
+
+@needs_triton
+@pytest.mark.parametrize("swiglu", [True, False], ids=["gate_up", "down"])
+def test_triton_kernel_lowers_to_xlas_triton_call(swiglu):
+    """On a GPU the kernel written in Triton is XLA's own Triton custom call at each decode size of
+    Mixtral's experts (the multiply-add kernel for one token, the MMA kernel from 8 rows)."""
+    from pallas_kernels.grouped_matmul import config as cfg, triton_jit
+    from tests.kernels.lowering import xla_triton_calls
+
+    e, s = 8, jax.ShapeDtypeStruct
+    k, n = (4096, 2 * 14336) if swiglu else (14336, 4096)
+    for rows, dtype in ((1, BF16), (8, FP8), (64, BF16)):
+        config = cfg.triton_config(rows, k, n // 2 if swiglu else n, swiglu=swiglu, num_groups=e, weight_itemsize=1)
+        lhs_scale = s((rows,), F32) if dtype == FP8 else None
+        [c] = xla_triton_calls(
+            lambda lhs, rhs, sizes, ls, rs: triton_jit.grouped_matmul(
+                lhs, rhs, sizes, ls, rs, transpose_rhs=True, swiglu=swiglu, out_dtype=BF16, config=config),
+            s((rows, k), dtype), s((e, n, k), FP8), s((e,), jnp.int32), lhs_scale, s((e, n), F32))
+        assert c.name == ("grouped_matmul_swiglu_triton_jit" if swiglu else "grouped_matmul_triton_jit"), rows
+        assert c.pointer_params == c.operands + c.results and c.num_warps == config.num_warps, (rows, c)

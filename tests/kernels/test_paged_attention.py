@@ -411,6 +411,25 @@ class TestTritonDefaultConfig(TestPallasDefaultConfig):
     implementation = "triton"
 
 
+def _mixtral_step(dtype) -> tuple[tuple, PagedAttentionConfig]:
+    """Abstract arguments of a 256-row step at Mixtral's heads (32 query heads, 8 KV heads, head dim 128)
+    over pools of pages of 16, 32 sequences of up to 64 pages, and the step's default config."""
+    s, i32 = jax.ShapeDtypeStruct, jnp.int32
+    rows, seqs, pages_per_seq, page_size, head_dim = 256, 32, 64, 16, 128
+    pool = s((2048, page_size, 8, head_dim), dtype)
+    scale = s(pool.shape[:3], jnp.float32) if dtype == FP8 else None
+    config = default_config(4, page_size, rows, seqs, pages_per_seq, kv_heads=8, head_dim=head_dim,
+                            itemsize=pool.dtype.itemsize)
+    return (s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((seqs, pages_per_seq), i32), s((rows,), i32),
+            s((rows,), i32), s((seqs,), i32), scale, scale), config
+
+
+def _with_config(paged_attention, config: PagedAttentionConfig):
+    """`paged_attention` taking `_mixtral_step`'s arguments positionally, with `config`."""
+    return lambda *a: paged_attention(*a[:7], k_scale=a[7], v_scale=a[8], sm_scale=128**-0.5, window=None,
+                                      config=config)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8], ids=["bf16", "fp8"])
 def test_triton_launches_compile_for_hopper(dtype, monkeypatch):
@@ -423,26 +442,19 @@ def test_triton_launches_compile_for_hopper(dtype, monkeypatch):
 
     launches = []
 
-    def record(kernel, *args, out_shape, grid, num_warps, num_stages, interpret, name, **constexprs):
+    def record(kernel, *args, out_shape, grid, num_warps, num_stages, interpret, launcher, name, **constexprs):
+        assert launcher == "xla"
         operands = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
         launches.append((name, kernel, operands, out_shape, dict(num_warps=num_warps, num_stages=num_stages),
                          constexprs))
         return [jnp.zeros(o.shape, o.dtype) for o in out_shape]
 
-    s, i32 = jax.ShapeDtypeStruct, jnp.int32
-    rows, seqs, pages_per_seq, page_size, head_dim = 256, 32, 64, 16, 128
-    pool = s((2048, page_size, 8, head_dim), dtype)
-    scale = s(pool.shape[:3], jnp.float32) if dtype == FP8 else None
-    config = default_config(4, page_size, rows, seqs, pages_per_seq, kv_heads=8, head_dim=head_dim,
-                            itemsize=pool.dtype.itemsize)
+    args, config = _mixtral_step(dtype)
     assert config.gather == "pages" and config.pages_per_step == 4 and config.decode is not None
     monkeypatch.setattr(triton_call, "call", record)
     triton_jit.paged_attention.clear_cache()  # trace afresh, through the recorder
     try:
-        jax.eval_shape(lambda *a: triton_jit.paged_attention(*a[:7], k_scale=a[7], v_scale=a[8],
-                                                             sm_scale=head_dim**-0.5, window=None, config=config),
-                       s((rows, 32, head_dim), jnp.bfloat16), pool, pool, s((seqs, pages_per_seq), i32),
-                       s((rows,), i32), s((rows,), i32), s((seqs,), i32), scale, scale)
+        jax.eval_shape(_with_config(triton_jit.paged_attention, config), *args)
     finally:
         triton_jit.paged_attention.clear_cache()
     assert [launch[0] for launch in launches] == ["jaxfire_paged_attention", "jaxfire_paged_attention_decode"]
@@ -451,6 +463,22 @@ def test_triton_launches_compile_for_hopper(dtype, monkeypatch):
         compiled = triton_call.compile_for(kernel, *operands, out_shape=out_shape, **launch, **constexprs)
         assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0, name
         assert "async_copy_global_to_local" in compiled.asm["ttgir"], name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_triton_launches_lower_to_xlas_triton_calls(dtype):
+    """On a GPU both launches of the kernel written in Triton are XLA's own Triton custom calls (a
+    256-row step at Mixtral's heads, pages of 16), each taking one pointer per operand and result."""
+    from pallas_kernels.paged_attention import triton_jit
+    from tests.kernels.lowering import xla_triton_calls
+
+    args, config = _mixtral_step(dtype)
+    calls = xla_triton_calls(_with_config(triton_jit.paged_attention, config), *args)
+    assert [c.name for c in calls] == ["jaxfire_paged_attention", "jaxfire_paged_attention_decode"]
+    assert calls[0].grid[1] == 8 and calls[1].grid[0] == 8  # (N, Hkv, J) and (Hkv, I)
+    for c in calls:
+        assert c.pointer_params == c.operands + c.results, c.name
 
 
 def _items(live: int, steps: list[int], **kw) -> dict:

@@ -66,7 +66,7 @@ def test_compiles_for_hopper_without_a_gpu():
         out_shape=[jax.ShapeDtypeStruct((n,), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.float32)],
         num_warps=1, num_stages=1, BLOCK=32)
     assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
-    with pytest.raises(ValueError, match="takes 6 non-constexpr parameters, got 5"):
+    with pytest.raises(ValueError, match="takes 6 non-constexpr parameters, got 4 arguments and 1 outputs"):
         compile_for(_scale_add, jnp.ones(n), jnp.ones(n), n, 0.5,
                     out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), num_warps=1, num_stages=1, BLOCK=32)
 
@@ -131,7 +131,38 @@ def test_load_names_the_install_where_triton_is_missing(monkeypatch):
     assert load("cache_append").__name__ == "pallas_kernels.cache_append.triton_jit"
     monkeypatch.delitem(sys.modules, "pallas_kernels.cache_append.triton_jit")
     monkeypatch.setitem(sys.modules, "triton", None)  # as if it were not installed
-    with pytest.raises(ImportError, match=r"implementation='triton' needs Triton .*jaxfire\[triton\]"):
+    with pytest.raises(ImportError, match=r"implementation='triton' \(or 'jax_triton'\) needs Triton: pip install 'jaxfire\[triton\]'"):
         load("cache_append")
     with pytest.raises(ModuleNotFoundError, match="no_such_kernel"):  # other import errors pass through
         load("no_such_kernel")
+
+
+def test_the_xla_launch_lowers_to_xlas_triton_call_without_a_gpu():
+    """On a GPU the kernel is XLA's own Triton custom call: its TTIR, read back by jaxlib's Triton
+    dialect, takes one pointer per operand then per result (scalars specialised into it as constants),
+    and an aliased output stays aliased."""
+    from tests.kernels.lowering import xla_triton_calls
+
+    n, block = 37, 16
+    outs = [jax.ShapeDtypeStruct((n,), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.float32)]
+    [c] = xla_triton_calls(
+        lambda x, y: call(_scale_add, x, y, n, 0.5, out_shape=outs, grid=(3,), num_warps=2, num_stages=4,
+                          input_output_aliases={1: 1}, name="jaxfire_scale_add", BLOCK=block),
+        jax.ShapeDtypeStruct((n,), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((n,), jnp.float32))
+    assert (c.name, c.grid, c.num_warps, c.num_stages) == ("jaxfire_scale_add", (3, 1, 1), 2, 4)
+    assert (c.operands, c.results, c.pointer_params) == (2, 2, 4) and c.aliased == ((1, 1),)
+    assert "dense<5.000000e-01>" in c.ttir and "dense<37>" in c.ttir and "tt.divisibility = 16" in c.ttir
+    assert "tt.call" not in c.ttir  # helpers inlined: the module XLA gets is one kernel
+
+
+def test_the_xla_launch_refuses_what_xla_could_not_read():
+    from pallas_kernels import triton_lowering
+
+    with pytest.raises(ValueError, match="cannot read the TTIR of k"):
+        triton_lowering.module_bytecode("module { tt.func public @k() { tt.bogus } }", "k")
+    two = "module { tt.func public @a() { tt.return } tt.func public @b() { tt.return } }"
+    with pytest.raises(ValueError, match="the TTIR of k has 2 public functions"):
+        triton_lowering.module_bytecode(two, "k")
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        call(_scale_add, jnp.ones(4), jnp.ones(4), 4, 0.5, out_shape=[jax.ShapeDtypeStruct((4,), jnp.float32)] * 2,
+             grid=(1,), num_warps=1, num_stages=1, launcher="cuda", BLOCK=4)
