@@ -389,9 +389,16 @@ def test_no_recompilation_after_warmup(model, kind):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
+    shown = []
+
+    def progress(programs):  # a progress bar's view: every program, each run as it is yielded
+        for i, program in enumerate(programs):
+            shown.append((i, len(programs), len(compiles)))
+            yield program
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        engine.warmup()
+        engine.warmup(progress=progress)
         warmup = len(compiles)
         rng = np.random.default_rng(4)
         with engine:
@@ -408,6 +415,8 @@ def test_no_recompilation_after_warmup(model, kind):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert warmup >= 3  # two token (or prefill) buckets and the decode or sampling steps
     assert serving == 0
+    assert [i for i, _, _ in shown] == list(range(shown[0][1])) and shown[0][1] % 2 == 0
+    assert shown[0][2] == 0 < shown[-1][2]  # the programs compile as the bar reaches them
 
 
 def test_chunked_prefill_matches_generate_and_never_recompiles(model):

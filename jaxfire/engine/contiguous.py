@@ -72,6 +72,7 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
@@ -307,9 +308,11 @@ class ContiguousEngine(EngineBase):
     def free_slots(self) -> int:
         return len(self._free)
 
-    def warmup(self, prompt_lengths: Sequence[int] | None = None) -> None:
+    def warmup(self, prompt_lengths: Sequence[int] | None = None,
+               progress: Callable[[list], Iterable] | None = None) -> None:
         """Compiles the decode step and the prefill of every bucket (or of those `prompt_lengths` need),
         and every sampling variant (greedy or not, with and without alternatives and a logit bias).
+        `progress` may wrap the list of programs run (a progress bar).
 
         Call it while no request runs; afterwards requests of those lengths never compile.
         """
@@ -343,28 +346,32 @@ class ContiguousEngine(EngineBase):
                         _, self._state = _start(self._state, row, slot, *params, sample=sample, top=top)
                 return small
 
+            def chunked_prompt(t, active):
+                small = piece(None, t, self.prefill_chunk, True, False, active)
+                for _ in range(2):
+                    small = piece(small, t, self.prefill_chunk, False, False, active)
+                piece(small, t, self.prefill_chunk, False, True, active)
+
+            def decode(n, sample, top, biased):
+                logits, self._state = _decode(p.params, self._state, idle[:n], config=cfg, runtime=p.runtime)
+                if biased:  # the same `_advance` programs, unless on a mesh the sum comes in other shardings
+                    logits = sampler.add_bias(logits, self._state.bias_ids, self._state.bias_values)
+                out, self._state = _advance(self._state, logits, idle[:n], sample=sample, top=top)
+
+            programs = []
+            for active in carries:
+                programs += [functools.partial(piece, None, t, t, True, True, active) for t in whole for _ in range(2)]
+                programs += [functools.partial(chunked_prompt, t, active) for t in chunked]
+            programs += [functools.partial(decode, n, *variant) for n in self.decode_buckets for variant in (
+                (False, 0, False), (True, 0, False), (False, 0, False), (False, MAX_TOP_LOGPROBS, False),
+                (True, MAX_TOP_LOGPROBS, False), (False, 0, True), (True, 0, True), (False, MAX_TOP_LOGPROBS, True),
+                (True, MAX_TOP_LOGPROBS, True))]
             # Every order of the steps, twice: on a mesh a step may return the state in other shardings
             # than it came in (jit keys on them); the repeats compile for the layouts serving sees.
-            for _ in range(2):
-                for active in carries:
-                    for t in [b for b in whole for _ in range(2)]:
-                        piece(None, t, t, True, True, active)
-                    for t in chunked:
-                        small = piece(None, t, self.prefill_chunk, True, False, active)
-                        for _ in range(2):
-                            small = piece(small, t, self.prefill_chunk, False, False, active)
-                        piece(small, t, self.prefill_chunk, False, True, active)
-                for n in self.decode_buckets:
-                    for sample, top, biased in [(False, 0, False), (True, 0, False), (False, 0, False),
-                                                (False, MAX_TOP_LOGPROBS, False), (True, MAX_TOP_LOGPROBS, False),
-                                                (False, 0, True), (True, 0, True), (False, MAX_TOP_LOGPROBS, True),
-                                                (True, MAX_TOP_LOGPROBS, True)]:
-                        logits, self._state = _decode(p.params, self._state, idle[:n], config=cfg,
-                                                      runtime=p.runtime)
-                        if biased:  # the same `_advance` programs, unless on a mesh the sum comes in other shardings
-                            logits = sampler.add_bias(logits, self._state.bias_ids, self._state.bias_values)
-                        out, self._state = _advance(self._state, logits, idle[:n], sample=sample, top=top)
-                jax.block_until_ready(out)
+            programs *= 2
+            for program in progress(programs) if progress else programs:
+                program()
+            jax.block_until_ready(self._state)
 
     def _chunked(self, n: int) -> bool:
         return self.prefill_chunk is not None and n > self.prefill_chunk

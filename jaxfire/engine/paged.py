@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -158,9 +159,11 @@ class PagedEngine(EngineBase):
 
     # ----- steps -----
 
-    def warmup(self, prompt_lengths: Sequence[int] | None = None) -> None:
+    def warmup(self, prompt_lengths: Sequence[int] | None = None,
+               progress: Callable[[list], Iterable] | None = None) -> None:
         """Compiles the step of every token bucket and every sampling variant (`prompt_lengths` is
         accepted for the contiguous engine's signature: a paged step's shapes do not depend on it).
+        `progress` may wrap the list of programs run (a progress bar).
 
         Call it while no request runs; afterwards serving never compiles.
         """
@@ -168,7 +171,7 @@ class PagedEngine(EngineBase):
             if self._busy() or self._inbox:
                 raise EngineError("warm up the engine before submitting requests")
             self._check_usable()
-            self._state.warmup()
+            self._state.warmup(progress)
 
     def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import jax
@@ -172,16 +173,24 @@ class Runner:
         out.copy_to_host_async()
         return InFlight(rows, out)
 
-    def warmup(self) -> None:
+    def warmup(self, progress: Callable[[list], Iterable] | None = None) -> None:
         """Compiles the step of every token bucket and every sampling variant, greedy or not, with and
         without alternatives, after a logit bias or not (all rows padding: only the null page is
-        written)."""
+        written). `progress` may wrap the list of programs run (a progress bar)."""
         empty = StepPlan(chunks=[], preempted=[])
-        for _ in range(2):  # on a mesh a step may return the cache in other shardings than it came in
-            for t in self.token_buckets:
-                logits = self._run_step(*self._batch(empty, t)[:2])
-            for top, temperature, bias in itertools.product((False, True), (0.0, 1.0), (None, zero_bias())):
-                self.read(self._sample(logits, [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top))
+        last: dict[str, jax.Array] = {}
+
+        def step(t: int) -> None:
+            last["logits"] = self._run_step(*self._batch(empty, t)[:2])
+
+        def sample(top: bool, temperature: float, bias) -> None:
+            self.read(self._sample(last["logits"], [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top))
+
+        programs = [functools.partial(step, t) for t in self.token_buckets] + [
+            functools.partial(sample, *v) for v in itertools.product((False, True), (0.0, 1.0), (None, zero_bias()))]
+        programs *= 2  # on a mesh a step may return the cache in other shardings than it came in
+        for program in progress(programs) if progress else programs:
+            program()
         jax.block_until_ready(self.cache)
 
 

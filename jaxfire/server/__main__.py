@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if chat_template is not None and model.tokenizer is not None:
         chat_template = model.bind_chat_template(chat_template)
     if not args.no_warmup:
+        from tqdm.auto import tqdm
+
         print("compiling every step (--no-warmup skips) ...", flush=True)
-        engine.warmup()
+        engine.warmup(progress=lambda programs: tqdm(programs, desc="compiling", unit="program"))
     name = args.model_name or (model.path.name if model.path is not None else "jaxfire")
     try:
         server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose, chat_template,
