@@ -120,10 +120,25 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": PROMPT, "logprobs": True}, "'logprobs' must be an integer in [0, 20]"),
     ({"prompt": 5}, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists"),
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
+    ({"prompt": PROMPT, "presence_penalty": 0.5}, "'presence_penalty' is not supported by this server"),
 ])
 def test_bad_requests_get_400_naming_the_problem(url, body, message):
     code, said = refusal(post, url, body)
     assert code == 400 and message in said
+
+
+def test_neutral_penalties_are_accepted_and_change_nothing():
+    """Clients that send the penalties' neutral values by default are served as if they had not; any
+    other value is refused by name."""
+    from jaxfire.server import protocol
+
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1}
+    for call, body in ((protocol.completion_call, {"prompt": PROMPT, "seed": 3}),
+                       (protocol.chat_call, {"messages": MESSAGES, "seed": 3})):
+        assert call({**body, **neutral}) == call(body)
+        for name, value in (("frequency_penalty", -0.1), ("repetition_penalty", 1.2), ("presence_penalty", 2)):
+            with pytest.raises(protocol.BadRequest, match=f"'{name}' is not supported .* got {value}"):
+                call({**body, name: value})
 
 
 def test_models_health_and_unknown_routes(url):
