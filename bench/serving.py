@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--system-len", type=int, default=1024, help="chat: the shared system prompt's tokens")
     ap.add_argument("--user-len", type=int, default=200, help="chat: tokens of a user message (within 25%%)")
     ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--compile-workers", type=int, default=1,
+                    help="paged engine: threads compiling the steps side by side at warm-up")
     ap.add_argument("--max-len", type=int, help="cache positions per request (default: the longest request)")
     ap.add_argument("--page-size", type=int, default=16, help="KV cache positions per page")
     ap.add_argument("--kv-pages", type=int, help="KV cache pages (default: as many as fit the free memory)")
@@ -535,7 +537,7 @@ def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], 
     if contiguous:
         engine.warmup(sorted({len(p) for p in work}))
     else:
-        engine.warmup()
+        engine.warmup(compile_workers=args.compile_workers)
     warmup_s = time.perf_counter() - t0
     dev = jax.devices()[0]
     print(f"{desc['model']}: {desc['layers_built']} layers, weights {desc['weights']}, KV cache {desc['kv_cache']}, "
@@ -570,6 +572,7 @@ def sweep(args: argparse.Namespace, model: jaxfire.Model, desc: dict[str, Any], 
         base = dict(desc, **engine_desc(engine), workload=args.workload, slots=args.slots, max_len=max_len,
                     prompt_len=args.prompt_len, output_len=args.output_len, num_prompts=args.num_requests,
                     burstiness=1.0, seed=args.seed, warmup_s=warmup_s,
+                    compile_workers=None if contiguous else args.compile_workers,
                     transport="http" if server is not None else "in-process", **idle)
         if chat:
             base.update(turns=args.turns, system_len=args.system_len, user_len=args.user_len,

@@ -419,6 +419,36 @@ def test_no_recompilation_after_warmup(model, kind):
     assert shown[0][2] == 0 < shown[-1][2]  # the programs compile as the bar reaches them
 
 
+def test_warmup_compiles_the_steps_side_by_side_once_each(model):
+    """compile_workers: threads compile every bucket's step first (the progress bar waits on each), and
+    the steps then run from those programs: one compile a bucket, none while serving, the same tokens."""
+    engine = jaxfire.PagedEngine(model, slots=2, max_len=40, max_batched_tokens=40, detokenize=False)
+    assert engine.token_buckets == (1, 2, 4, 8, 16, 32, 40)  # shapes no other test uses
+    steps, total = [], []
+
+    def listener(event, duration, fun_name="", **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            total.append(fun_name)
+            steps.extend([fun_name] if fun_name == "jit(_step_fn)" else [])
+
+    with pytest.raises(EngineError, match="compile_workers must be an integer of at least 1, got 0"):
+        engine.warmup(compile_workers=0)
+    shown = []
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        engine.warmup(progress=lambda programs: shown.append(len(programs)) or programs, compile_workers=3)
+        warmup = len(total)
+        prompt = list(range(3, 30))
+        with engine:
+            got = engine.submit(prompt, max_tokens=6).result(timeout=120)
+        serving = len(total) - warmup
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(steps) == 7 and serving == 0
+    assert shown == [7 + 2 * (7 + 8)]  # the compiles waited on, then every program twice
+    assert got == alone(model, prompt, 6)
+
+
 def test_chunked_prefill_matches_generate_and_never_recompiles(model):
     rng = np.random.default_rng(5)
     jobs = [random_job(rng, model) for _ in range(5)] + [([7, 8, 9], 20)]  # one shorter than a chunk

@@ -127,6 +127,18 @@ def test_bad_requests_get_400_naming_the_problem(url, body, message):
     assert code == 400 and message in said
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--compile-workers", "0"], "--compile-workers must be at least 1"),
+    (["--contiguous", "--compile-workers", "4"], "--compile-workers is the paged engine's: leave out --contiguous"),
+])
+def test_server_usage_errors(args, message, capsys):
+    from jaxfire.server.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_neutral_penalties_are_accepted_and_change_nothing():
     """Clients that send the penalties' neutral values by default are served as if they had not; any
     other value is refused by name."""

@@ -160,10 +160,11 @@ class PagedEngine(EngineBase):
     # ----- steps -----
 
     def warmup(self, prompt_lengths: Sequence[int] | None = None,
-               progress: Callable[[list], Iterable] | None = None) -> None:
+               progress: Callable[[list], Iterable] | None = None, compile_workers: int = 1) -> None:
         """Compiles the step of every token bucket and every sampling variant (`prompt_lengths` is
         accepted for the contiguous engine's signature: a paged step's shapes do not depend on it).
-        `progress` may wrap the list of programs run (a progress bar).
+        `progress` may wrap the list of programs run (a progress bar); `compile_workers` threads compile
+        the buckets' steps side by side first.
 
         Call it while no request runs; afterwards serving never compiles.
         """
@@ -171,7 +172,9 @@ class PagedEngine(EngineBase):
             if self._busy() or self._inbox:
                 raise EngineError("warm up the engine before submitting requests")
             self._check_usable()
-            self._state.warmup(progress)
+            if isinstance(compile_workers, bool) or not isinstance(compile_workers, int) or compile_workers < 1:
+                raise EngineError(f"compile_workers must be an integer of at least 1, got {compile_workers!r}")
+            self._state.warmup(progress, compile_workers)
 
     def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []

@@ -17,6 +17,7 @@ so serving never compiles afterwards.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -173,24 +174,42 @@ class Runner:
         out.copy_to_host_async()
         return InFlight(rows, out)
 
-    def warmup(self, progress: Callable[[list], Iterable] | None = None) -> None:
+    def warmup(self, progress: Callable[[list], Iterable] | None = None, compile_workers: int = 1) -> None:
         """Compiles the step of every token bucket and every sampling variant, greedy or not, with and
         without alternatives, after a logit bias or not (all rows padding: only the null page is
-        written). `progress` may wrap the list of programs run (a progress bar)."""
+        written). `progress` may wrap the list of programs run (a progress bar). With
+        `compile_workers` > 1 that many threads first compile the buckets' steps side by side (XLA
+        compiles without the GIL); the steps then run from the compiled programs."""
         empty = StepPlan(chunks=[], preempted=[])
+        batches = {t: self._batch(empty, t)[:2] for t in self.token_buckets}
         last: dict[str, jax.Array] = {}
+        compiled: list[Callable[[], None]] = []
+        pool = None
+        if compile_workers > 1 and len(batches) > 1:
+            pool = concurrent.futures.ThreadPoolExecutor(min(compile_workers, len(batches)),
+                                                         thread_name_prefix="jaxfire-compile")
+            p = self.model
+            # the largest first: the longest compiles start at once
+            futures = [pool.submit(lambda b: _step.trace(p.params, self.cache, b[0], self._last, b[1], config=p.config,
+                                                         runtime=p.runtime).lower().compile(), batches[t])
+                       for t in sorted(batches, reverse=True)]  # called as `_run_step` calls it: the same program
+            compiled = [f.result for f in futures]  # each waits for its program (what the progress bar shows)
 
         def step(t: int) -> None:
-            last["logits"] = self._run_step(*self._batch(empty, t)[:2])
+            last["logits"] = self._run_step(*batches[t])
 
         def sample(top: bool, temperature: float, bias) -> None:
             self.read(self._sample(last["logits"], [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top))
 
         programs = [functools.partial(step, t) for t in self.token_buckets] + [
             functools.partial(sample, *v) for v in itertools.product((False, True), (0.0, 1.0), (None, zero_bias()))]
-        programs *= 2  # on a mesh a step may return the cache in other shardings than it came in
-        for program in progress(programs) if progress else programs:
-            program()
+        programs = compiled + programs * 2  # on a mesh a step may return the cache in other shardings than it came in
+        try:
+            for program in progress(programs) if progress else programs:
+                program()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         jax.block_until_ready(self.cache)
 
 

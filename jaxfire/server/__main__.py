@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for requests in flight before stopping")
     add_engine_flags(p)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
+    p.add_argument("--compile-workers", type=int, default=1,
+                   help="threads compiling the paged engine's steps side by side at warm-up (default 1)")
     add_compile_cache_flags(p)
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.request_timeout is not None and not args.request_timeout > 0) or not args.shutdown_timeout >= 0:
         parser.error("--request-timeout must be positive and --shutdown-timeout at least 0")
     check_engine_flags(parser, args)
+    if args.compile_workers < 1:
+        parser.error("--compile-workers must be at least 1")
+    if args.contiguous and args.compile_workers != 1:
+        parser.error("--compile-workers is the paged engine's: leave out --contiguous")
     enable_from_flags(args)
 
     import jaxfire  # deferred so that usage errors come back fast
@@ -74,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm.auto import tqdm
 
         print("compiling every step (--no-warmup skips) ...", flush=True)
-        engine.warmup(progress=lambda programs: tqdm(programs, desc="compiling", unit="program"))
+        bar = lambda programs: tqdm(programs, desc="compiling", unit="program")  # noqa: E731
+        if args.contiguous:
+            engine.warmup(progress=bar)
+        else:
+            engine.warmup(progress=bar, compile_workers=args.compile_workers)
     name = args.model_name or (model.path.name if model.path is not None else "jaxfire")
     try:
         server = CompletionServer(engine.start(), args.host, args.port, name, args.verbose, chat_template,
