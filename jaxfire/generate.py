@@ -26,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: no limit)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted once from the logit of each token already generated, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted from a generated token's logit per time it was generated, in [-2, 2]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides the positive logits (multiplies the negative) of tokens seen in the prompt or "
+                        "generated; 1: none")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a prompt's generation before this text (repeat for several)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                 # Prompt i gets seed + i, as in jaxfire.generate: the same tokens either way.
                 requests.append(engine.submit(p, max_tokens=args.max_new_tokens, temperature=args.temperature,
                                               top_p=args.top_p, top_k=args.top_k, seed=(args.seed + i) % 2**32,
-                                              stop=args.stop))
+                                              stop=args.stop, presence_penalty=args.presence_penalty,
+                                              frequency_penalty=args.frequency_penalty,
+                                              repetition_penalty=args.repetition_penalty))
             except jaxfire.JaxfireError as e:
                 raise jaxfire.JaxfireError(f"prompt {i}: {e}") from None
         if len(prompts) == 1:

@@ -128,6 +128,23 @@ def test_cli_contiguous_engine_gives_the_default_engines_tokens():
     assert paged.stdout == contiguous.stdout and len(paged.stdout) > len("def fibonacci(n):\n")
 
 
+def test_cli_sampling_penalties():
+    """The penalties reach the engine (greedy text changes, and equals the engine's own for them); the
+    contiguous engine, which has none, refuses them in one line."""
+    args = ("--prompt", "def fibonacci(n):", "--max-new-tokens", "8")
+    out = run_cli(*args, "--repetition-penalty", "2.5", "--frequency-penalty", "0.5")
+    assert out.returncode == 0, out.stderr
+    model = jaxfire.load()
+    ids = model.tokenizer.encode("def fibonacci(n):")
+    with jaxfire.Engine(model, slots=1, max_len=64) as engine:
+        plain = engine.submit(ids, max_tokens=8).result(timeout=120)
+        penalized = engine.submit(ids, max_tokens=8, repetition_penalty=2.5, frequency_penalty=0.5).result(timeout=120)
+    assert plain != penalized and out.stdout == "def fibonacci(n):" + model.tokenizer.decode(penalized) + "\n"
+    refused = run_cli(*args, "--contiguous", "--presence-penalty", "1")
+    assert refused.returncode == 1 and "ContiguousEngine has no sampling penalties" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_cli_prompts_file(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("import sys\n\nfor i in\n")

@@ -445,7 +445,7 @@ def test_warmup_compiles_the_steps_side_by_side_once_each(model):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(steps) == 7 and serving == 0
-    assert shown == [7 + 2 * (7 + 8)]  # the compiles waited on, then every program twice
+    assert shown == [7 + 2 * (7 + 10)]  # the compiles waited on, then every program twice
     assert got == alone(model, prompt, 6)
 
 

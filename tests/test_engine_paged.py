@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxfire
-from jaxfire.engine import ContiguousEngine, EngineError
+from jaxfire.engine import ContiguousEngine, EngineError, RequestError
 
 PAGE = 16  # the smallest page the paged attention kernel takes
 
@@ -153,6 +153,62 @@ def test_preemption_resumes_with_the_tokens_of_an_unconstrained_run_and_streams_
     tight.close()
 
 
+def penalized_reference(model, prompt, n, presence, frequency, repetition):
+    """Greedy tokens under sampling penalties, the slow way: the whole sequence's logits each step (no
+    cache), the penalties applied in NumPy from the tokens so far."""
+    out = []
+    for _ in range(n):
+        logits = np.asarray(jaxfire.logits(model, [prompt + out]))[0, -1].astype(np.float64)  # [V]
+        counts = np.bincount(out, minlength=logits.size)
+        seen = (counts > 0) | np.isin(np.arange(logits.size), prompt)
+        logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
+        out.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
+    return out
+
+
+def test_penalties_give_the_tokens_of_a_reference_per_request_and_across_preemption(model):
+    """Each request's penalties over its own prompt and tokens (requests of other penalties, or none,
+    share the step), as a reference computes them; a request preempted and resumed (its row's counts
+    rebuilt from the tokens it has) gives the same tokens."""
+    rng = np.random.default_rng(7)
+    jobs = random_jobs(rng, model, 4, 10, 14, 30, 34)
+    penalties = [dict(repetition_penalty=1.8), dict(presence_penalty=1.5, frequency_penalty=0.7), {},
+                 dict(presence_penalty=-0.5, frequency_penalty=2.0, repetition_penalty=0.7)]
+    want = [penalized_reference(model, p, n, s.get("presence_penalty", 0.0), s.get("frequency_penalty", 0.0),
+                                s.get("repetition_penalty", 1.0)) for (p, n), s in zip(jobs, penalties)]
+    plain = [r.tokens for r in serve(jaxfire.PagedEngine(model, slots=4, max_len=48, detokenize=False),
+                                     jobs, ignore_eos=True)[0]]
+    assert plain[2] == want[2] and all(plain[i] != want[i] for i in (0, 1, 3))  # the penalties bite
+    # 4 requests of up to 48 positions want 12 pages; 8 make them preempt one another
+    tight = jaxfire.PagedEngine(model, slots=4, max_len=48, page_size=PAGE, kv_pages=9, max_batched_tokens=32,
+                                detokenize=False)
+    requests = [tight.submit(p, max_tokens=n, ignore_eos=True, **s) for (p, n), s in zip(jobs, penalties)]
+    while not all(r.finished for r in requests):
+        tight.step()
+    assert tight.stats().preemptions > 0
+    assert [r.tokens for r in requests] == want
+    assert requests[1].presence_penalty == 1.5 and requests[2].repetition_penalty == 1.0
+    tight.close()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\], got 2.5"),
+    (dict(frequency_penalty="0"), r"frequency_penalty must be a number in \[-2, 2\], got '0'"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a number above 0 .1: none., got 0.0"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a number above 0"),
+])
+def test_bad_penalties_are_refused_by_name(model, kwargs, message):
+    engine = jaxfire.PagedEngine(model, slots=1, max_len=32, detokenize=False)
+    with pytest.raises(RequestError, match=message):
+        engine.submit([5, 6, 7], max_tokens=2, **kwargs)
+    contiguous = ContiguousEngine(model, slots=1, max_len=32, detokenize=False)
+    with pytest.raises(RequestError, match="ContiguousEngine has no sampling penalties: jaxfire.Engine"):
+        contiguous.submit([5, 6, 7], max_tokens=2, presence_penalty=0.5)
+    contiguous.submit([5, 6, 7], max_tokens=2, presence_penalty=0, repetition_penalty=1)  # neutral: accepted
+    contiguous.close()
+    engine.close()
+
+
 def test_a_cancelled_request_frees_its_pages_at_once(model):
     engine = jaxfire.PagedEngine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=False, detokenize=False)
     request = engine.submit(list(range(3, 4 + 2 * PAGE)), max_tokens=10, ignore_eos=True)
@@ -167,21 +223,22 @@ def test_a_cancelled_request_frees_its_pages_at_once(model):
 
 
 def test_on_a_mesh_the_paged_engine_gives_the_tokens_of_one_device(model):
-    """The whole engine (pages, chunks packed with decode, the one-step-behind reads) over an
-    expert-parallel mesh gives the greedy tokens of one device, with the FP8 cache (the ragged step
-    alone on tensor and expert meshes: tests/test_paged.py)."""
+    """The whole engine (pages, chunks packed with decode, the one-step-behind reads, the penalties'
+    counts) over an expert-parallel mesh gives the greedy tokens of one device, with the FP8 cache (the
+    ragged step alone on tensor and expert meshes: tests/test_paged.py)."""
     import jax
 
     rng = np.random.default_rng(6)
     jobs = random_jobs(rng, model, 3, 5, 30)
     one = jaxfire.Model(config=model.config, params=model.params, tokenizer=None, kv_cache_dtype="fp8")
     engine = jaxfire.PagedEngine(one, slots=2, max_len=48, page_size=PAGE, max_batched_tokens=16, detokenize=False)
-    want = [r.tokens for r in serve(engine, jobs)[0]]
+    penalties = dict(repetition_penalty=1.5, frequency_penalty=0.3)
+    want = [r.tokens for r in serve(engine, jobs, **penalties)[0]]
     engine.close()
     meshed = jaxfire.load(dtype="float32", kv_cache_dtype="fp8", mesh=jaxfire.make_mesh(jax.devices()[:2], expert=2))
     engine = jaxfire.PagedEngine(meshed, slots=2, max_len=48, page_size=PAGE, max_batched_tokens=16,
                                  detokenize=False)
-    assert [r.tokens for r in serve(engine, jobs)[0]] == want
+    assert [r.tokens for r in serve(engine, jobs, **penalties)[0]] == want
     assert engine.stats().kv_pages_used == 0
     engine.close()
 

@@ -120,7 +120,8 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": PROMPT, "logprobs": True}, "'logprobs' must be an integer in [0, 20]"),
     ({"prompt": 5}, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists"),
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
-    ({"prompt": PROMPT, "presence_penalty": 0.5}, "'presence_penalty' is not supported by this server"),
+    ({"prompt": PROMPT, "presence_penalty": 3}, "presence_penalty must be a number in [-2, 2], got 3"),
+    ({"prompt": PROMPT, "repetition_penalty": True}, "'repetition_penalty': Input should be a valid number"),
 ])
 def test_bad_requests_get_400_naming_the_problem(url, body, message):
     code, said = refusal(post, url, body)
@@ -139,18 +140,19 @@ def test_server_usage_errors(args, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_neutral_penalties_are_accepted_and_change_nothing():
-    """Clients that send the penalties' neutral values by default are served as if they had not; any
-    other value is refused by name."""
+def test_penalties_reach_the_engine(url, served, model):
+    """A completion with sampling penalties gives the tokens the engine gives for them; left out, none
+    are passed (the engine's neutral defaults)."""
     from jaxfire.server import protocol
 
-    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1}
-    for call, body in ((protocol.completion_call, {"prompt": PROMPT, "seed": 3}),
-                       (protocol.chat_call, {"messages": MESSAGES, "seed": 3})):
-        assert call({**body, **neutral}) == call(body)
-        for name, value in (("frequency_penalty", -0.1), ("repetition_penalty", 1.2), ("presence_penalty", 2)):
-            with pytest.raises(protocol.BadRequest, match=f"'{name}' is not supported .* got {value}"):
-                call({**body, name: value})
+    assert "presence_penalty" not in protocol.completion_call({"prompt": PROMPT}).kwargs
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1, "repetition_penalty": 1.3}
+    assert protocol.chat_call({"messages": MESSAGES, **penalties}).kwargs.items() >= penalties.items()
+    out = post(url, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **penalties})
+    ids = model.tokenizer.encode(PROMPT)
+    want = served[1].submit(ids, max_tokens=8, ignore_eos=True, **penalties).result(timeout=120)
+    assert want != served[1].submit(ids, max_tokens=8, ignore_eos=True).result(timeout=120)  # they bite
+    assert out["choices"][0]["text"] == model.tokenizer.decode(want)
 
 
 def test_models_health_and_unknown_routes(url):

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from jaxfire import metrics
-from jaxfire.engine.requests import (LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SEED_LIMIT, EngineError,
-                                     Request, RequestError, TokenEvent)
+from jaxfire.engine.requests import (LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, NEUTRAL_PENALTIES,
+                                     PENALTY_LIMIT, SEED_LIMIT, EngineError, Request, RequestError, TokenEvent)
 from jaxfire.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ class EngineBase:
     def submit(self, prompt: str | Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                stop: str | Sequence[str] = (), top_logprobs: int = 0, logit_bias: Mapping[int, float] | None = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
         """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
 
@@ -124,6 +125,11 @@ class EngineBase:
           OpenAI's: -100 in effect bans a token, +100 in effect forces it. The log-probabilities
           reported are then those of the biased distribution (vLLM's `processed_logprobs`, not its
           default `raw_logprobs`).
+        presence_penalty, frequency_penalty, repetition_penalty: vLLM's sampling penalties, applied before
+          the logit bias: a token already generated loses `presence_penalty` (in [-2, 2]) once and
+          `frequency_penalty` (in [-2, 2]) per time generated from its logit; a token generated or in the
+          prompt has a positive logit divided by `repetition_penalty` (> 0), a negative one multiplied.
+          The paged engine only.
         on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
           raises, the request ends with finish_reason "error" and the others carry on.
         """
@@ -134,13 +140,14 @@ class EngineBase:
             raise RequestError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         stop = self._validate_stop(stop)
         logit_bias = self._validate_bias(logit_bias)
+        penalties = self._validate_penalties(presence_penalty, frequency_penalty, repetition_penalty)
         detok = StreamDecoder(self.model.tokenizer if self.detokenize else None, stop)
         with self._cond:
             if self._closed or self._error is not None:
                 raise EngineError("the engine is closed" if self._error is None
                                   else f"the engine stopped after an error: {self._error}")
             req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
-                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs), logit_bias)
+                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs), logit_bias, penalties)
             self._next_id += 1
             self._inbox.append(req)
             self._cond.notify_all()
@@ -169,6 +176,23 @@ class EngineBase:
         if stop and (self.model.tokenizer is None or not self.detokenize):
             raise RequestError("stop strings need the model's tokenizer and an engine with detokenize on")
         return stop
+
+    # Whether the engine applies sampling penalties (else it refuses requests that ask for them).
+    supports_penalties = True
+
+    def _validate_penalties(self, presence, frequency, repetition) -> tuple[float, float, float]:
+        for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                    or not -PENALTY_LIMIT <= value <= PENALTY_LIMIT):
+                raise RequestError(f"{name} must be a number in [{-PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {value!r}")
+        if (isinstance(repetition, bool) or not isinstance(repetition, (int, float, np.integer, np.floating))
+                or not 0 < repetition < math.inf):
+            raise RequestError(f"repetition_penalty must be a number above 0 (1: none), got {repetition!r}")
+        penalties = (float(presence), float(frequency), float(repetition))
+        if penalties != NEUTRAL_PENALTIES and not self.supports_penalties:
+            raise RequestError(f"{type(self).__name__} has no sampling penalties: jaxfire.Engine (the paged "
+                               "engine) applies them")
+        return penalties
 
     def _validate_bias(self, logit_bias) -> dict[int, float]:
         if logit_bias is None:

@@ -266,6 +266,8 @@ class ContiguousEngine(EngineBase):
       numerics: with FP8 weights and the default policy their activations are quantized to FP8 too.
     """
 
+    supports_penalties = False  # (the paged engine applies them)
+
     def __init__(self, model: "Model", *, slots: int = 8, max_len: int | None = None, min_bucket: int = 16,
                  prefills_per_step: int | None = None, prefill_chunk: int | None = None, detokenize: bool = True,
                  decode_buckets: Sequence[int] | None = None, mix_decode: bool = True):

@@ -188,6 +188,7 @@ class PagedEngine(EngineBase):
         plan = self._scheduler.schedule()
         for seq in plan.preempted:
             seq.owner._slot = None
+            seq.owner._counted_row = None  # its row may serve another request before it comes back
         dispatched = self._dispatch(plan) if plan.chunks else None
         # the step before this one ran while this one was planned; its samples come back now, while
         # the device runs the step just dispatched
@@ -207,9 +208,15 @@ class PagedEngine(EngineBase):
                 with self._stats_lock:
                     self._totals.prompt_tokens += req.metrics.prompt_tokens
                     self._totals.queue_time.observe(req.metrics.queue_time)
+            if req._penalties is not None and req._counted_row != chunk.row:
+                # (re)admitted: the row's counts become the request's, from every token the host has (a
+                # sequence comes back only after its last step's samples were read: nothing is pending)
+                seq = chunk.seq
+                self._state.reset_penalties(chunk.row, seq.tokens[seq.prompt_len:], seq.tokens[:seq.prompt_len])
+                req._counted_row = chunk.row
             if chunk.sample:  # the token's index in the request's stream: what its key folds in
                 params[chunk.row] = (req.seed, chunk.seq.known - chunk.seq.prompt_len, req.temperature, req.top_p,
-                                     req.top_k, req._bias)
+                                     req.top_k, req._bias, req._penalties)
                 top = top or req.num_top_logprobs > 0
         step = self._state.dispatch(plan, params, top)
         self._scheduler.computed(plan)

@@ -83,6 +83,11 @@ class RequestMetrics:
         return None if self.scheduled is None else self.scheduled - self.arrival
 
 
+# (presence, frequency, repetition) that change nothing
+NEUTRAL_PENALTIES = (0.0, 0.0, 1.0)
+PENALTY_LIMIT = 2.0  # presence and frequency, as OpenAI's
+
+
 def zero_bias() -> tuple[np.ndarray, np.ndarray]:
     """A logit bias that changes nothing, as the sampler takes one: ids [MAX_LOGIT_BIAS] int32 and values
     [MAX_LOGIT_BIAS] float32, all zero."""
@@ -113,7 +118,7 @@ class Request:
     def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
                  top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
                  on_token: Callable[[TokenEvent], Any] | None, detokenizer: StreamDecoder, num_top_logprobs: int = 0,
-                 logit_bias: Mapping[int, float] | None = None):
+                 logit_bias: Mapping[int, float] | None = None, penalties: tuple[float, float, float] = NEUTRAL_PENALTIES):
         self.id = rid
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -125,6 +130,9 @@ class Request:
         self.stop_token_ids = stop_token_ids
         self.logit_bias = dict(logit_bias or {})  # token id -> what is added to its logit before sampling
         self._bias = padded_bias(self.logit_bias)
+        self.presence_penalty, self.frequency_penalty, self.repetition_penalty = penalties
+        self._penalties = None if penalties == NEUTRAL_PENALTIES else penalties  # as the sampler takes them
+        self._counted_row: int | None = None  # the row whose device counts are this request's (paged engine)
         self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
         self.logprobs: list[float] = []  # each token's log-probability under the model (see TokenEvent)
         self.num_top_logprobs = num_top_logprobs

@@ -21,7 +21,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -32,7 +32,7 @@ from jaxfire import model as M
 from jaxfire import paged_cache as PC
 from jaxfire import sharding as S
 from jaxfire.engine import sampler
-from jaxfire.engine.requests import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, zero_bias
+from jaxfire.engine.requests import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, NEUTRAL_PENALTIES, zero_bias
 from jaxfire.engine.scheduler import StepPlan
 
 if TYPE_CHECKING:
@@ -105,6 +105,12 @@ class Runner:
                        else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.cache = jax.device_put(cache, self._where) if mesh is None else cache
         self._last = jax.device_put(np.zeros((rows,), np.int32), self._where)  # [S]: the last step's samples
+        # For sampling penalties, per row: the counts of the tokens its request generated, and which are in
+        # its prompt (`reset_penalties` when a penalized request takes the row, `sampler.count` each step).
+        self.max_len = max_len
+        vocab = model.config.vocab_size
+        self._counts = jax.device_put(np.zeros((rows, vocab), np.int32), self._where)  # [S, V]
+        self._in_prompt = jax.device_put(np.zeros((rows, vocab), bool), self._where)  # [S, V]
 
     def _batch(self, plan: StepPlan, bucket: int | None = None) -> tuple[PC.RaggedBatch, jax.Array, list[int]]:
         """The plan as a ragged batch of `bucket` rows (default: the smallest holding it) and the rows
@@ -145,7 +151,9 @@ class Runner:
     def dispatch(self, plan: StepPlan, params: dict[int, tuple], top: bool) -> InFlight:
         """Queues the plan's step and its sampling, returning at once; samples row r with `params[r]` =
         (seed, index of the token in its request's stream, temperature, top_p, top_k, padded logit bias
-        or None: `Request._bias`), and the likeliest alternatives too with `top`."""
+        or None: `Request._bias`, penalties or None: `Request._penalties`), and the likeliest
+        alternatives too with `top`. A penalized row's counts must be its request's
+        (`reset_penalties`)."""
         batch, from_last, rows = self._batch(plan)
         return self._sample(self._run_step(batch, from_last), rows, params, top)
 
@@ -161,7 +169,14 @@ class Runner:
         top_p = np.ones((self.rows,), np.float32)
         top_k = np.zeros((self.rows,), np.int32)
         for r in rows:
-            seeds[r], steps[r], temperature[r], top_p[r], top_k[r], _ = params[r]
+            seeds[r], steps[r], temperature[r], top_p[r], top_k[r], _, _ = params[r]
+        penalized = [r for r in rows if params[r][6] is not None]
+        if penalized:  # only then, as the bias below
+            penalties = np.tile(np.asarray(NEUTRAL_PENALTIES, np.float32), (self.rows, 1))  # [S, 3]
+            for r in penalized:
+                penalties[r] = params[r][6]
+            logits = sampler.penalize(logits, self._counts, self._in_prompt,
+                                      *jax.device_put(tuple(penalties.T), self._where))
         biased = [r for r in rows if params[r][5] is not None]
         if biased:  # only then: a step without biased rows runs as it did before biases existed
             ids = np.zeros((self.rows, MAX_LOGIT_BIAS), np.int32)  # [S, L]
@@ -171,8 +186,22 @@ class Runner:
             logits = sampler.add_bias(logits, *jax.device_put((ids, values), self._where))
         out, self._last = _sample_rows(logits, *jax.device_put((seeds, steps, temperature, top_p, top_k), self._where),
                                        sample=bool((temperature > 0).any()), top=MAX_TOP_LOGPROBS if top else 0)
+        if penalized:
+            counted = np.zeros((self.rows,), bool)
+            counted[penalized] = True
+            self._counts = sampler.count(self._counts, self._last, jax.device_put(counted, self._where))
         out.copy_to_host_async()
         return InFlight(rows, out)
+
+    def reset_penalties(self, row: int, generated: Sequence[int], prompt: Sequence[int]) -> None:
+        """Row `row`'s penalty state becomes a request's: the counts of the tokens it has generated, and its
+        prompt's tokens."""
+        pad = self.model.config.vocab_size  # past the vocabulary: counts nothing
+        ids = np.full((2, self.max_len), pad, np.int32)  # [2, N]
+        ids[0, :len(generated)] = generated
+        ids[1, :len(prompt)] = prompt
+        self._counts, self._in_prompt = sampler.reset_counts(
+            self._counts, self._in_prompt, *jax.device_put((np.int32(row), ids[0], ids[1]), self._where))
 
     def warmup(self, progress: Callable[[list], Iterable] | None = None, compile_workers: int = 1) -> None:
         """Compiles the step of every token bucket and every sampling variant, greedy or not, with and
@@ -198,11 +227,14 @@ class Runner:
         def step(t: int) -> None:
             last["logits"] = self._run_step(*batches[t])
 
-        def sample(top: bool, temperature: float, bias) -> None:
-            self.read(self._sample(last["logits"], [0], {0: (0, 0, temperature, 1.0, 0, bias)}, top))
+        def sample(top: bool, temperature: float, bias, penalties=None) -> None:
+            self.read(self._sample(last["logits"], [0], {0: (0, 0, temperature, 1.0, 0, bias, penalties)}, top))
 
         programs = [functools.partial(step, t) for t in self.token_buckets] + [
             functools.partial(sample, *v) for v in itertools.product((False, True), (0.0, 1.0), (None, zero_bias()))]
+        # the penalties' programs (apart from the sampling ones): a row's reset, penalize and count
+        programs += [functools.partial(self.reset_penalties, 0, [], []),
+                     functools.partial(sample, False, 0.0, None, (0.5, 0.5, 1.5))]
         programs = compiled + programs * 2  # on a mesh a step may return the cache in other shardings than it came in
         try:
             for program in progress(programs) if progress else programs:

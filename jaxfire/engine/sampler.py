@@ -1,12 +1,15 @@
 """The sampling programs every engine step ends with: each row drawn from its request's own stream, with
 its log-probability and, when asked, the likeliest alternatives, brought to the host in one transfer.
-A request's logit bias is added to its row before (`add_bias`), so the tokens and log-probabilities
-are those of the biased distribution.
+A request's sampling penalties (`penalize`, over its token counts `count` keeps on the device) and then
+its logit bias (`add_bias`) change its row before, so the tokens and log-probabilities are those of
+the changed distribution.
 
-Dimensions: B rows, V vocab, L bias entries per row (`MAX_LOGIT_BIAS`).
+Dimensions: B rows, V vocab, L bias entries per row (`MAX_LOGIT_BIAS`), N ids (`reset_counts`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,49 @@ def add_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
     # logits: [B, V] float32, ids: [>= B, L] int32, values: [>= B, L] float32 -> [B, V]
     b = logits.shape[0]
     return apply_bias(logits, ids[:b], values[:b])
+
+
+def apply_penalties(logits: jax.Array, counts: jax.Array, in_prompt: jax.Array, presence: jax.Array,
+                    frequency: jax.Array, repetition: jax.Array) -> jax.Array:
+    """vLLM's (and OpenAI's) sampling penalties. A token the row has seen (generated, or in its prompt)
+    has a positive logit divided by `repetition`, a negative one multiplied by it; then each generated
+    token's logit loses `frequency` times its count and `presence` once. Neutral values (0, 0, 1) change
+    nothing."""
+    # logits: [B, V] float32, counts: [B, V] int32, in_prompt: [B, V] bool, the rest [B] float32 -> [B, V]
+    generated = counts > 0  # [B, V]
+    rep = repetition[:, None]  # [B, 1]
+    logits = jnp.where(generated | in_prompt, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * generated
+
+
+@jax.jit
+def penalize(logits: jax.Array, counts: jax.Array, in_prompt: jax.Array, presence: jax.Array, frequency: jax.Array,
+             repetition: jax.Array) -> jax.Array:
+    """`apply_penalties` as a program of its own, run only for a step with a penalized row (as `add_bias`
+    is); counts and in_prompt may hold more rows than the logits (the engine's rows)."""
+    b = logits.shape[0]
+    return apply_penalties(logits, counts[:b], in_prompt[:b], presence, frequency, repetition)
+
+
+@functools.partial(jax.jit, donate_argnames=("counts",))
+def count(counts: jax.Array, tokens: jax.Array, rows: jax.Array) -> jax.Array:
+    """Adds each of `rows`' sampled token to its counts (the device's own tokens: the host need not have
+    read them)."""
+    # counts: [B, V] int32, tokens: [B] int32, rows: [B] bool -> [B, V]
+    return counts.at[jnp.arange(counts.shape[0]), tokens].add(rows.astype(counts.dtype))
+
+
+@functools.partial(jax.jit, donate_argnames=("counts", "in_prompt"))
+def reset_counts(counts: jax.Array, in_prompt: jax.Array, row: jax.Array, generated: jax.Array,
+                 prompt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row `row` starts over for a request: its counts of the `generated` ids, and the ids of its `prompt`
+    (both padded with ids past the vocabulary, which count nothing)."""
+    # counts: [B, V] int32, in_prompt: [B, V] bool, generated and prompt: [N] int32
+    v = counts.shape[1]
+    ones = jnp.ones(generated.shape, counts.dtype)
+    counts = counts.at[row].set(jnp.zeros((v,), counts.dtype).at[generated].add(ones, mode="drop"))
+    in_prompt = in_prompt.at[row].set(jnp.zeros((v,), bool).at[prompt].set(True, mode="drop"))
+    return counts, in_prompt
 
 
 def with_logprobs(logits: jax.Array, tokens: jax.Array, top: int = 0) -> jax.Array:

@@ -58,11 +58,9 @@ class _Sampling(BaseModel):
     n: int | None = 1
     logit_bias: dict[str, Annotated[float, Strict()]] | None = None  # token id (a string, as JSON keys are) -> bias
     user: str | None = None  # accepted and ignored, as vLLM does
-    # Sampling penalties are not implemented: their neutral values (what many clients send by default)
-    # are accepted, any other is refused by name (`_common`).
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    presence_penalty: Annotated[float, Strict()] | None = None  # the engine checks the penalties' ranges
+    frequency_penalty: Annotated[float, Strict()] | None = None
+    repetition_penalty: Annotated[float, Strict()] | None = None
 
 
 class CompletionBody(_Sampling):
@@ -136,15 +134,8 @@ def _count(value: Any, field: str) -> int:
     return value
 
 
-_NEUTRAL_PENALTIES = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-
-
 def _common(b: _Sampling, prompts: int, limits: Limits) -> tuple[dict, list[int], int]:
     """`Engine.submit` keywords but max_tokens, a seed per choice, and n."""
-    for name, neutral in _NEUTRAL_PENALTIES.items():
-        if getattr(b, name) not in (None, neutral):
-            raise BadRequest(f"{name!r} is not supported by this server (only its neutral value {neutral:g}), "
-                             f"got {getattr(b, name)!r}")
     n = 1 if b.n is None else b.n
     if not 1 <= n <= limits.max_n:
         raise BadRequest(f"'n' must be an integer in [1, {limits.max_n}] (the server's limit on choices per prompt), "
@@ -167,6 +158,8 @@ def _common(b: _Sampling, prompts: int, limits: Limits) -> tuple[dict, list[int]
                   top_p=1.0 if b.top_p is None else b.top_p,
                   top_k=0 if b.top_k in (None, -1) else b.top_k, ignore_eos=b.ignore_eos, stop=tuple(stop),
                   stop_token_ids=tuple(b.stop_token_ids or ()))
+    kwargs.update({name: getattr(b, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+                   if getattr(b, name) is not None})
     if b.logit_bias:  # the engine checks the ids against the vocabulary and the biases' range
         kwargs["logit_bias"] = {_token_key(k): v for k, v in b.logit_bias.items()}
     return kwargs, seeds, n
