@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, profile
-from pallas_kernels.grouped_matmul import Config, api, reference
+from pallas_kernels.grouped_matmul import Config, api, mosaic, reference, tiling
 from pallas_kernels.grouped_matmul.config import TASK_MAJOR, mosaic_config, triton_config
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_swiglu
 
@@ -95,8 +95,8 @@ class Bench:
             row["of_read_bw"] = row["weight_tbps"] / self.read_tbs
         self.rows.append(row)
         common.write_results(self.name, [row], self.out_dir)
-        keys = ("shape", "t", "routing", "impl", "dtype", "config", "ms", "tflops", "weight_tbps", "of_read_bw",
-                "rel_err")
+        keys = ("shape", "t", "routing", "impl", "dtype", "config", "ms", "tflops", "tile_efficiency", "tile_tflops",
+                "weight_tbps", "of_read_bw", "rel_err")
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
         print("  ".join(f"{k}={fmt(row[k])}" for k in keys if k in row), flush=True)
 
@@ -201,6 +201,8 @@ def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
                     if sec is None:
                         return
                     wbytes = active * n * k * itemsize
+                    if "tile_efficiency" in extra:  # the rate over the rows the tiles compute, padding included
+                        extra["tile_tflops"] = flops / sec / 1e12 / extra["tile_efficiency"]
                     b.add(dict(base, impl=impl, dtype=dtype, ms=sec * 1e3, tflops=flops / sec / 1e12,
                                        weight_tbps=wbytes / sec / 1e12,
                                        pct_copy=100 * wbytes / sec / copy_bw, **extra))
@@ -218,11 +220,12 @@ def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
                         if err is None:
                             continue
                         sec = b.time(lambda *a, fn=fn: fn(*a[:2], a[2], **scales), *args, g)
+                        backend, cfg = api._pallas_backend(args[0], args[1], True, False, jnp.bfloat16, None, impl)
+                        # each expert's last row tile is padded: the share of computed rows that are real
+                        extra = dict(block_m=cfg.block_m, tile_efficiency=tiling.tile_efficiency(
+                            sizes, t, cfg.block_m, mosaic.ROW_ALIGN if backend == "mosaic" else 1))
                         if impl is None:
-                            extra = dict(backend=api._pallas_backend(
-                                args[0], args[1], True, False, jnp.bfloat16, None, None)[0])
-                        else:
-                            extra = {}
+                            extra["backend"] = backend
                         record(label, dtype, sec, itemsize, rel_err=err, **extra)
                 # Peers: XLA's ragged dot in bf16 and e4m3, JAX's Mosaic GPU ragged dot.
                 record("xla_ragged_dot", "bf16", b.time(peer_fns["xla_ragged_dot"], x, w, g), 2)
@@ -238,8 +241,8 @@ def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
                     record("dense_xla", "fp8_nt", b.time(dense_fp8, x8, w8[0]), 1)
             del inp, x, w, x8, xs, w8, ws
     # The fused expert FFN first half against the unfused pair (matmul on 2F, then XLA's silu * up).
-    k, f = SHAPES["w1_w3"]
     for t in swiglu_rows:
+        k, f = SHAPES["w1_w3"]
         key, sub = jax.random.split(key)
         inp = problem_inputs(k, 2 * f, t, sub)
         g = jnp.asarray(routing("balanced", t))
@@ -710,8 +713,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         swiglu_rows = [int(v) for v in args.swiglu_rows.split(",") if v]
         run_grid(b, rows, shapes, copy_bw, swiglu_rows)
     path = common.RESULTS_DIR if args.out_dir is None else args.out_dir
-    cols = ["study", "shape", "t", "routing", "impl", "dtype", "config", "backend", "ms", "tflops", "weight_tbps",
-            "of_read_bw", "pct_copy", "rel_err"]
+    cols = ["study", "shape", "t", "routing", "impl", "dtype", "config", "backend", "ms", "tflops", "tile_efficiency",
+            "tile_tflops", "weight_tbps", "of_read_bw", "pct_copy", "rel_err"]
     common.print_table(b.rows, [c for c in cols if any(c in r for r in b.rows)])
     print(f"wrote {len(b.rows)} rows to {path}/{name}.jsonl")
     if b.failures:

@@ -1,6 +1,7 @@
 """The GPU benchmarks run end to end on the CPU at a tiny size, so a device run does not fail on a
 bug a CPU could have caught; their figures are not checked here (speed is measured, never asserted)."""
 
+import functools
 import json
 import time
 
@@ -196,6 +197,29 @@ def test_gemv_sweep_checks_and_times_every_config(tmp_path, monkeypatch):
     assert {r["weight_sets"] for r in b.rows} == {2} and {r["timing"] for r in b.rows} == {"profiler"}
     written = [json.loads(line) for line in (tmp_path / "grouped_matmul.jsonl").read_text().splitlines()]
     assert len(written) == len(b.rows) and all(r["ms"] > 0 and r["rel_err"] < G.MAX_REL_ERR for r in written)
+
+
+def test_grid_rows_carry_the_share_of_computed_rows_that_are_real(tmp_path, monkeypatch):
+    """Each kernel row of the grid carries its row tiles' efficiency (each expert's last tile padded to
+    block_m rows, as the kernel's row tasks cut them) and its rate over the rows computed."""
+    from bench import grouped_matmul as G
+    from pallas_kernels.grouped_matmul.tiling import tile_efficiency
+
+    monkeypatch.setattr(G, "SHAPES", {"tiny": (128, 256)})
+    # every implementation as the reference (the kernels have interpret-mode tests of their own): what
+    # is checked is each row's bookkeeping, the tiles as the implementation's config cuts them
+    monkeypatch.setattr(G, "ours", lambda implementation, **kw: jax.jit(functools.partial(
+        G.grouped_matmul, transpose_rhs=True, implementation="reference")))
+    rows = G.main(["--study", "grid", "--rows", "40", "--shapes", "tiny", "--swiglu-rows", "", "--out-dir",
+                   str(tmp_path)])
+    ours = [r for r in rows if r["impl"].startswith("jaxfire")]
+    assert {r["impl"] for r in ours} == {"jaxfire", "jaxfire_pallas_mosaic", "jaxfire_pallas_triton"}
+    for r in ours:
+        align = 8 if r["impl"] == "jaxfire_pallas_mosaic" or r.get("backend") == "mosaic" else 1
+        assert r["tile_efficiency"] == tile_efficiency(r["group_sizes"], 40, r["block_m"], align) <= 1
+        assert r["tile_tflops"] == pytest.approx(r["tflops"] / r["tile_efficiency"])
+    assert {r["routing"] for r in ours} == {"balanced", "skewed"}
+    assert all("tile_efficiency" not in r for r in rows if not r["impl"].startswith("jaxfire"))  # the peers
 
 
 def test_decode_study_checks_and_times_each_problem_against_the_read_ceiling(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from pallas_kernels.grouped_matmul.tiling import row_tasks
 
 _SMEM_BYTES = 227 * 1024
 # Row tiles start on multiples of 8 rows: 32-byte aligned f32 row-scale copies.
-_ROW_ALIGN = 8
+ROW_ALIGN = 8
 _MEMORY_REGISTERS = 40
 
 
@@ -102,7 +102,7 @@ def unsupported_reason(
     n_out = n // 2 if swiglu else n
     if n_out % cta_n:
         return f"{'F' if swiglu else 'N'}={n_out} is not a multiple of the CTA tile width {cta_n}"
-    if wg_m % 64 or config.block_m % _ROW_ALIGN:
+    if wg_m % 64 or config.block_m % ROW_ALIGN:
         return f"block_m={config.block_m} gives warpgroup tiles of {wg_m} rows, not a multiple of 64"
     if config.block_n % _epilogue_width(out_dtype):
         return f"block_n={config.block_n} is not a multiple of the epilogue width {_epilogue_width(out_dtype)}"
@@ -232,7 +232,7 @@ def _kernel(
         def _tile_loop(loop_info: plgpu.NDLoopInfo):
             (lin,) = loop_info.index
             task, nj = tile_order(lin, num_tasks, n_tiles, config.grid_tile_width)
-            group, tile_start = group_gmem[task], pl.multiple_of(start_gmem[task], _ROW_ALIGN)
+            group, tile_start = group_gmem[task], pl.multiple_of(start_gmem[task], ROW_ALIGN)
             offset, size = offset_gmem[task], size_gmem[task]
             expert = jnp.minimum(group, num_groups - 1)
             # Warpgroups own row halves of the tile (swiglu from 128 rows) or column halves.
@@ -363,10 +363,10 @@ def grouped_matmul(
     )
     if reason is not None:
         raise ValueError(f"The Mosaic GPU grouped matmul cannot run this problem: {reason}.")
-    tasks = row_tasks(group_sizes, t, config.block_m, align=_ROW_ALIGN)
+    tasks = row_tasks(group_sizes, t, config.block_m, align=ROW_ALIGN)
     # The lhs TMA descriptor is tiled by 8 rows, so T must be a multiple of 8 (a copy otherwise);
     # the GPU interpreter does not model TMA's zero fill of out-of-bounds rows.
-    pad_rows = -t % _ROW_ALIGN + (config.block_m if interpret else 0)
+    pad_rows = -t % ROW_ALIGN + (config.block_m if interpret else 0)
     if pad_rows:
         lhs = jnp.pad(lhs, ((0, pad_rows), (0, 0)))  # [T + pad, K]
     operands = [tasks.group, tasks.start, tasks.offset, tasks.size, lhs, rhs]

@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -62,3 +63,13 @@ def row_tasks(group_sizes: jax.Array, num_rows: int, block_m: int, align: int = 
     offset = jnp.where(size > 0, lo - start, 0)  # [P]
     start = jnp.minimum(start, num_rows)
     return RowTasks(group=group, start=start, offset=offset, size=size)
+
+
+def tile_efficiency(group_sizes, num_rows: int, block_m: int, align: int = 1) -> float:
+    """Real rows over the rows a kernel's row tasks compute (each task a whole `block_m`-row tile): on
+    the host, for benchmarks. Each group's last tile is padded, so 8 groups of 256 rows on 128-row
+    tiles lose nothing, while the random top-2 routing of a 1024-token prompt (groups of about 256 +-
+    20) leaves about a fifth of the computed rows empty, and half of 512 rows to one group a quarter."""
+    tasks = row_tasks(jnp.asarray(group_sizes, jnp.int32), num_rows, block_m, align)
+    computed = int(jnp.sum((tasks.size > 0) & (tasks.group < len(group_sizes)))) * block_m  # the zero tail aside
+    return min(int(np.sum(group_sizes)), num_rows) / max(computed, 1)
