@@ -50,9 +50,18 @@ FP8_MAX = 448.0
 MAX_REL_ERR = 2e-2
 
 
+ROUTINGS = ("balanced", "skewed", "random")
+
+
 def routing(kind: str, t: int) -> np.ndarray:
-    """Rows per expert: 'balanced' spreads T evenly; 'skewed' sends half the rows to expert 0."""
-    if kind == "balanced":
+    """Rows per expert: 'balanced' spreads T evenly; 'skewed' sends half the rows to expert 0; 'random'
+    is the top-2 of a random router over T / 2 tokens (seeded by T), as a prompt through a model's MoE
+    layer gives them: groups of about T / 8, a few tiles' rows apart."""
+    if kind == "random":
+        logits = np.random.default_rng(t).normal(size=(-(-t // 2), E))  # [tokens, E]
+        sizes = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E).astype(np.int64)
+        sizes[np.argmax(sizes)] -= sizes.sum() - t  # an odd T: one token routed once
+    elif kind == "balanced":
         sizes = np.full(E, t // E)
         sizes[: t % E] += 1
     else:
@@ -171,7 +180,7 @@ def peers(k: int, n: int, t: int) -> dict[str, Callable]:
     return out
 
 
-def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
+def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows, routings=ROUTINGS) -> None:
     key = jax.random.key(0)
     for shape_name, (k, n) in shapes.items():
         for t in rows_list:
@@ -189,7 +198,7 @@ def run_grid(b: Bench, rows_list, shapes, copy_bw: float, swiglu_rows) -> None:
             dense_bf16 = jax.jit(lambda a, bt: jnp.dot(a, bt.T, preferred_element_type=jnp.bfloat16))
             dense_fp8 = jax.jit(lambda a, bt: jax.lax.dot_general(
                 a, bt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16))
-            for kind in ("balanced", "skewed"):
+            for kind in routings:
                 sizes = routing(kind, t)
                 g = jnp.asarray(sizes)
                 active = int((sizes > 0).sum())
@@ -333,14 +342,16 @@ def _sweep_point(b: Bench, copy_bw: float, study: str, shape: str, impl: str, dt
 
 
 # The prefill chunks of a token-budget step (study "chunk-sweep"): FP8 x FP8 rows on the wgmma kernel
-# at the sizes a step's chunk gives the experts (128 / 256 / 512 tokens at top-2), balanced and skewed
-# routing, the default tiles against narrower ones: (name, K, N, rows).
-CHUNK_PROBLEMS = tuple((f"{shape}_t{t}", k, n, t) for shape, (k, n) in SHAPES.items() for t in (256, 512, 1024))
+# at the sizes a step's chunk gives the experts (128 / 256 / 512 tokens at top-2) and a whole 1024-token
+# prompt, under each of `--routings`, the default tiles against narrower ones (64-row tiles pad each
+# expert's last tile less: `tiling.tile_efficiency`): (name, K, N, rows).
+CHUNK_PROBLEMS = tuple((f"{shape}_t{t}", k, n, t) for shape, (k, n) in SHAPES.items()
+                       for t in (256, 512, 1024, 2048))
 CHUNK_CONFIGS = tuple(Config(block_m=bm, block_n=bn, block_k=128, num_stages=4, grid_tile_width=8)
                       for bm in (64, 128) for bn in (64, 128))
 
 
-def run_chunk_sweep(b: Bench, copy_bw: float, problems: str) -> None:
+def run_chunk_sweep(b: Bench, copy_bw: float, problems: str, routings=ROUTINGS) -> None:
     """The default wgmma config and every one of `CHUNK_CONFIGS` on each of `CHUNK_PROBLEMS`."""
     wanted = set(filter(None, problems.split(",")))
     key = jax.random.key(3)
@@ -350,7 +361,7 @@ def run_chunk_sweep(b: Bench, copy_bw: float, problems: str) -> None:
         key, sub = jax.random.split(key)
         inp = problem_inputs(k, n, t, sub)
         args, scales = (inp["x8"], inp["w8"]), dict(lhs_scale=inp["xs"], rhs_scale=inp["ws"])
-        for kind in ("balanced", "skewed"):
+        for kind in routings:
             g = jnp.asarray(routing(kind, t))
             want = jax.jit(functools.partial(reference.grouped_matmul_f32, transpose_rhs=True))(*args, g, **scales)
             default = mosaic_config(t, k, n, itemsize=1, swiglu=False)
@@ -671,6 +682,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                        "decode-tiles", "chunk-sweep"), default="grid")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="T values of the grid")
     p.add_argument("--shapes", default=",".join(SHAPES), help="expert shapes of the grid")
+    p.add_argument("--routings", type=lambda s: tuple(s.split(",")), default=ROUTINGS,
+                   help=f"grid and chunk-sweep: rows per expert, of {','.join(ROUTINGS)} (see `routing`)")
     p.add_argument("--swiglu-rows", default="32,4096")
     p.add_argument("--sweep-impls", default="pallas_mosaic,pallas_triton", help="kernels the sweep tunes")
     p.add_argument("--iters", type=int, default=20)
@@ -687,6 +700,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         p.error(f"--problems: {', '.join(sorted(unknown))} not among the {args.study} study's problems "
                 f"({', '.join(prob[0] for prob in known) or 'it takes none'})")
+    if not args.routings or set(args.routings) - set(ROUTINGS):
+        p.error(f"--routings takes names of {', '.join(ROUTINGS)}, got {','.join(args.routings)!r}")
 
     name = "grouped_matmul"
     # Rows of one invocation share a run id, so each figure can be read beside its peers and ceiling.
@@ -706,12 +721,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     elif args.study in ("decode-alt", "decode-tiles"):
         run_decode_alt(b, copy_bw, args.iters, args.problems, args.study)
     elif args.study == "chunk-sweep":
-        run_chunk_sweep(b, copy_bw, args.problems)
+        run_chunk_sweep(b, copy_bw, args.problems, args.routings)
     else:
         rows = [int(v) for v in args.rows.split(",") if v]
         shapes = {s: SHAPES[s] for s in args.shapes.split(",") if s}
         swiglu_rows = [int(v) for v in args.swiglu_rows.split(",") if v]
-        run_grid(b, rows, shapes, copy_bw, swiglu_rows)
+        run_grid(b, rows, shapes, copy_bw, swiglu_rows, args.routings)
     path = common.RESULTS_DIR if args.out_dir is None else args.out_dir
     cols = ["study", "shape", "t", "routing", "impl", "dtype", "config", "backend", "ms", "tflops", "tile_efficiency",
             "tile_tflops", "weight_tbps", "of_read_bw", "pct_copy", "rel_err"]

@@ -218,7 +218,11 @@ def test_grid_rows_carry_the_share_of_computed_rows_that_are_real(tmp_path, monk
         align = 8 if r["impl"] == "jaxfire_pallas_mosaic" or r.get("backend") == "mosaic" else 1
         assert r["tile_efficiency"] == tile_efficiency(r["group_sizes"], 40, r["block_m"], align) <= 1
         assert r["tile_tflops"] == pytest.approx(r["tflops"] / r["tile_efficiency"])
-    assert {r["routing"] for r in ours} == {"balanced", "skewed"}
+    assert {r["routing"] for r in ours} == {"balanced", "skewed", "random"}
+    random = next(r for r in ours if r["routing"] == "random")["group_sizes"]
+    assert sum(random) == 40 and random == G.routing("random", 40).tolist() and min(random) > 0
+    with pytest.raises(SystemExit):
+        G.main(["--study", "grid", "--routings", "uniform"])
     assert all("tile_efficiency" not in r for r in rows if not r["impl"].startswith("jaxfire"))  # the peers
 
 
@@ -282,7 +286,8 @@ def test_chunk_sweep_checks_and_times_each_config_under_both_routings(tmp_path, 
 
     monkeypatch.setattr(G, "CHUNK_PROBLEMS", (("tiny_t16", 256, 256, 16),))
     monkeypatch.setattr(G, "CHUNK_CONFIGS", (G.Config(block_m=64, block_n=128, block_k=128, num_stages=2),))
-    rows = G.main(["--study", "chunk-sweep", "--iters", "1", "--out-dir", str(tmp_path)])
+    rows = G.main(["--study", "chunk-sweep", "--iters", "1", "--routings", "balanced,skewed", "--out-dir",
+                   str(tmp_path)])
     assert [(r["routing"], r["config"].startswith("default: ")) for r in rows] == [
         ("balanced", True), ("balanced", False), ("skewed", True), ("skewed", False)]
     assert all(r["rel_err"] < G.MAX_REL_ERR and r["dtype"] == "fp8" and r["of_read_bw"] > 0 for r in rows)
