@@ -153,12 +153,15 @@ def test_preemption_resumes_with_the_tokens_of_an_unconstrained_run_and_streams_
     tight.close()
 
 
-def penalized_reference(model, prompt, n, presence, frequency, repetition):
+def penalized_reference(model, prompt, n, presence, frequency, repetition, width=48):
     """Greedy tokens under sampling penalties, the slow way: the whole sequence's logits each step (no
-    cache), the penalties applied in NumPy from the tokens so far."""
+    cache; padded to `width`, which a causal model's earlier positions never see), the penalties
+    applied in NumPy from the tokens so far."""
     out = []
     for _ in range(n):
-        logits = np.asarray(jaxfire.logits(model, [prompt + out]))[0, -1].astype(np.float64)  # [V]
+        seq = prompt + out
+        logits = np.asarray(jaxfire.logits(model, [seq + [0] * (width - len(seq))]))[0, len(seq) - 1]  # [V]
+        logits = logits.astype(np.float64)
         counts = np.bincount(out, minlength=logits.size)
         seen = (counts > 0) | np.isin(np.arange(logits.size), prompt)
         logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
