@@ -46,6 +46,20 @@ def test_generate_takes_logit_bias(builtin):
     assert sampled.tokens == [[forced] * 3]
 
 
+def test_generate_takes_sampling_penalties(builtin):
+    """The penalties reach each prompt's request: a strong repetition penalty leaves no id repeated in a
+    greedy reply where the plain one repeats, and equals the engine's own reply under it."""
+    plain = jaxfire.generate(builtin, "class Stack:", max_new_tokens=24).tokens[0]
+    assert len(set(plain)) < len(plain)
+    result = jaxfire.generate(builtin, "class Stack:", max_new_tokens=24, repetition_penalty=1e4,
+                              presence_penalty=2.0, frequency_penalty=2.0)
+    ids = builtin.tokenizer.encode("class Stack:")
+    with jaxfire.Engine(builtin, slots=1, max_len=64) as engine:
+        want = engine.submit(ids, max_tokens=24, repetition_penalty=1e4, presence_penalty=2.0,
+                             frequency_penalty=2.0).result(timeout=120)
+    assert result.tokens[0] == want and len(set(want)) == len(want)
+
+
 def test_dtype_override(builtin):
     model = jaxfire.load(dtype="float32")
     assert model.params.embed.dtype == np.float32 and builtin.params.embed.dtype == "bfloat16"
@@ -64,6 +78,7 @@ def test_dtype_override(builtin):
     ({"max_new_tokens": 2}, [], "no prompts"),
     ({"max_new_tokens": 1000}, ["x" * 10], "exceeds the model's 512 positions"),
     ({"max_new_tokens": 2, "logit_bias": {5: 500.0}}, ["x"], "logit_bias"),
+    ({"max_new_tokens": 2, "repetition_penalty": -1.0}, ["x"], "repetition_penalty must be a number above 0"),
 ])
 def test_generate_rejects_bad_input(builtin, kwargs, prompts, message):
     with pytest.raises(jaxfire.JaxfireError, match=message):
