@@ -208,14 +208,15 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
                     top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (),
                     top_logprobs: int = 0, logit_bias: Mapping[int, float] | None = None,
                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                    stats: Generation | None = None) -> Iterator[TokenEvent]:
+                    min_tokens: int = 0, stats: Generation | None = None) -> Iterator[TokenEvent]:
     """Batched generation yielding each token as it is produced; stops each prompt at EOS, at one of
     `stop_token_ids` (neither is output), once its text holds one of the `stop` strings (the text
     ends before it) or at the limit. top_k 0 keeps every token. top_logprobs N (at most 20) lists the
     N likeliest ids at each position with their log-probabilities (`TokenEvent.top_logprobs`).
     logit_bias (token id -> a number in [-100, 100], at most 300 ids) is added to every prompt's
     logits before sampling, and the sampling penalties (presence and frequency in [-2, 2], repetition
-    above 0) change them before that, as the engine's `submit` takes them.
+    above 0) change them before that, as the engine's `submit` takes them; so does min_tokens (no EOS,
+    stop id or stop string before that many tokens).
 
     Runs on a `jaxfire.Engine` with one slot per prompt. Prompt i samples with seed + i (mod 2**32),
     so each prompt's tokens are those it gets generated alone with that seed.
@@ -238,7 +239,7 @@ def generate_stream(model: Model, prompts, *, max_new_tokens: int, temperature: 
                                   seed=(seed + i) % SEED_LIMIT, stop_token_ids=stop_token_ids, stop=stop,
                                   top_logprobs=top_logprobs, logit_bias=logit_bias,
                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                  repetition_penalty=repetition_penalty)
+                                  repetition_penalty=repetition_penalty, min_tokens=min_tokens)
                     for i, p in enumerate(ids)]
         if stats is not None:
             stats.prompt_tokens = ids
@@ -275,7 +276,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
              top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (),
              stop: str | Sequence[str] = (), top_logprobs: int = 0,
              logit_bias: Mapping[int, float] | None = None, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> Generation:
+             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, min_tokens: int = 0) -> Generation:
     """Batched generation; prompts are strings or lists of token ids. Returns tokens, texts and timings.
     Arguments as for `generate_stream`."""
     n = 1 if _is_single_prompt(prompts) else len(prompts)
@@ -285,6 +286,6 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
                              top_k=top_k, seed=seed, stop_token_ids=stop_token_ids, stop=stop,
                              top_logprobs=top_logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
                              frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                             stats=result):
+                             min_tokens=min_tokens, stats=result):
         pass
     return result

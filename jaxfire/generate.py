@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divides the positive logits (multiplies the negative) of tokens seen in the prompt or "
                         "generated; 1: none")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="generate at least this many tokens before EOS or a stop (vLLM's min_tokens)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a prompt's generation before this text (repeat for several)")
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                                               top_p=args.top_p, top_k=args.top_k, seed=(args.seed + i) % 2**32,
                                               stop=args.stop, presence_penalty=args.presence_penalty,
                                               frequency_penalty=args.frequency_penalty,
-                                              repetition_penalty=args.repetition_penalty))
+                                              repetition_penalty=args.repetition_penalty,
+                                              min_tokens=args.min_tokens))
             except jaxfire.JaxfireError as e:
                 raise jaxfire.JaxfireError(f"prompt {i}: {e}") from None
         if len(prompts) == 1:

@@ -107,13 +107,17 @@ class StreamDecoder:
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(os.path.commonprefix([before, text])):]  # the emitted text is never repeated
 
-    def stream(self, token: int, final: bool) -> tuple[str | None, bool]:
+    def stream(self, token: int, final: bool, stops: bool = True) -> tuple[str | None, bool]:
         """The text to emit for this token, and whether it completed a stop string (the text then ends
-        before the stop string)."""
+        before the stop string). With `stops` False (a request short of its min_tokens) no stop string
+        is looked for and nothing is held back."""
         delta = self.push(token, final)
         if delta is None or not self.stop:
             return delta, False
         text = self.held + delta
+        if not stops:
+            self.held = ""
+            return text, False
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
             self.held = ""

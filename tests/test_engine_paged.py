@@ -212,6 +212,33 @@ def test_bad_penalties_are_refused_by_name(model, kwargs, message):
     engine.close()
 
 
+def test_min_tokens_bans_the_ending_ids_and_the_stop_strings_until_reached():
+    """min_tokens: a stop id the reply would meet at once is -inf for the first tokens (they are those of
+    a run biasing it away), and may end the reply after them; a stop string met at once ends nothing
+    before then."""
+    model = jaxfire.load()  # with its tokenizer: stop strings
+    prompt = model.tokenizer.encode("class Stack:")
+    with jaxfire.Engine(model, slots=2, max_len=64) as engine:
+        plain = engine.submit(prompt, max_tokens=12, ignore_eos=True).result(timeout=120)
+        stop_id = plain[1]
+        assert engine.submit(prompt, max_tokens=12, stop_token_ids=[stop_id]).result(timeout=120) == plain[:1]
+        away = engine.submit(prompt, max_tokens=5, logit_bias={stop_id: -100}).result(timeout=120)
+        held = engine.submit(prompt, max_tokens=12, stop_token_ids=[stop_id], min_tokens=5)
+        assert held.result(timeout=120)[:5] == away and stop_id not in held.tokens[:5] and len(held.tokens) >= 5
+        first = model.tokenizer.decode(plain[:1])
+        cut = engine.submit(prompt, max_tokens=12, stop=[first], ignore_eos=True)
+        assert cut.result(timeout=120) == plain[:1] and cut.finish_reason == "stop"
+        text = "".join(e.text for e in engine.submit(prompt, max_tokens=12, stop=[first], ignore_eos=True,
+                                                        min_tokens=3))
+        assert text.startswith(first) and len(text) > len(first)
+        with pytest.raises(RequestError, match=r"min_tokens must be an integer in \[0, max_tokens \(4\)\], got 5"):
+            engine.submit(prompt, max_tokens=4, min_tokens=5)
+    contiguous = ContiguousEngine(model, slots=1, max_len=32, detokenize=False)
+    with pytest.raises(RequestError, match="ContiguousEngine has no min_tokens: jaxfire.Engine"):
+        contiguous.submit(prompt, max_tokens=4, min_tokens=2)
+    contiguous.close()
+
+
 def test_a_cancelled_request_frees_its_pages_at_once(model):
     engine = jaxfire.PagedEngine(model, slots=2, max_len=64, page_size=PAGE, prefix_caching=False, detokenize=False)
     request = engine.submit(list(range(3, 4 + 2 * PAGE)), max_tokens=10, ignore_eos=True)

@@ -122,6 +122,7 @@ def test_streamed_chunks_arrive_per_token_and_concurrent_clients_share_the_engin
     ({"prompt": [1, 10**6]}, "outside the vocabulary"),
     ({"prompt": PROMPT, "presence_penalty": 3}, "presence_penalty must be a number in [-2, 2], got 3"),
     ({"prompt": PROMPT, "repetition_penalty": True}, "'repetition_penalty': Input should be a valid number"),
+    ({"prompt": PROMPT, "max_tokens": 2, "min_tokens": 3}, "min_tokens must be an integer in [0, max_tokens (2)]"),
 ])
 def test_bad_requests_get_400_naming_the_problem(url, body, message):
     code, said = refusal(post, url, body)
@@ -146,6 +147,7 @@ def test_penalties_reach_the_engine(url, served, model):
     from jaxfire.server import protocol
 
     assert "presence_penalty" not in protocol.completion_call({"prompt": PROMPT}).kwargs
+    assert protocol.completion_call({"prompt": PROMPT, "min_tokens": 3}).kwargs["min_tokens"] == 3
     penalties = {"presence_penalty": 0.5, "frequency_penalty": 1, "repetition_penalty": 1.3}
     assert protocol.chat_call({"messages": MESSAGES, **penalties}).kwargs.items() >= penalties.items()
     out = post(url, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **penalties})

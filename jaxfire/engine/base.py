@@ -106,7 +106,7 @@ class EngineBase:
                top_k: int = 0, seed: int = 0, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                stop: str | Sequence[str] = (), top_logprobs: int = 0, logit_bias: Mapping[int, float] | None = None,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-               on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
+               min_tokens: int = 0, on_token: Callable[[TokenEvent], Any] | None = None) -> Request:
         """Queues a request; returns its handle at once. Raises `RequestError` for a request that cannot run.
 
         prompt: token ids, or a string for a model with a tokenizer. max_tokens counts EOS.
@@ -130,6 +130,9 @@ class EngineBase:
           `frequency_penalty` (in [-2, 2]) per time generated from its logit; a token generated or in the
           prompt has a positive logit divided by `repetition_penalty` (> 0), a negative one multiplied.
           The paged engine only.
+        min_tokens: vLLM's: the first this many tokens are never EOS (unless ignore_eos) or one of
+          stop_token_ids, whose logits are -inf there, and no stop string is looked for in their text
+          (at most max_tokens; the paged engine only).
         on_token: called with each `TokenEvent` on the scheduling thread (keep it short); if it
           raises, the request ends with finish_reason "error" and the others carry on.
         """
@@ -141,13 +144,16 @@ class EngineBase:
         stop = self._validate_stop(stop)
         logit_bias = self._validate_bias(logit_bias)
         penalties = self._validate_penalties(presence_penalty, frequency_penalty, repetition_penalty)
+        banned = stop_ids | (frozenset() if ignore_eos else self._eos)
+        self._validate_min_tokens(min_tokens, max_tokens, logit_bias, banned)
         detok = StreamDecoder(self.model.tokenizer if self.detokenize else None, stop)
         with self._cond:
             if self._closed or self._error is not None:
                 raise EngineError("the engine is closed" if self._error is None
                                   else f"the engine stopped after an error: {self._error}")
             req = Request(self, self._next_id, ids, int(max_tokens), float(temperature), float(top_p), top_k, int(seed),
-                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs), logit_bias, penalties)
+                          bool(ignore_eos), stop_ids, on_token, detok, int(top_logprobs), logit_bias, penalties,
+                          int(min_tokens), banned)
             self._next_id += 1
             self._inbox.append(req)
             self._cond.notify_all()
@@ -177,8 +183,19 @@ class EngineBase:
             raise RequestError("stop strings need the model's tokenizer and an engine with detokenize on")
         return stop
 
-    # Whether the engine applies sampling penalties (else it refuses requests that ask for them).
+    # Whether the engine applies sampling penalties and min_tokens (else it refuses requests that ask
+    # for them): both change a row's sampling step by step.
     supports_penalties = True
+
+    def _validate_min_tokens(self, min_tokens, max_tokens, logit_bias: dict, banned: frozenset[int]) -> None:
+        if (isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer))
+                or not 0 <= min_tokens <= max_tokens):
+            raise RequestError(f"min_tokens must be an integer in [0, max_tokens ({max_tokens})], got {min_tokens!r}")
+        if min_tokens and not self.supports_penalties:
+            raise RequestError(f"{type(self).__name__} has no min_tokens: jaxfire.Engine (the paged engine) applies it")
+        if min_tokens and len(logit_bias.keys() | banned) > MAX_LOGIT_BIAS:
+            raise RequestError(f"min_tokens bans {len(banned)} ids (EOS and stop_token_ids) beside {len(logit_bias)} "
+                               f"logit_bias entries: more than the limit of {MAX_LOGIT_BIAS}")
 
     def _validate_penalties(self, presence, frequency, repetition) -> tuple[float, float, float]:
         for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
@@ -368,7 +385,8 @@ class EngineBase:
                 self._totals.time_to_first_token.observe(now - req.metrics.arrival)
             else:
                 self._totals.inter_token_latency.observe(now - times[-2])
-        text, hit = (req._detok.flush(), False) if ends else req._detok.stream(token, final=last)
+        text, hit = ((req._detok.flush(), False) if ends
+                     else req._detok.stream(token, final=last, stops=req._emitted >= req.min_tokens))
         if hit:  # a stop string: the text ends before it
             last, reason = True, "stop"
         event = TokenEvent(index=req.id, token=token, text=text, finished=last, finish_reason=reason, logprob=logprob,

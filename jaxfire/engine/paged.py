@@ -215,8 +215,9 @@ class PagedEngine(EngineBase):
                 self._state.reset_penalties(chunk.row, seq.tokens[seq.prompt_len:], seq.tokens[:seq.prompt_len])
                 req._counted_row = chunk.row
             if chunk.sample:  # the token's index in the request's stream: what its key folds in
-                params[chunk.row] = (req.seed, chunk.seq.known - chunk.seq.prompt_len, req.temperature, req.top_p,
-                                     req.top_k, req._bias, req._penalties)
+                index = chunk.seq.known - chunk.seq.prompt_len
+                bias = req._min_bias if index < req.min_tokens else req._bias
+                params[chunk.row] = (req.seed, index, req.temperature, req.top_p, req.top_k, bias, req._penalties)
                 top = top or req.num_top_logprobs > 0
         step = self._state.dispatch(plan, params, top)
         self._scheduler.computed(plan)

@@ -118,7 +118,8 @@ class Request:
     def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_tokens: int, temperature: float,
                  top_p: float, top_k: int, seed: int, ignore_eos: bool, stop_token_ids: frozenset[int],
                  on_token: Callable[[TokenEvent], Any] | None, detokenizer: StreamDecoder, num_top_logprobs: int = 0,
-                 logit_bias: Mapping[int, float] | None = None, penalties: tuple[float, float, float] = NEUTRAL_PENALTIES):
+                 logit_bias: Mapping[int, float] | None = None, penalties: tuple[float, float, float] = NEUTRAL_PENALTIES,
+                 min_tokens: int = 0, banned: frozenset[int] = frozenset()):
         self.id = rid
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -133,6 +134,9 @@ class Request:
         self.presence_penalty, self.frequency_penalty, self.repetition_penalty = penalties
         self._penalties = None if penalties == NEUTRAL_PENALTIES else penalties  # as the sampler takes them
         self._counted_row: int | None = None  # the row whose device counts are this request's (paged engine)
+        self.min_tokens = min_tokens
+        # the bias of its first min_tokens positions: `banned` (the ids that would end it) at -inf
+        self._min_bias = padded_bias({**self.logit_bias, **dict.fromkeys(banned, -np.inf)}) if min_tokens else None
         self.tokens: list[int] = []  # generated ids (EOS and stop tokens not included)
         self.logprobs: list[float] = []  # each token's log-probability under the model (see TokenEvent)
         self.num_top_logprobs = num_top_logprobs

@@ -61,6 +61,7 @@ class _Sampling(BaseModel):
     presence_penalty: Annotated[float, Strict()] | None = None  # the engine checks the penalties' ranges
     frequency_penalty: Annotated[float, Strict()] | None = None
     repetition_penalty: Annotated[float, Strict()] | None = None
+    min_tokens: Annotated[int, Strict()] | None = None  # vLLM's; the engine checks it against max_tokens
 
 
 class CompletionBody(_Sampling):
@@ -158,8 +159,8 @@ def _common(b: _Sampling, prompts: int, limits: Limits) -> tuple[dict, list[int]
                   top_p=1.0 if b.top_p is None else b.top_p,
                   top_k=0 if b.top_k in (None, -1) else b.top_k, ignore_eos=b.ignore_eos, stop=tuple(stop),
                   stop_token_ids=tuple(b.stop_token_ids or ()))
-    kwargs.update({name: getattr(b, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
-                   if getattr(b, name) is not None})
+    kwargs.update({name: getattr(b, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                                                       "min_tokens") if getattr(b, name) is not None})
     if b.logit_bias:  # the engine checks the ids against the vocabulary and the biases' range
         kwargs["logit_bias"] = {_token_key(k): v for k, v in b.logit_bias.items()}
     return kwargs, seeds, n
