@@ -112,19 +112,23 @@ def compile_for(
     CompiledKernel (its `asm` holds ttgir, ptx and cubin; `metadata.shared` its shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     shapes = [out_shape] if isinstance(out_shape, jax.ShapeDtypeStruct) else list(out_shape)
-    params = list(kernel.arg_names)
     names = _parameter_names(kernel, args, shapes, constexprs)
-    values = list(args) + shapes
-    signature = {n: _triton_type(v) for n, v in zip(names, values)}
-    signature.update({n: "constexpr" for n in constexprs})
-    # jax-triton tells Triton that every buffer is 16-byte aligned (XLA's are): vector loads, cp.async
-    aligned = {(params.index(n),): [["tt.divisibility", 16]] for n, v in zip(names, values) if not _is_scalar(v)}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+    signature = {n: _triton_type(v) for n, v in zip(names, list(args) + shapes)}
+    return triton.compile(source(kernel, signature, constexprs), target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def source(kernel: Any, signature: Mapping[str, str], constexprs: Mapping[str, Any]) -> Any:
+    """Triton's ASTSource of `kernel`: `signature` types its other parameters (`_triton_type`), every
+    pointer marked 16-byte aligned as jax-triton marks them (XLA's buffers are: vector loads, cp.async)."""
+    from triton.compiler import ASTSource
+
+    params = list(kernel.arg_names)
+    aligned = {(params.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    return ASTSource(fn=kernel, signature={**signature, **{n: "constexpr" for n in constexprs}},
+                     constexprs=dict(constexprs), attrs=aligned)
 
 
 def _parameter_names(kernel: Any, args: Sequence[Any], shapes: Sequence[Any], constexprs: Mapping[str, Any]) -> list[str]:

@@ -56,13 +56,7 @@ def module_bytecode(text: str, name: str) -> bytes:
     """`text` (TTIR) parsed in an MLIR context with jaxlib's Triton dialect, its public function renamed
     `name` (what XLA looks up and what profiles show), as MLIR bytecode. A module this Triton dialect
     cannot read raises ValueError with the parser's message."""
-    from jax._src.lib.triton import dialect as tt_dialect
-
-    ctx = mlir.JaxIrContext()
-    ctx.append_dialect_registry(mlir.upstream_dialects)
-    tt_dialect.register_dialect(ctx)
-    ctx.load_all_available_dialects()
-    with ctx, ir.Location.unknown():
+    with ir_context(), ir.Location.unknown():
         try:
             module = ir.Module.parse(text)
         except ir.MLIRError as e:
@@ -77,6 +71,17 @@ def module_bytecode(text: str, name: str) -> bytes:
     return buf.getvalue()
 
 
+def ir_context() -> ir.Context:
+    """An MLIR context of JAX's with jaxlib's Triton dialect loaded (the one XLA compiles with)."""
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    ctx = mlir.JaxIrContext()
+    ctx.append_dialect_registry(mlir.upstream_dialects)
+    tt_dialect.register_dialect(ctx)
+    ctx.load_all_available_dialects()
+    return ctx
+
+
 def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
     if not 1 <= len(grid) <= 3:
         raise ValueError(f"a Triton grid has one to three dimensions, got {grid}")
@@ -86,14 +91,12 @@ def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
 @functools.lru_cache(maxsize=512)
 def _ttir(kernel: Any, signature: tuple, constexprs: tuple, capability: int) -> str:
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton._C.libtriton import ir as tir
 
-    signature, constexprs = dict(signature), dict(constexprs)
-    params = list(kernel.arg_names)
-    aligned = {(params.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
-    source = ASTSource(fn=kernel, signature={**signature, **{n: "constexpr" for n in constexprs}},
-                       constexprs=constexprs, attrs=aligned)
+    from pallas_kernels import triton_call
+
+    source = triton_call.source(kernel, dict(signature), dict(constexprs))
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     options = backend.parse_options(source.parse_options())

@@ -57,9 +57,9 @@ class XlaTritonCall:
 def xla_triton_calls(fn: Callable[..., Any], *args: Any) -> list[XlaTritonCall]:
     """The Triton custom calls XLA would compile in jit(fn) lowered for CUDA (no GPU needed), each
     kernel's TTIR parsed and verified by jaxlib's Triton dialect, the version XLA compiles with."""
-    from jax._src.interpreters import mlir
     from jax._src.lib.mlir import ir
-    from jax._src.lib.triton import dialect as tt_dialect
+
+    from pallas_kernels.triton_lowering import ir_context
 
     module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
     ops = []
@@ -72,10 +72,7 @@ def xla_triton_calls(fn: Callable[..., Any], *args: Any) -> list[XlaTritonCall]:
                     walk(o.operation)
 
     walk(module.operation)
-    ctx = mlir.JaxIrContext()
-    ctx.append_dialect_registry(mlir.upstream_dialects)
-    tt_dialect.register_dialect(ctx)
-    ctx.load_all_available_dialects()
+    ctx = ir_context()
     calls = []
     for op in ops:
         if op.operation.name != "stablehlo.custom_call":
